@@ -1,0 +1,314 @@
+"""Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON and the Flickr8k layout.
+
+Every loader returns an :class:`ImageTextDataset` whose captions are grouped by image
+(``offsets[i]:offsets[i+1]`` are the captions of image ``i``), which is the layout of the cache and
+of the multi-caption retrieval protocol.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+SPLIT_ALIASES = {"val": {"val", "dev"}, "dev": {"val", "dev"}, "train": {"train", "restval"}, "test": {"test"}}
+
+
+class BadSampleError(ValueError):
+    """A row of the dataset cannot be used; the message names the file and row."""
+
+
+@dataclass
+class BadSample:
+    where: str
+    reason: str
+
+
+@dataclass
+class ImageTextDataset:
+    """Images (paths relative to ``root``) with one or more captions each."""
+
+    root: Path
+    images: list[str]
+    captions: list[str]
+    caption_image: np.ndarray  # [num_captions] int64, non-decreasing image index of each caption
+    name: str = "dataset"
+    split: str = "all"
+    image_sources: list[str] = field(default_factory=list)  # "file:row" where each image was declared
+    skipped: list[BadSample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
+        if len(self.caption_image) and np.any(np.diff(self.caption_image) < 0):
+            raise ValueError("captions must be grouped by image")
+        if not self.image_sources:
+            self.image_sources = [f"{self.name}:image {i}" for i in range(len(self.images))]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """[num_images + 1] start offsets of each image's captions."""
+        counts = np.bincount(self.caption_image, minlength=self.num_images)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def captions_of(self, i: int) -> list[str]:
+        o = self.offsets
+        return self.captions[o[i]:o[i + 1]]
+
+    def image_path(self, i: int) -> Path:
+        return self.root / self.images[i]
+
+    def load_image(self, i: int) -> Image.Image:
+        """Decode image ``i`` as RGB; a missing or corrupt file raises :class:`BadSampleError`."""
+        path = self.image_path(i)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise BadSampleError(f"{self.image_sources[i]}: cannot decode image {path}: {e}") from e
+
+    def fingerprint(self) -> str:
+        """sha256 over name-independent content: image paths, captions and their grouping."""
+        h = hashlib.sha256()
+        for p in self.images:
+            h.update(p.encode() + b"\0")
+        h.update(b"\1")
+        for c in self.captions:
+            h.update(c.encode() + b"\0")
+        h.update(self.caption_image.tobytes())
+        return h.hexdigest()
+
+    def subset(self, image_indices: Sequence[int]) -> "ImageTextDataset":
+        """A dataset of the chosen images (in the given order) and all their captions."""
+        o = self.offsets
+        caps: list[str] = []
+        cap_img: list[int] = []
+        for new, i in enumerate(image_indices):
+            caps.extend(self.captions[o[i]:o[i + 1]])
+            cap_img.extend([new] * int(o[i + 1] - o[i]))
+        return ImageTextDataset(self.root, [self.images[i] for i in image_indices], caps, np.asarray(cap_img),
+                                self.name, self.split, [self.image_sources[i] for i in image_indices], list(self.skipped))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "root": str(self.root), "num_images": self.num_images,
+                "num_captions": self.num_captions, "fingerprint": self.fingerprint(),
+                "skipped": len(self.skipped)}
+
+
+def _safe_relpath(root: Path, rel: str, where: str) -> str:
+    """Reject absolute paths and paths that escape ``root`` (``..``, symlinks out of it)."""
+    if not rel:
+        raise BadSampleError(f"{where}: empty image path")
+    p = Path(rel)
+    if p.is_absolute():
+        raise BadSampleError(f"{where}: image path {rel!r} is absolute; paths must be relative to {root}")
+    full = (root / p).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise BadSampleError(f"{where}: image path {rel!r} escapes the data root {root}")
+    return p.as_posix()
+
+
+def _assemble(root: Path, rows: Iterable[tuple[str, str, str]], name: str, split: str, on_bad: str,
+              check_decode: bool = False) -> ImageTextDataset:
+    """Group (image, caption, where) rows by image in first-seen order, validating each row."""
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad!r}")
+    order: dict[str, int] = {}
+    sources: list[str] = []
+    per_image: list[list[str]] = []
+    skipped: list[BadSample] = []
+    bad_images: set[str] = set()
+    for image, caption, where in rows:
+        try:
+            if image in bad_images:
+                raise BadSampleError(f"{where}: image {image!r} was rejected on an earlier row")
+            try:
+                if image not in order:
+                    rel = _safe_relpath(root, image, where)
+                    path = root / rel
+                    if not path.is_file():
+                        raise BadSampleError(f"{where}: image file not found: {path}")
+                    if check_decode:
+                        try:
+                            with Image.open(path) as im:
+                                im.convert("RGB")
+                        except Exception as e:  # noqa: BLE001
+                            raise BadSampleError(f"{where}: cannot decode image {path}: {e}") from e
+            except BadSampleError:
+                bad_images.add(image)
+                raise
+            if caption is None or not caption.strip():
+                raise BadSampleError(f"{where}: empty caption for image {image!r}")
+            if image not in order:
+                order[image] = len(order)
+                sources.append(where)
+                per_image.append([])
+            per_image[order[image]].append(caption.strip())
+        except BadSampleError as e:
+            if on_bad == "error":
+                raise
+            skipped.append(BadSample(where, str(e)))
+    images = [Path(i).as_posix() for i in order]
+    captions = [c for caps in per_image for c in caps]
+    cap_img = np.repeat(np.arange(len(images)), [len(c) for c in per_image]) if images else np.zeros(0, np.int64)
+    if not images:
+        raise BadSampleError(f"{name}: no usable samples in split {split!r}")
+    return ImageTextDataset(root, images, captions, cap_img, name, split, sources, skipped)
+
+
+def _in_split(row_split: str | None, split: str | None) -> bool:
+    if split in (None, "all") or row_split is None:
+        return True
+    return row_split in SPLIT_ALIASES.get(split, {split})
+
+
+def load_csv(path: Path, split: str | None = None, images_root: Path | None = None,
+             on_bad_sample: str = "error", check_decode: bool = False) -> ImageTextDataset:
+    """CSV/TSV with a header naming the image column (``image``/``filepath``/``file_name``) and the
+    caption column (``caption``/``title``/``text``), optional ``split``. Without a recognised header
+    the first two columns are image, caption."""
+    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    root = Path(images_root) if images_root else path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delim)
+        rows_all = list(reader)
+    if not rows_all:
+        raise BadSampleError(f"{path}: empty file")
+    header = [h.strip().lower() for h in rows_all[0]]
+    img_col = next((header.index(k) for k in ("image", "filepath", "file_name", "filename", "path") if k in header), None)
+    cap_col = next((header.index(k) for k in ("caption", "title", "text", "sentence") if k in header), None)
+    split_col = header.index("split") if "split" in header else None
+    start = 1
+    if img_col is None or cap_col is None:
+        img_col, cap_col, start = 0, len(header) - 1, 0
+
+    def rows():
+        for n, r in enumerate(rows_all[start:], start=start + 1):
+            where = f"{path}:{n}"
+            if len(r) <= max(img_col, cap_col):
+                raise BadSampleError(f"{where}: expected at least {max(img_col, cap_col) + 1} columns, got {len(r)}")
+            if split_col is not None and not _in_split(r[split_col].strip(), split):
+                continue
+            yield r[img_col].strip(), r[cap_col], where
+
+    return _assemble(root, rows(), path.stem, split or "all", on_bad_sample, check_decode)
+
+
+def load_karpathy(path: Path, split: str | None = None, images_root: Path | None = None,
+                  on_bad_sample: str = "error", check_decode: bool = False) -> ImageTextDataset:
+    """Karpathy ``dataset_{flickr30k,coco,flickr8k}.json``: images with ``filename`` (+ ``filepath``
+    for COCO), ``split`` and ``sentences[].raw``."""
+    data = json.loads(path.read_text())
+    root = Path(images_root) if images_root else path.parent
+
+    def rows():
+        for n, im in enumerate(data["images"]):
+            if not _in_split(im.get("split"), split):
+                continue
+            rel = str(Path(im.get("filepath", "")) / im["filename"]) if im.get("filepath") else im["filename"]
+            sents = im.get("sentences") or []
+            if not sents:
+                raise BadSampleError(f"{path}: images[{n}] ({rel}): no sentences")
+            for k, s in enumerate(sents):
+                yield rel, s.get("raw", " ".join(s.get("tokens", []))), f"{path}: images[{n}].sentences[{k}]"
+
+    return _assemble(root, rows(), data.get("dataset", path.stem), split or "all", on_bad_sample, check_decode)
+
+
+def load_coco_captions(path: Path, split: str | None = None, images_root: Path | None = None,
+                       on_bad_sample: str = "error", check_decode: bool = False) -> ImageTextDataset:
+    """COCO ``captions_*.json`` (``images[].file_name`` + ``annotations[].caption``)."""
+    data = json.loads(path.read_text())
+    root = Path(images_root) if images_root else path.parent
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for n, a in enumerate(data["annotations"]):
+        if a["image_id"] not in files:
+            raise BadSampleError(f"{path}: annotations[{n}]: unknown image_id {a['image_id']}")
+        by_image.setdefault(a["image_id"], []).append((n, a.get("caption", "")))
+
+    def rows():
+        for im in data["images"]:
+            for n, cap in by_image.get(im["id"], []):
+                yield files[im["id"]], cap, f"{path}: annotations[{n}]"
+
+    return _assemble(root, rows(), path.stem, split or "all", on_bad_sample, check_decode)
+
+
+def load_flickr8k(folder: Path, split: str | None = None, on_bad_sample: str = "error",
+                  check_decode: bool = False) -> ImageTextDataset:
+    """The ``shared/data/flickr8k`` layout: ``images/``, ``captions.tsv`` (image, caption_id,
+    caption) and ``splits/{train,dev,test}.txt``."""
+    caps_file = folder / "captions.tsv"
+    split_name = {"val": "dev"}.get(split or "", split)
+    keep: list[str] | None = None
+    if split_name not in (None, "all"):
+        sf = folder / "splits" / f"{split_name}.txt"
+        if not sf.is_file():
+            raise FileNotFoundError(f"{folder}: no split file {sf}")
+        keep = [line.strip() for line in sf.read_text().splitlines() if line.strip()]
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    with open(caps_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            parts = line.rstrip("\n").split("\t")
+            where = f"{caps_file}:{n}"
+            if n == 1 and parts[0].lower() == "image":
+                continue
+            if len(parts) < 3:
+                raise BadSampleError(f"{where}: expected image<TAB>caption_id<TAB>caption, got {len(parts)} columns")
+            by_image.setdefault(parts[0], []).append((parts[2], where))
+    names = keep if keep is not None else list(by_image)
+
+    def rows():
+        for name in names:
+            if name not in by_image:
+                raise BadSampleError(f"{folder}/splits/{split_name}.txt: image {name} has no captions")
+            for cap, where in by_image[name]:
+                yield f"images/{name}", cap, where
+
+    return _assemble(folder, rows(), "flickr8k", split or "all", on_bad_sample, check_decode)
+
+
+def load_dataset(path: str | Path, split: str | None = None, images_root: str | Path | None = None,
+                 on_bad_sample: str = "error", check_decode: bool | None = None) -> ImageTextDataset:
+    """Load any supported layout, detected from ``path``.
+
+    ``on_bad_sample="skip"`` drops bad rows (and, by default, images that fail to decode) and
+    records them in ``dataset.skipped``; ``"error"`` raises on the first one, naming file and row.
+    """
+    path = Path(path)
+    check = (on_bad_sample == "skip") if check_decode is None else check_decode
+    root = Path(images_root) if images_root else None
+    if path.is_dir():
+        if (path / "captions.tsv").is_file() and (path / "splits").is_dir():
+            return load_flickr8k(path, split, on_bad_sample, check)
+        for cand in ("captions.tsv", "captions.csv", "data.tsv", "data.csv"):
+            if (path / cand).is_file():
+                return load_csv(path / cand, split, root, on_bad_sample, check)
+        raise FileNotFoundError(f"{path}: no captions.tsv/csv (+ splits/) found; pass a CSV/TSV/JSON file")
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        return load_csv(path, split, root, on_bad_sample, check)
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            head = json.load(f)
+        if isinstance(head, dict) and "annotations" in head:
+            return load_coco_captions(path, split, root, on_bad_sample, check)
+        if isinstance(head, dict) and "images" in head:
+            return load_karpathy(path, split, root, on_bad_sample, check)
+        raise ValueError(f"{path}: JSON is neither Karpathy (images[].sentences) nor COCO captions (annotations)")
+    raise ValueError(f"{path}: unsupported dataset format {suffix!r} (use .csv, .tsv, .json or a Flickr8k folder)")

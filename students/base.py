@@ -1,0 +1,64 @@
+"""The student interface: a small dual encoder with a learnable logit scale."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from distill.features import ImageFeatures, TextFeatures
+
+TextBatch = dict[str, Tensor]
+
+
+class Student(nn.Module, ABC):
+    """A trainable image-level dual encoder.
+
+    ``encode_image``/``encode_text`` return L2-normalised embeddings plus token features
+    (``tokens`` at the tower's width, used by the token-level losses). ``config()`` returns the JSON
+    from which :func:`students.build_student` rebuilds the same architecture; checkpoints store it.
+    """
+
+    name: str
+    embed_dim: int
+    image_token_dim: int
+    text_token_dim: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    logit_scale: nn.Parameter  # log of the scale, CLIP style
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> TextBatch: ...
+
+    @abstractmethod
+    def encode_image(self, pixels: Tensor) -> ImageFeatures: ...
+
+    @abstractmethod
+    def encode_text(self, batch: TextBatch) -> TextFeatures: ...
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]: ...
+
+    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        """Resize + centre crop + normalise (the training view itself is chosen by the data loader)."""
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters GradNorm measures gradient norms on (default: the last layer of each tower)."""
+        return [p for p in self.parameters() if p.requires_grad][-2:]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, pixels: Tensor, text: TextBatch) -> tuple[ImageFeatures, TextFeatures]:
+        return self.encode_image(pixels), self.encode_text(text)
