@@ -20,7 +20,11 @@ SPLIT_ALIASES = {"val": {"val", "dev"}, "dev": {"val", "dev"}, "train": {"train"
 
 
 class BadSampleError(ValueError):
-    """A row of the dataset cannot be used; the message names the file and row."""
+    """A row of the dataset cannot be used; the message names the file and row (``where``)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where or message.split(": ", 1)[0]
 
 
 @dataclass
@@ -120,9 +124,15 @@ def _safe_relpath(root: Path, rel: str, where: str) -> str:
     return p.as_posix()
 
 
-def _assemble(root: Path, rows: Iterable[tuple[str, str, str]], name: str, split: str, on_bad: str,
+Row = tuple[str, str, str] | BadSampleError
+
+
+def _assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: str,
               check_decode: bool = False) -> ImageTextDataset:
-    """Group (image, caption, where) rows by image in first-seen order, validating each row."""
+    """Group (image, caption, where) rows by image in first-seen order, validating each row.
+
+    A loader yields a :class:`BadSampleError` instead of a row for a malformed record, so that
+    ``on_bad="skip"`` skips it like any other bad row."""
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad!r}")
     order: dict[str, int] = {}
@@ -130,8 +140,12 @@ def _assemble(root: Path, rows: Iterable[tuple[str, str, str]], name: str, split
     per_image: list[list[str]] = []
     skipped: list[BadSample] = []
     bad_images: set[str] = set()
-    for image, caption, where in rows:
+    for row in rows:
+        where = row.where if isinstance(row, BadSampleError) else row[2]
         try:
+            if isinstance(row, BadSampleError):
+                raise row
+            image, caption, _ = row
             if image in bad_images:
                 raise BadSampleError(f"{where}: image {image!r} was rejected on an earlier row")
             try:
@@ -179,10 +193,10 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     """CSV/TSV with a header naming the image column (``image``/``filepath``/``file_name``) and the
     caption column (``caption``/``title``/``text``), optional ``split``. Without a recognised header
     the first two columns are image, caption."""
-    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    tsv = path.suffix.lower() in (".tsv", ".txt")
     root = Path(images_root) if images_root else path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delim)
+    with open(path, newline="", encoding="utf-8") as f:  # TSV captions may contain bare quotes
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
         rows_all = list(reader)
     if not rows_all:
         raise BadSampleError(f"{path}: empty file")
@@ -197,8 +211,11 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     def rows():
         for n, r in enumerate(rows_all[start:], start=start + 1):
             where = f"{path}:{n}"
+            if not any(c.strip() for c in r):
+                continue
             if len(r) <= max(img_col, cap_col):
-                raise BadSampleError(f"{where}: expected at least {max(img_col, cap_col) + 1} columns, got {len(r)}")
+                yield BadSampleError(f"{where}: expected at least {max(img_col, cap_col) + 1} columns, got {len(r)}", where)
+                continue
             if split_col is not None and not _in_split(r[split_col].strip(), split):
                 continue
             yield r[img_col].strip(), r[cap_col], where
@@ -220,7 +237,7 @@ def load_karpathy(path: Path, split: str | None = None, images_root: Path | None
             rel = str(Path(im.get("filepath", "")) / im["filename"]) if im.get("filepath") else im["filename"]
             sents = im.get("sentences") or []
             if not sents:
-                raise BadSampleError(f"{path}: images[{n}] ({rel}): no sentences")
+                yield BadSampleError(f"{path}: images[{n}] ({rel}): no sentences", f"{path}: images[{n}]")
             for k, s in enumerate(sents):
                 yield rel, s.get("raw", " ".join(s.get("tokens", []))), f"{path}: images[{n}].sentences[{k}]"
 
@@ -234,12 +251,15 @@ def load_coco_captions(path: Path, split: str | None = None, images_root: Path |
     root = Path(images_root) if images_root else path.parent
     files = {im["id"]: im["file_name"] for im in data["images"]}
     by_image: dict[int, list[tuple[int, str]]] = {}
+    unknown: list[BadSampleError] = []
     for n, a in enumerate(data["annotations"]):
         if a["image_id"] not in files:
-            raise BadSampleError(f"{path}: annotations[{n}]: unknown image_id {a['image_id']}")
+            unknown.append(BadSampleError(f"{path}: annotations[{n}]: unknown image_id {a['image_id']}", f"{path}: annotations[{n}]"))
+            continue
         by_image.setdefault(a["image_id"], []).append((n, a.get("caption", "")))
 
     def rows():
+        yield from unknown
         for im in data["images"]:
             for n, cap in by_image.get(im["id"], []):
                 yield files[im["id"]], cap, f"{path}: annotations[{n}]"
@@ -260,21 +280,28 @@ def load_flickr8k(folder: Path, split: str | None = None, on_bad_sample: str = "
             raise FileNotFoundError(f"{folder}: no split file {sf}")
         keep = [line.strip() for line in sf.read_text().splitlines() if line.strip()]
     by_image: dict[str, list[tuple[str, str]]] = {}
+    malformed: list[BadSampleError] = []
     with open(caps_file, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             parts = line.rstrip("\n").split("\t")
             where = f"{caps_file}:{n}"
             if n == 1 and parts[0].lower() == "image":
                 continue
+            if not line.strip():
+                continue
             if len(parts) < 3:
-                raise BadSampleError(f"{where}: expected image<TAB>caption_id<TAB>caption, got {len(parts)} columns")
+                malformed.append(BadSampleError(f"{where}: expected image<TAB>caption_id<TAB>caption, got {len(parts)} columns", where))
+                continue
             by_image.setdefault(parts[0], []).append((parts[2], where))
     names = keep if keep is not None else list(by_image)
 
     def rows():
+        yield from malformed
         for name in names:
             if name not in by_image:
-                raise BadSampleError(f"{folder}/splits/{split_name}.txt: image {name} has no captions")
+                yield BadSampleError(f"{folder}/splits/{split_name}.txt: image {name} has no captions",
+                                     f"{folder}/splits/{split_name}.txt")
+                continue
             for cap, where in by_image[name]:
                 yield f"images/{name}", cap, where
 

@@ -15,5 +15,6 @@ def build_student(name: str, **cfg: Any) -> Student:
 
 
 from students import vit_dual, pruned  # noqa: E402,F401  (registration side effects)
+from students.io import load_student, save_student  # noqa: E402
 
-__all__ = ["STUDENTS", "Student", "build_student"]
+__all__ = ["STUDENTS", "Student", "build_student", "load_student", "save_student"]

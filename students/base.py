@@ -53,6 +53,15 @@ class Student(nn.Module, ABC):
             T.Normalize(self.mean, self.std),
         ])
 
+    def preprocess_info(self) -> dict[str, Any]:
+        """JSON description of :meth:`image_transform` (saved next to checkpoints)."""
+        return {"size": self.image_size, "resize": "bicubic", "crop": "center",
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """JSON description of :meth:`tokenize` (name, context length, pad id)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its tokenizer")
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters GradNorm measures gradient norms on (default: the last layer of each tower)."""
         return [p for p in self.parameters() if p.requires_grad][-2:]

@@ -1,1 +1,116 @@
-"""(placeholder: being written)"""
+"""The ``pruned`` student: the teacher's first k image blocks / text layers plus new projections.
+
+``build_student("pruned", teacher="openclip:ViT-B-32:...", image_layers=6, text_layers=6, embed_dim=256)``
+copies the towers with :meth:`teachers.base.Teacher.pruned_towers` and keeps the teacher's
+tokenizer and image transform. Rebuilding (e.g. :func:`students.load_student`) needs the same
+teacher spec to be buildable again.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distill.features import ImageFeatures, TextFeatures, l2_normalize
+from students import STUDENTS
+from students.base import Student, TextBatch
+from teachers import Teacher, build_teacher
+
+
+@STUDENTS.register("pruned")
+class PrunedStudent(Student):
+    """Layer-pruned copy of a teacher with linear projections to ``embed_dim`` and a logit scale."""
+
+    name = "pruned"
+
+    def __init__(self, teacher: str, image_layers: int, text_layers: int, embed_dim: int = 256) -> None:
+        super().__init__()
+        t = build_teacher(teacher)
+        towers = t.pruned_towers(image_layers, text_layers)
+        _check_copied(t, towers.image, towers.text)
+        self.teacher_spec, self.image_layers, self.text_layers = teacher, image_layers, text_layers
+        self.embed_dim = embed_dim
+        self.image_token_dim, self.text_token_dim = towers.image_dim, towers.text_dim
+        self.image_size = t.image_size
+        self.image_tower, self.text_tower = towers.image, towers.text
+        for p in [*self.image_tower.parameters(), *self.text_tower.parameters()]:
+            p.requires_grad_(True)  # copies of a frozen teacher come frozen
+        self.image_proj = nn.Linear(towers.image_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(towers.text_dim, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self._preprocess = t.preprocess_info()
+        self._tokenizer_info = t.tokenizer_info()
+        self.mean = tuple(self._preprocess.get("mean", (0.0, 0.0, 0.0)))
+        self.std = tuple(self._preprocess.get("std", (1.0, 1.0, 1.0)))
+        self._transform = t.image_transform()
+        # Keep only the teacher's tokenizer: its weights are no longer needed (the towers are copies).
+        self._tokenize = t.to("meta").tokenize
+
+    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        return self._transform
+
+    def tokenize(self, texts: Sequence[str]) -> TextBatch:
+        return self._tokenize(texts)
+
+    def preprocess_info(self) -> dict[str, Any]:
+        return dict(self._preprocess)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return dict(self._tokenizer_info)
+
+    def encode_image(self, pixels: Tensor) -> ImageFeatures:
+        pooled, tokens, grid = self.image_tower(pixels)
+        return ImageFeatures(embed=l2_normalize(self.image_proj(pooled)), tokens=tokens, grid=grid)
+
+    def encode_text(self, batch: TextBatch) -> TextFeatures:
+        pooled, tokens, mask = self.text_tower(batch)
+        return TextFeatures(embed=l2_normalize(self.text_proj(pooled)), tokens=tokens, mask=mask)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "teacher": self.teacher_spec, "image_layers": self.image_layers,
+                "text_layers": self.text_layers, "embed_dim": self.embed_dim}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The last matrix weight of each pruned tower (shared by embedding and token losses)."""
+        return [_last_matrix(self.image_tower, "image"), _last_matrix(self.text_tower, "text")]
+
+
+def _check_copied(teacher: Teacher, *towers: nn.Module) -> None:
+    """The teacher is dropped after pruning, so its towers must not share its weights."""
+    teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    for tower in towers:
+        if any(p.untyped_storage().data_ptr() in teacher_storage for p in tower.parameters()):
+            raise ValueError(f"{type(teacher).__name__}.pruned_towers() returned modules that share the "
+                             "teacher's weights; it must return deep copies")
+
+
+def _last_matrix(module: nn.Module, what: str) -> nn.Parameter:
+    weights = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    if not weights:
+        raise ValueError(f"the pruned {what} tower has no trainable weight matrix")
+    return weights[-1]
+
+
+def count_flops(fn: Callable[[Tensor], Any], pixels: Tensor) -> int:
+    """Forward FLOPs of ``fn(pixels)`` measured with ``torch.utils.flop_counter``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(pixels)
+    return counter.get_total_flops()
+
+
+def half_compute_layers(teacher: Teacher | str, fraction: float = 0.5) -> int:
+    """Number of image blocks k whose pruned tower costs closest to ``fraction`` of the teacher's
+    full image encoder (FLOPs on one image). The pruned tower's cost is affine in k, so it is
+    measured at k = 1 and k = 2 and solved for."""
+    t = build_teacher(teacher) if isinstance(teacher, str) else teacher
+    pixels = torch.zeros(1, 3, t.image_size, t.image_size, device=next(t.parameters()).device)
+    full = count_flops(lambda x: t.encode_image(x), pixels)
+    one, two = (count_flops(t.pruned_towers(k, 1).image, pixels) for k in (1, 2))
+    per_block = two - one
+    if per_block <= 0:
+        raise ValueError(f"teacher {t.spec!r}: pruned image tower FLOPs do not grow with depth ({one}, {two})")
+    return max(1, round((fraction * full - (one - per_block)) / per_block))

@@ -1,1 +1,33 @@
-"""(placeholder: being written)"""
+"""Constant loss weights from the config (default 1 for every term). Non-finite terms are left out
+of the total for that step and reported with weight 0."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from distill.balance import BALANCERS
+from distill.balance.base import Balancer
+from distill.balance.common import loss_values, weighted_total
+
+
+class FixedBalancer(Balancer):
+    def __init__(self, names: list[str], weights: dict[str, float] | None = None) -> None:
+        super().__init__()
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ValueError(f"fixed balancer: weights given for unknown terms {unknown}; terms are {names}")
+        self.names = list(names)
+        self.weights = [float(weights.get(n, 1.0)) for n in self.names]
+
+    def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
+        _, valid = loss_values(losses, self.names, torch.device("cpu"))
+        applied = [w if ok else 0.0 for w, ok in zip(self.weights, valid.tolist())]
+        return weighted_total(losses, self.names, applied, valid.tolist()), dict(zip(self.names, applied))
+
+
+@BALANCERS.register("fixed")
+def build(names: list[str], **cfg) -> FixedBalancer:
+    return FixedBalancer(names, **cfg)

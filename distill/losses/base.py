@@ -35,6 +35,7 @@ class DistillBatch:
 
     ``image_ids`` [B] lets losses mask false negatives (two captions of one image in a batch).
     ``step``/``total_steps`` drive schedules (e.g. MAC-loss temperature decay).
+    ``student_logit_scale`` is the student's LOG-scale parameter (losses apply ``exp`` and clamp).
     """
 
     s_img: ImageFeatures

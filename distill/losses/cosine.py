@@ -1,1 +1,32 @@
-"""(placeholder: being written)"""
+"""Cosine distillation: ``1 - (mean cos + 1) / 2`` where the mean runs over the cosine similarities
+between each (projected) student embedding and the teacher embedding of the same row, for both
+modalities. The value lies in [0, 1]."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.losses import LOSSES
+from distill.losses.base import DistillBatch, DistillLoss, Dims
+from distill.losses.common import EmbedProjection, full_precision
+
+
+class CosineLoss(DistillLoss):
+    def __init__(self, dims: Dims) -> None:
+        super().__init__()
+        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        t = batch.teacher
+        with full_precision(t.img_embed):
+            cos = torch.cat([
+                F.cosine_similarity(self.proj(batch.s_img.embed), t.img_embed.float(), dim=-1),
+                F.cosine_similarity(self.proj(batch.s_txt.embed), t.txt_embed.float(), dim=-1),
+            ])
+            return 1 - (cos.mean() + 1) / 2
+
+
+@LOSSES.register("cosine")
+def build(dims: Dims, **cfg) -> CosineLoss:
+    return CosineLoss(dims, **cfg)

@@ -1,1 +1,27 @@
-"""(placeholder: being written)"""
+"""L1 distance between the (projected, re-normalised) student embeddings and the teacher
+embeddings: mean absolute difference over elements, averaged over the image and text modalities."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from distill.losses import LOSSES
+from distill.losses.base import DistillBatch, DistillLoss, Dims
+from distill.losses.common import EmbedProjection, full_precision
+
+
+class FeatureL1Loss(DistillLoss):
+    def __init__(self, dims: Dims) -> None:
+        super().__init__()
+        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        t = batch.teacher
+        with full_precision(t.img_embed):
+            img = (self.proj(batch.s_img.embed) - t.img_embed.float()).abs().mean()
+            txt = (self.proj(batch.s_txt.embed) - t.txt_embed.float()).abs().mean()
+            return (img + txt) / 2
+
+
+@LOSSES.register("feature_l1")
+def build(dims: Dims, **cfg) -> FeatureL1Loss:
+    return FeatureL1Loss(dims, **cfg)

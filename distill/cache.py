@@ -1,0 +1,300 @@
+"""Read a teacher-output cache written by ``python -m distill.cache_teacher``.
+
+The layout is described in README.md (Design > Cache format). :class:`TeacherCache` memory-maps
+every shard array and gathers rows for arbitrary global image / caption indices, returning float32
+torch tensors (fp16 upcast, int8 dequantised), so it can sit in a training DataLoader.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.token_storage import dequantize_int8
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+OFFSETS = "offsets.npy"
+SHARD_JSON = "shard.json"
+VERIFY_MODES = ("none", "size", "full")
+_MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "shard_size", "shards", "dims", "offsets")
+_IMAGE_ARRAY_PREFIXES = ("image_", "view_params", "inter_image.")
+
+
+class CacheError(Exception):
+    """Base class of every cache error."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache file is missing, truncated or does not match its recorded checksum."""
+
+
+class ManifestError(CacheCorruptError):
+    """``manifest.json`` is missing, is not valid JSON or lacks required fields."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was written for a different teacher, dataset or storage settings."""
+
+
+class CacheWriteError(CacheError):
+    """Writing a shard or the manifest failed (e.g. the disk is full)."""
+
+
+class CacheVerifyError(CacheError):
+    """Recomputed teacher outputs disagree with the cached ones."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_image_array(name: str) -> bool:
+    """Whether a shard array is indexed by image (``[n, V, ...]``) rather than by caption."""
+    return name.startswith(_IMAGE_ARRAY_PREFIXES)
+
+
+def check_file(path: Path, entry: dict[str, Any], verify: str) -> None:
+    """Check one cache file against its ``{bytes, sha256}`` record (``verify``: none|size|full)."""
+    if not path.is_file():
+        raise CacheCorruptError(f"missing cache file {path}")
+    if verify in ("size", "full") and path.stat().st_size != entry["bytes"]:
+        raise CacheCorruptError(f"{path}: size {path.stat().st_size} bytes, expected {entry['bytes']} (truncated or overwritten)")
+    if verify == "full" and sha256_file(path) != entry["sha256"]:
+        raise CacheCorruptError(f"{path}: sha256 mismatch (the file is corrupt)")
+
+
+def load_array(path: Path, entry: dict[str, Any] | None = None) -> np.ndarray:
+    """Memory-map a ``.npy`` file, turning read/format failures into :class:`CacheCorruptError`."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise CacheCorruptError(f"cannot read cache array {path}: {e}") from e
+    if entry is not None and (list(arr.shape) != list(entry["shape"]) or str(arr.dtype) != entry["dtype"]):
+        raise CacheCorruptError(f"{path}: array is {arr.dtype}{list(arr.shape)}, manifest says {entry['dtype']}{entry['shape']}")
+    return arr
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Parse and minimally validate ``root/manifest.json``."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: not a teacher cache, or its writer has not finished")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    return manifest
+
+
+def _as_index(idx: Any, size: int, what: str) -> np.ndarray:
+    a = idx.detach().cpu().numpy() if isinstance(idx, Tensor) else np.asarray(idx)
+    a = np.atleast_1d(a).astype(np.int64, copy=False)
+    if a.ndim != 1:
+        raise ValueError(f"{what} indices must be 1-D, got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= size):
+        raise IndexError(f"{what} index out of range [0, {size}): {a.min()}..{a.max()}")
+    return a
+
+
+class TeacherCache:
+    """Memory-mapped view of a teacher cache directory.
+
+    ``verify``: ``"none"`` (trust the files), ``"size"`` (default: every file exists with the
+    recorded size and shape) or ``"full"`` (also re-hash every array with sha256).
+    """
+
+    def __init__(self, path: str | Path, verify: str = "size") -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
+        self.path = Path(path)
+        self.verify = verify
+        self.manifest = read_manifest(self.path)
+        m = self.manifest
+        self.storage: dict[str, Any] = m["storage"]
+        self.dims: dict[str, Any] = m["dims"]
+        self.num_images = int(m["dataset"]["num_images"])
+        self.num_captions = int(m["dataset"]["num_captions"])
+        self.num_views = int(m["views"]["count"])
+        self.logit_scale = float(m["teacher"]["logit_scale"])
+        self.image_grid: tuple[int, int] | None = tuple(m["dims"]["image_grid"]) if m["dims"].get("image_grid") else None
+        self.intermediate_layers: list[str] = list(self.storage.get("intermediate_layers", []))
+        self._shards: list[dict[str, Any]] = m["shards"]
+        self._image_starts = np.array([s["image_range"][0] for s in self._shards], dtype=np.int64)
+        self._caption_starts = np.array([s["caption_range"][0] for s in self._shards], dtype=np.int64)
+        offsets_path = self.path / OFFSETS
+        check_file(offsets_path, m["offsets"], verify)
+        self.offsets: np.ndarray = np.array(load_array(offsets_path, m["offsets"]))
+        if len(self.offsets) != self.num_images + 1 or self.offsets[-1] != self.num_captions:
+            raise CacheCorruptError(f"{offsets_path}: inconsistent with {self.num_images} images / {self.num_captions} captions")
+        self._arrays: list[dict[str, np.ndarray]] = []
+        self._open(verify)
+
+    # -- opening / pickling (DataLoader workers re-open the memory maps) --------------------------
+    def _open(self, verify: str) -> None:
+        self._arrays = []
+        for s in self._shards:
+            folder = self.path / s["dir"]
+            arrays = {}
+            for name, entry in s["arrays"].items():
+                f = folder / f"{name}.npy"
+                check_file(f, entry, verify)
+                arrays[name] = load_array(f, entry)
+            self._arrays.append(arrays)
+        # per-row shape of every array; caption-length axes may differ between shards -> use the max
+        self._row_shapes: dict[str, list[int]] = {}
+        for arrays in self._arrays:
+            for name, a in arrays.items():
+                row = list(a.shape[2:] if is_image_array(name) else a.shape[1:])
+                old = self._row_shapes.setdefault(name, row)
+                self._row_shapes[name] = [max(x, y) for x, y in zip(old, row)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open("none")
+
+    # -- metadata --------------------------------------------------------------------------------
+    @property
+    def teacher_hash(self) -> str:
+        return self.manifest["teacher"]["config_hash"]
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.manifest["dataset"]["fingerprint"]
+
+    @property
+    def caption_image(self) -> np.ndarray:
+        """[num_captions] image index of every caption."""
+        return np.repeat(np.arange(self.num_images), np.diff(self.offsets))
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def check(self, teacher_hash: str | None = None, dataset_fingerprint: str | None = None) -> None:
+        """Raise :class:`CacheMismatchError` unless the cache was built by this teacher / dataset."""
+        if teacher_hash is not None and teacher_hash != self.teacher_hash:
+            raise CacheMismatchError(f"{self.path}: cache built with teacher {self.manifest['teacher']['spec']} "
+                                     f"(config_hash {self.teacher_hash[:12]}), not the requested one ({teacher_hash[:12]})")
+        if dataset_fingerprint is not None and dataset_fingerprint != self.dataset_fingerprint:
+            d = self.manifest["dataset"]
+            raise CacheMismatchError(f"{self.path}: cache built for dataset {d['name']}/{d['split']} "
+                                     f"(fingerprint {self.dataset_fingerprint[:12]}), not the requested one ({dataset_fingerprint[:12]})")
+
+    def describe(self) -> dict[str, Any]:
+        """Summary for logs and benchmarks: sizes, storage settings and bytes per sample."""
+        total = sum(e["bytes"] for s in self._shards for e in s["arrays"].values())
+        return {"path": str(self.path), "teacher": self.manifest["teacher"]["spec"], "teacher_hash": self.teacher_hash,
+                "dataset": {k: self.manifest["dataset"][k] for k in ("name", "split", "fingerprint")},
+                "num_images": self.num_images, "num_captions": self.num_captions, "num_views": self.num_views,
+                "num_shards": len(self._shards), "storage": self.storage, "dims": self.dims,
+                "total_bytes": total, "bytes_per_sample": bytes_per_sample(self)}
+
+    # -- gathers ---------------------------------------------------------------------------------
+    def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> dict[str, Tensor]:
+        """Image-side outputs for global image indices ``idx`` (``view`` per batch or per sample):
+        ``embed`` [B, D], ``tokens`` [B, N, C] (+ ``tokens_index`` [B, K] for top-k),
+        ``inter.image.<i>`` [B, C]; all float32 except the int64 index."""
+        ids = _as_index(idx, self.num_images, "image")
+        views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
+        fields = {"embed": "image_embed"}
+        if self.storage["image_tokens"] != "none":
+            fields["tokens"] = "image_tokens"
+            if self.storage["image_tokens"].startswith("topk"):
+                fields["tokens_index"] = "image_tokens_index"
+        fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("image.")})
+        return self._gather(ids, views, self._image_starts, fields)
+
+    def texts(self, idx: Any) -> dict[str, Tensor]:
+        """Caption-side outputs for global caption indices: ``embed`` [B, D], ``tokens`` [B, L, C],
+        ``mask`` [B, L] bool (+ ``tokens_index`` [B, K] for top-k), ``inter.text.<i>`` [B, C]."""
+        ids = _as_index(idx, self.num_captions, "caption")
+        fields = {"embed": "text_embed"}
+        if self.storage["text_tokens"] != "none":
+            fields.update(tokens="text_tokens", mask="text_mask")
+            if self.storage["text_tokens"].startswith("topk"):
+                fields["tokens_index"] = "text_tokens_index"
+        fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("text.")})
+        return self._gather(ids, None, self._caption_starts, fields)
+
+    def view_params(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> Tensor:
+        """[B, 5] float32 (top, left, height, width, flip) of the cached views."""
+        ids = _as_index(idx, self.num_images, "image")
+        views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
+        return self._gather(ids, views, self._image_starts, {"params": "view_params"})["params"]
+
+    def _gather(self, ids: np.ndarray, views: np.ndarray | None, starts: np.ndarray,
+                fields: dict[str, str]) -> dict[str, Tensor]:
+        shard_of = np.searchsorted(starts, ids, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for key, name in fields.items():
+            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64}.get(name, np.float32)
+            out[key] = np.zeros([len(ids), *self._row_shapes[name]], dtype=dtype)
+        order = np.argsort(shard_of, kind="stable")
+        cuts = np.flatnonzero(np.diff(shard_of[order])) + 1
+        for sel in np.split(order, cuts) if len(ids) else []:
+            s = shard_of[sel[0]]
+            rows = ids[sel] - starts[s]
+            key_idx = (rows,) if views is None else (rows, views[sel])
+            arrays = self._arrays[s]
+            for key, name in fields.items():
+                vals = arrays[name][key_idx]
+                if vals.dtype == np.int8:
+                    vals = dequantize_int8(vals, arrays[f"{name}_scale"][key_idx])
+                target = out[key]
+                if target.ndim > 1 and vals.shape[1] != target.shape[1]:
+                    target[sel, : vals.shape[1]] = vals
+                else:
+                    target[sel] = vals
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def bytes_per_sample(cache: TeacherCache) -> dict[str, float]:
+    """Payload bytes per image (image-level arrays, all views) and per caption (text arrays), plus
+    ``image_total``, ``text_total`` and ``per_image_with_captions`` (one image and its captions)."""
+    totals: dict[str, int] = {}
+    for s in cache.manifest["shards"]:
+        for name, e in s["arrays"].items():
+            totals[name] = totals.get(name, 0) + int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize
+    out = {name: t / (cache.num_images if is_image_array(name) else cache.num_captions) for name, t in sorted(totals.items())}
+    image_total = sum(v for k, v in out.items() if is_image_array(k))
+    text_total = sum(v for k, v in out.items() if not is_image_array(k))
+    out.update(image_total=image_total, text_total=text_total,
+               per_image_with_captions=image_total + text_total * cache.num_captions / max(cache.num_images, 1))
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

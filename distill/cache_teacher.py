@@ -1,0 +1,537 @@
+"""Precompute a frozen teacher's outputs for a dataset into a sharded, resumable cache.
+
+``python -m distill.cache_teacher --teacher openclip:ViT-B-32:laion2b_s34b_b79k --data DATA --out DIR``
+(see ``--help`` and README.md, Design > Cache format). Shards are written to a temporary directory
+and renamed when complete, so rerunning an interrupted command continues where it stopped and
+produces the same bytes as an uninterrupted run; under ``torchrun`` rank r writes shards r, r+W, ...
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from distill.augment import apply_view, sample_view_params
+from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
+                           CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
+from distill.data import BadSampleError, ImageTextDataset, load_dataset
+from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
+from teachers import Teacher, build_teacher
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything besides teacher and dataset that determines the cache bytes."""
+
+    image_tokens: TokenMode = TokenMode("full")
+    text_tokens: TokenMode = TokenMode("full")
+    dtype: str = "fp16"
+    layers: tuple[str, ...] = ()
+    views: int = 1
+    view_seed: int = 0
+    view_scale: tuple[float, float] = (0.5, 1.0)
+    shard_size: int = 1024
+
+    @property
+    def image_layers(self) -> list[int]:
+        return [int(n.split(".")[1]) for n in self.layers if n.startswith("image.")]
+
+    @property
+    def text_layers(self) -> list[int]:
+        return [int(n.split(".")[1]) for n in self.layers if n.startswith("text.")]
+
+    def storage_json(self) -> dict[str, Any]:
+        return {"image_tokens": str(self.image_tokens), "text_tokens": str(self.text_tokens), "dtype": self.dtype,
+                "intermediate_layers": list(self.layers)}
+
+    def views_json(self) -> dict[str, Any]:
+        return {"count": self.views, "seed": self.view_seed, "scale": list(self.view_scale)}
+
+    def key(self) -> str:
+        blob = {"storage": self.storage_json(), "views": self.views_json(), "shard_size": self.shard_size}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    image_range: tuple[int, int]
+    caption_range: tuple[int, int]
+
+    @property
+    def dir(self) -> str:
+        return f"shards/{self.index:05d}"
+
+    @property
+    def num_images(self) -> int:
+        return self.image_range[1] - self.image_range[0]
+
+
+@dataclass
+class WriteStats:
+    computed_shards: int = 0
+    reused_shards: int = 0
+    computed_images: int = 0
+
+
+def plan_shards(offsets: np.ndarray, shard_size: int) -> list[ShardPlan]:
+    """Split images into shards of ``shard_size`` (the last one shorter) with their captions."""
+    n = len(offsets) - 1
+    return [ShardPlan(i, (a, min(a + shard_size, n)), (int(offsets[a]), int(offsets[min(a + shard_size, n)])))
+            for i, a in enumerate(range(0, n, shard_size))]
+
+
+def image_view_params(index: int, settings: CacheSettings) -> np.ndarray:
+    """[V, 5] view parameters of a global image index; independent of sharding and ranks."""
+    rng = np.random.default_rng([settings.view_seed, index])
+    return sample_view_params(rng, settings.views, tuple(settings.view_scale))
+
+
+class ViewImages(Dataset):
+    """Decodes image i and returns (i, [V, 3, H, W] teacher inputs, [V, 5] params, error or None)."""
+
+    def __init__(self, ds: ImageTextDataset, transform: Callable[[Image.Image], Tensor], settings: CacheSettings) -> None:
+        self.ds, self.transform, self.settings = ds, transform, settings
+
+    def __len__(self) -> int:
+        return self.ds.num_images
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, np.ndarray, str | None]:
+        params = image_view_params(i, self.settings)
+        try:
+            img = self.ds.load_image(i)
+        except BadSampleError as e:
+            return i, None, params, str(e)
+        return i, torch.stack([self.transform(apply_view(img, p)) for p in params]), params, None
+
+
+def collate_views(items: list[tuple[int, Tensor | None, np.ndarray, str | None]]) -> tuple[list[int], Tensor | None, np.ndarray, str | None]:
+    errors = [e for *_, e in items if e]
+    pixels = None if errors else torch.stack([p for _, p, _, _ in items])
+    return [i for i, *_ in items], pixels, np.stack([p for _, _, p, _ in items]), (errors[0] if errors else None)
+
+
+# -- feature post-processing -------------------------------------------------------------------
+def _store_tokens(tokens: Tensor, dtype: str, prefix: str) -> Arrays:
+    if dtype == "int8":
+        q, scale = quantize_int8(tokens)
+        return {prefix: q.cpu().numpy(), f"{prefix}_scale": scale.cpu().numpy().astype(np.float32)}
+    return {prefix: tokens.float().cpu().numpy().astype(np.float16)}
+
+
+def image_arrays(teacher: Teacher, pixels: Tensor, settings: CacheSettings, amp: bool) -> tuple[Arrays, tuple[int, int] | None]:
+    """Encode [n, V, 3, H, W] pixels; returns arrays with leading [n, V] and the stored token grid."""
+    n, v = pixels.shape[:2]
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        f = teacher.encode_image(pixels.flatten(0, 1).to(device), layers=settings.image_layers)
+    out: Arrays = {"image_embed": f.embed.float().cpu().numpy().astype(np.float16)}
+    for name, x in f.intermediates.items():
+        out[f"inter_{name}"] = x.float().cpu().numpy().astype(np.float16)
+    mode, grid = settings.image_tokens, None
+    if mode.kind != "none":
+        if f.tokens is None:
+            raise ValueError(f"teacher {teacher.spec} returns no image tokens; use --image-tokens none")
+        tokens = f.tokens.float()
+        if mode.kind == "full":
+            grid = f.grid
+        elif mode.kind == "grid":
+            tokens, grid = pool_grid(tokens, f.grid, mode.k), (mode.k, mode.k)
+        else:
+            tokens, index = topk_tokens(tokens, min(mode.k, tokens.shape[1]))
+            out["image_tokens_index"] = index.cpu().numpy().astype(np.int16)
+        out.update(_store_tokens(tokens, settings.dtype, "image_tokens"))
+    return {k: a.reshape(n, v, *a.shape[1:]) for k, a in out.items()}, grid
+
+
+def text_arrays(teacher: Teacher, captions: Sequence[str], settings: CacheSettings, amp: bool) -> Arrays:
+    """Tokenise and encode captions; token arrays are [m, L, ...] with this batch's L."""
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    batch = {k: v.to(device) for k, v in teacher.tokenize(list(captions)).items()}
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        f = teacher.encode_text(batch, layers=settings.text_layers)
+    out: Arrays = {"text_embed": f.embed.float().cpu().numpy().astype(np.float16)}
+    for name, x in f.intermediates.items():
+        out[f"inter_{name}"] = x.float().cpu().numpy().astype(np.float16)
+    mode = settings.text_tokens
+    if mode.kind != "none":
+        if f.tokens is None:
+            raise ValueError(f"teacher {teacher.spec} returns no text tokens; use --text-tokens none")
+        tokens = f.tokens.float()
+        mask = f.mask.bool() if f.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if mode.kind == "topk":
+            short = max(0, mode.k - tokens.shape[1])
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, short))
+            mask = torch.nn.functional.pad(mask, (0, short), value=False)
+            tokens, index = topk_tokens(tokens, mode.k, mask)
+            mask = torch.gather(mask, 1, index)
+            out["text_tokens_index"] = index.cpu().numpy().astype(np.int16)
+        out.update(_store_tokens(tokens, settings.dtype, "text_tokens"))
+        out["text_mask"] = mask.cpu().numpy().astype(np.uint8)
+    return out
+
+
+def concat_padded(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along axis 0, zero-padding axis 1 (caption length) to the longest part."""
+    if parts[0].ndim < 2 or len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate(parts)
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
+
+
+# -- shard files ---------------------------------------------------------------------------------
+class _HashingWriter:
+    """File-like object that hashes and counts what ``np.save`` writes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+
+def save_array(path: Path, arr: np.ndarray) -> dict[str, Any]:
+    """Write ``arr`` as .npy, fsync it, and return its ``{shape, dtype, bytes, sha256}`` record."""
+    with open(path, "wb") as f:
+        w = _HashingWriter(f)
+        np.save(w, np.ascontiguousarray(arr), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": w.bytes, "sha256": w.sha.hexdigest()}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path.tmp``, fsync and rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(out: Path, plan: ShardPlan, arrays: Arrays, meta: dict[str, Any], rank: int) -> None:
+    """Write a shard into ``<dir>.tmp-<rank>`` and rename it into place; on failure the temporary
+    directory is removed and :class:`CacheWriteError` names the shard."""
+    final = out / plan.dir
+    tmp = final.with_name(f"{final.name}.tmp-{rank}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        records = {name: save_array(tmp / f"{name}.npy", arrays[name]) for name in sorted(arrays)}
+        write_json_atomic(tmp / SHARD_JSON, {**meta, "index": plan.index, "dir": plan.dir,
+                                            "image_range": list(plan.image_range),
+                                            "caption_range": list(plan.caption_range), "arrays": records})
+        fsync_dir(tmp)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CacheWriteError(f"writing shard {final} failed: {e}. Completed shards are intact; "
+                                  "free space and rerun the same command to resume") from e
+        raise
+
+
+def read_shard_json(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SHARD_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def shard_is_complete(out: Path, plan: ShardPlan, info: dict[str, Any] | None, source: dict[str, str],
+                      rehash: bool) -> bool:
+    """Whether the shard on disk belongs to this run and all its files have the recorded size
+    (and sha256 when ``rehash``)."""
+    if info is None or info.get("source") != source or info.get("index") != plan.index \
+            or info.get("image_range") != list(plan.image_range) or info.get("caption_range") != list(plan.caption_range):
+        return False
+    try:
+        for name, entry in info["arrays"].items():
+            check_file(out / plan.dir / f"{name}.npy", entry, "full" if rehash else "size")
+    except (CacheError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _describe_mismatch(old: dict[str, str], new: dict[str, str]) -> str:
+    what = {"teacher": "teacher (config_hash)", "dataset": "dataset (fingerprint)", "settings": "storage/view/shard settings"}
+    return "; ".join(f"{what[k]} {old.get(k, '?')[:12]} != {new[k][:12]}" for k in new if old.get(k) != new[k])
+
+
+def check_existing(out: Path, source: dict[str, str]) -> None:
+    """Raise :class:`CacheMismatchError` if ``out`` holds a manifest or shards of another teacher,
+    dataset or storage setting."""
+    found: list[tuple[Path, dict[str, str]]] = []
+    if (out / MANIFEST).is_file():
+        try:
+            found.append((out / MANIFEST, read_manifest(out)["source"]))
+        except (CacheError, KeyError):
+            print(f"warning: ignoring unreadable {out / MANIFEST}; it will be rewritten", file=sys.stderr)
+    shards = out / "shards"
+    for folder in sorted(shards.iterdir()) if shards.is_dir() else []:
+        info = read_shard_json(folder) if ".tmp-" not in folder.name else None
+        if info is not None and "source" in info:
+            found.append((folder / SHARD_JSON, info["source"]))
+    for path, old in found:
+        if old != source:
+            raise CacheMismatchError(f"{out} already holds a different cache ({path}: {_describe_mismatch(old, source)}). "
+                                     "Pass --overwrite to replace it or choose another --out")
+
+
+def clear_cache(out: Path) -> None:
+    """Remove the files a previous cache left in ``out`` (only ours: manifest, offsets, shards)."""
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    for name in (MANIFEST, OFFSETS, MANIFEST + ".tmp", OFFSETS + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+
+
+# -- the writer ----------------------------------------------------------------------------------
+def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batches: Any, settings: CacheSettings,
+                  batch_size: int, amp: bool, progress: tqdm) -> tuple[Arrays, tuple[int, int] | None]:
+    """Consume this shard's image batches from the loader iterator and encode its captions."""
+    parts: dict[str, list[np.ndarray]] = {}
+    grid = None
+    params: list[np.ndarray] = []
+    for _ in range(0, plan.num_images, batch_size):
+        idx, pixels, view_params, error = next(batches)
+        if error:
+            raise BadSampleError(error)
+        arrays, grid = image_arrays(teacher, pixels, settings, amp)
+        params.append(view_params.astype(np.float32))
+        for k, a in arrays.items():
+            parts.setdefault(k, []).append(a)
+        progress.update(len(idx))
+    a, b = plan.caption_range
+    for start in range(a, b, batch_size):
+        for k, arr in text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp).items():
+            parts.setdefault(k, []).append(arr)
+    out = {k: concat_padded(v) for k, v in parts.items()}
+    out["view_params"] = np.concatenate(params)
+    return out, grid
+
+
+def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: CacheSettings, source: dict[str, str],
+                 info: DistInfo, batch_size: int = 64, num_workers: int = 2, amp: bool = False,
+                 rehash_existing: bool = False) -> WriteStats:
+    """Compute this rank's missing shards (r, r+W, ...), reusing complete ones on disk."""
+    stats = WriteStats()
+    todo: list[ShardPlan] = []
+    for plan in plan_shards(ds.offsets, settings.shard_size)[info.rank::info.world_size]:
+        folder = out / plan.dir
+        for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if shard_is_complete(out, plan, read_shard_json(folder), source, rehash_existing):
+            stats.reused_shards += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        todo.append(plan)
+    batches = [list(range(s, min(s + batch_size, p.image_range[1]))) for p in todo for s in range(*p.image_range, batch_size)]
+    loader = DataLoader(ViewImages(ds, teacher.image_transform(), settings), batch_sampler=batches,
+                        num_workers=num_workers if batches else 0, collate_fn=collate_views)
+    progress = tqdm(total=sum(p.num_images for p in todo), unit="img", disable=not info.is_main, desc="caching",
+                    file=sys.stderr, dynamic_ncols=True)
+    it = iter(loader)
+    with torch.inference_mode(), progress:
+        for plan in todo:
+            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress)
+            write_shard(out, plan, arrays, {"source": source, "image_grid": list(grid) if grid else None}, info.rank)
+            stats.computed_shards += 1
+            stats.computed_images += plan.num_images
+    return stats
+
+
+def write_manifest(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: CacheSettings, source: dict[str, str],
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """Collect every shard.json (all ranks) into manifest.json and write offsets.npy."""
+    shards = []
+    for plan in plan_shards(ds.offsets, settings.shard_size):
+        info = read_shard_json(out / plan.dir)
+        if info is None or info.get("source") != source:
+            raise CacheWriteError(f"shard {out / plan.dir} is missing or incomplete after all ranks finished")
+        shards.append({k: v for k, v in info.items() if k != "source"})
+    first = shards[0]["arrays"]
+    dims = {"embed": first["image_embed"]["shape"][-1], "image_grid": shards[0]["image_grid"],
+            "image_tokens": first["image_tokens"]["shape"][2:] if "image_tokens" in first else None,
+            "text_tokens": [max(s["arrays"]["text_tokens"]["shape"][1] for s in shards), first["text_tokens"]["shape"][2]]
+            if "text_tokens" in first else None}
+    try:
+        tmp = out / (OFFSETS + ".tmp")
+        offsets_record = save_array(tmp, ds.offsets)
+        os.replace(tmp, out / OFFSETS)
+        manifest = {
+            "format_version": FORMAT_VERSION, "source": source,
+            "teacher": {"spec": teacher.spec, "config_hash": source["teacher"], "config": teacher.config(),
+                        "logit_scale": float(teacher.logit_scale)},
+            "dataset": {"name": ds.name, "split": ds.split, "root": str(ds.root), "fingerprint": source["dataset"],
+                        "num_images": ds.num_images, "num_captions": ds.num_captions,
+                        "skipped": [{"where": s.where, "reason": s.reason} for s in ds.skipped]},
+            "storage": settings.storage_json(), "views": settings.views_json(), "shard_size": settings.shard_size,
+            "offsets": offsets_record, "shards": shards, "dims": dims, **extra}
+        write_json_atomic(out / MANIFEST, manifest)
+        fsync_dir(out)
+    except OSError as e:
+        raise CacheWriteError(f"writing {out / MANIFEST} failed: {e}; rerun the same command to finish") from e
+    return manifest
+
+
+def _cosines(a: Tensor, b: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1, eps=1e-12)
+
+
+def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed: int = 0,
+                 threshold: float = 0.999) -> dict[str, float]:
+    """Recompute ``n`` random images (all views) and their captions with the teacher and require
+    cosine >= ``threshold`` for the embeddings and, with ``full`` token storage, for the tokens
+    (``0.99`` when int8-quantised). Raises :class:`CacheVerifyError`; returns the minimum cosines."""
+    cache = TeacherCache(out)
+    ids = np.sort(np.random.default_rng(seed).choice(cache.num_images, size=min(n, cache.num_images), replace=False))
+    transform = teacher.image_transform()
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    token_thr = threshold if cache.storage["dtype"] == "fp16" else 0.99
+    worst: dict[str, float] = {}
+
+    def compare(what: str, cached: Tensor, fresh: Tensor, thr: float, names: list[str]) -> None:
+        cos = _cosines(cached, fresh.float().cpu())
+        worst[what] = float(cos.min())
+        if worst[what] < thr:
+            k = int(cos.argmin())
+            raise CacheVerifyError(f"{out}: cached {what} of {names[k]} differs from the teacher's output "
+                                   f"(cosine {cos[k]:.5f} < {thr}); the cache is stale or corrupt")
+
+    with torch.inference_mode():
+        for v in range(cache.num_views):
+            params = cache.view_params(ids, v).numpy()
+            pixels = torch.stack([transform(apply_view(ds.load_image(int(i)), p)) for i, p in zip(ids, params)])
+            f = teacher.encode_image(pixels.to(device))
+            got = cache.images(ids, v)
+            names = [f"image {i} view {v} ({ds.images[i]})" for i in ids]
+            compare("image embed", got["embed"], f.embed, threshold, names)
+            if cache.storage["image_tokens"] == "full":
+                compare("image tokens", got["tokens"], f.tokens, token_thr, names)
+        caps = np.concatenate([np.arange(cache.offsets[i], cache.offsets[i + 1]) for i in ids])
+        t = teacher.encode_text({k: x.to(device) for k, x in teacher.tokenize([ds.captions[c] for c in caps]).items()})
+        got = cache.texts(caps)
+        names = [f"caption {c} ({ds.captions[c]!r})" for c in caps]
+        compare("text embed", got["embed"], t.embed, threshold, names)
+        if cache.storage["text_tokens"] == "full":
+            mask = t.mask.cpu() if t.mask is not None else torch.ones(t.tokens.shape[:2], dtype=torch.bool)
+            fresh = t.tokens.float().cpu() * mask.unsqueeze(-1)
+            cached = got["tokens"][:, : fresh.shape[1]] * got["mask"][:, : fresh.shape[1]].unsqueeze(-1)
+            compare("text tokens", cached, fresh, token_thr, names)
+    return worst
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    for n in names:
+        tower, _, i = n.partition(".")
+        if tower not in ("image", "text") or not i.isdigit():
+            raise ValueError(f"--layers entry {n!r} must look like image.<i> or text.<i>")
+    return tuple(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
+    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON or a Flickr8k folder")
+    p.add_argument("--split", default=None, help="split to cache (train/val/test); default: all rows")
+    p.add_argument("--images-root", default=None, help="folder image paths are relative to (default: next to --data)")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per teacher forward")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="fp16 autocast for the teacher (CUDA only)")
+    p.add_argument("--image-tokens", default="full", help="full | grid:<g> | topk:<k> | none")
+    p.add_argument("--text-tokens", default="full", help="full | topk:<k> | none")
+    p.add_argument("--dtype", choices=("fp16", "int8"), default="fp16", help="token storage type")
+    p.add_argument("--layers", nargs="*", default=[], help="intermediate layers, e.g. image.3,text.2")
+    p.add_argument("--views", type=int, default=1, help="views per image (view 0 is the clean image)")
+    p.add_argument("--view-seed", type=int, default=0)
+    p.add_argument("--view-scale", default="0.5,1.0", help="min,max crop area fraction of the extra views")
+    p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
+    p.add_argument("--verify", type=int, nargs="?", const=8, default=0, metavar="N",
+                   help="recompute N (default 8) random samples and compare (cosine >= 0.999)")
+    p.add_argument("--verify-existing", action="store_true",
+                   help="re-hash (sha256) shards kept from an earlier run instead of checking sizes only")
+    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher/dataset/settings")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> CacheSettings:
+    lo, hi = (float(x) for x in args.view_scale.split(","))
+    if args.views < 1 or args.shard_size < 1 or args.batch_size < 1:
+        raise ValueError("--views, --shard-size and --batch-size must be >= 1")
+    return CacheSettings(parse_token_mode(args.image_tokens), parse_token_mode(args.text_tokens, allow_grid=False),
+                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), args.shard_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    t0 = time.time()
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    for module in args.plugin:
+        importlib.import_module(module)
+    info = init_distributed(args.device)
+    out = Path(args.out)
+    try:
+        teacher = build_teacher(args.teacher, str(info.device))
+        ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
+        if ds.skipped and info.is_main:
+            print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
+        source = {"teacher": teacher.config_hash(), "dataset": ds.fingerprint(), "settings": settings.key()}
+        if args.overwrite:
+            if info.is_main:
+                clear_cache(out)
+        else:
+            check_existing(out, source)
+        barrier()
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        stats = write_shards(teacher, ds, out, settings, source, info, args.batch_size, args.num_workers, args.amp,
+                             args.verify_existing)
+        counts = all_reduce_mean(torch.tensor([stats.computed_shards, stats.reused_shards], dtype=torch.float64))
+        computed, reused = (int(round(float(c) * info.world_size)) for c in counts)
+        barrier()
+        if info.is_main:
+            extra = {"compute": {"batch_size": args.batch_size, "amp": bool(args.amp), "device": info.device.type}}
+            manifest = write_manifest(teacher, ds, out, settings, source, extra)
+            if args.verify:
+                worst = verify_cache(out, teacher, ds, args.verify)
+                print("verify OK: min cosine " + ", ".join(f"{k} {v:.5f}" for k, v in worst.items()), file=sys.stderr)
+            size = sum(e["bytes"] for s in manifest["shards"] for e in s["arrays"].values())
+            print(f"cached {ds.num_images} images, {ds.num_captions} captions, {len(manifest['shards'])} shards "
+                  f"({computed} computed, {reused} reused, {len(ds.skipped)} samples skipped) "
+                  f"in {time.time() - t0:.1f} s, {size / 1e6:.1f} MB -> {out}")
+        barrier()
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Training configuration: built-in defaults, presets (``distill/configs/*.yaml``), YAML/JSON config
+files and ``--set a.b=c`` overrides, merged in that order.
+
+Changing ``student.name`` in a later layer drops the student options of earlier layers (they
+belong to another architecture), so ``--preset cpu --student pruned --set student.teacher=...``
+does not pass ViT widths to the pruned student.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: The paper's full multiscale loss set.
+DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": None,  # None: CUDA when available
+    "out": "runs/distill",
+    "plugins": [],
+    "data": {
+        "path": None,
+        "split": None,  # None: the split recorded in the cache manifest
+        "images_root": None,
+        "cache": None,
+        "use_views": True,
+        "num_workers": 2,
+    },
+    "student": {"name": "vit"},
+    "train": {
+        "steps": None,  # optimizer steps; None: derived from epochs
+        "epochs": 1,
+        "batch_size": 64,  # global batch per micro-step (split over ranks)
+        "accum_steps": 1,
+        "lr": 5.0e-4,
+        "min_lr_ratio": 0.0,
+        "warmup_steps": 100,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.98],
+        "eps": 1.0e-6,
+        "grad_clip": 1.0,  # 0 disables clipping
+        "precision": "fp32",  # fp32 | bf16 | fp16 (fp16 only on CUDA)
+        "deterministic": False,
+        "find_unused_parameters": True,
+        "log_every": 1,
+        "checkpoint_every": 500,
+        "keep_checkpoints": 3,  # 0 keeps every checkpoint
+    },
+    "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
+    "balancer": {"name": "dynamic", "cfg": {}},
+    "eval": {"data": None, "split": "val", "every": 0, "batch_size": 64, "images_root": None},
+}
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override is malformed."""
+
+
+def presets() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot parse config: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A built-in preset by name (``cpu``, ``gpu``)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(presets())}")
+    return load_config_file(path)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b=c"`` -> ``{"a": {"b": c}}`` with ``c`` parsed as a YAML scalar/flow value
+    (``1e-3`` -> float, ``true`` -> bool, ``[1,2]`` -> list, ``null`` -> None)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {e}") from e
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``layer`` into a copy of ``base`` (mappings merge, anything else replaces).
+    A layer that sets a different ``student.name`` replaces the whole ``student`` section."""
+    out = copy.deepcopy(base)
+    for key, value in layer.items():
+        if key == "student" and isinstance(value, dict) and "name" in value \
+                and value["name"] != out.get("student", {}).get("name"):
+            out["student"] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config(preset: str | None = None, files: Iterable[str | Path] = (), flags: dict[str, Any] | None = None,
+                   overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Defaults <- preset <- config files <- CLI flags (dotted keys, ``None`` = not given) <- ``--set``."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if preset:
+        cfg = merge(cfg, load_preset(preset))
+    for f in files:
+        cfg = merge(cfg, load_config_file(f))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            cfg = merge(cfg, _nest(key, value))
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Reject unknown top-level/section keys and malformed loss/balancer entries early."""
+    for key in cfg:
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(DEFAULTS)}")
+    for section in ("data", "train", "eval"):
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        for key in cfg[section]:
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(DEFAULTS[section])}")
+    if not isinstance(cfg["student"], dict) or not cfg["student"].get("name"):
+        raise ConfigError("student must be a mapping with a name")
+    losses = cfg["losses"]
+    if not isinstance(losses, list) or not losses:
+        raise ConfigError("losses must be a non-empty list of {name, cfg}")
+    for i, item in enumerate(losses):
+        if isinstance(item, str):
+            losses[i] = item = {"name": item, "cfg": {}}
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "cfg"}:
+            raise ConfigError(f"losses[{i}] must be {{name, cfg}}, got {item!r}")
+        item.setdefault("cfg", {})
+    names = [item["name"] for item in losses]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"losses must have distinct names, got {names}")
+    bal = cfg["balancer"]
+    if not isinstance(bal, dict) or "name" not in bal:
+        raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
+    bal.setdefault("cfg", {})
+    train = cfg["train"]
+    if train["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")
+    for key in ("batch_size", "accum_steps"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+
+
+def save_config(cfg: dict[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML (round-trips through :func:`load_config_file`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,124 @@
+"""The trainable unit: student + loss terms (with their projections/queues) + balancer.
+
+Wrapping all three in one ``nn.Module`` lets DistributedDataParallel synchronise every learned
+parameter. Under DDP the per-rank student features are all-gathered with a gradient-aware gather
+(backward sums the gradient over ranks), so every loss sees the global batch exactly as in a
+single-process run, every rank computes the same loss value, and DDP's gradient averaging yields
+the gradient of that global loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from distill.balance import build_balancer
+from distill.balance.base import Balancer
+from distill.features import ImageFeatures, TextFeatures
+from distill.losses import DistillBatch, DistillLoss, Dims, TeacherBatch, build_loss
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rank, ctx.n = rank, t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(t: Tensor | None, grad: bool) -> Tensor | None:
+    """Concatenate ``t`` from all ranks (identity in a single process)."""
+    if t is None or not distributed():
+        return t
+    if grad and t.requires_grad:
+        return _GatherWithGrad.apply(t)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_image(f: ImageFeatures) -> ImageFeatures:
+    return ImageFeatures(gather(f.embed, True), gather(f.tokens, True), f.grid,
+                         {k: gather(v, True) for k, v in f.intermediates.items()})
+
+
+def gather_text(f: TextFeatures) -> TextFeatures:
+    return TextFeatures(gather(f.embed, True), gather(f.tokens, True), gather(f.mask, False),
+                        {k: gather(v, True) for k, v in f.intermediates.items()})
+
+
+def gather_teacher(t: TeacherBatch) -> TeacherBatch:
+    return replace(t, img_embed=gather(t.img_embed, False), txt_embed=gather(t.txt_embed, False),
+                   img_tokens=gather(t.img_tokens, False), txt_tokens=gather(t.txt_tokens, False),
+                   txt_mask=gather(t.txt_mask, False),
+                   intermediates={k: gather(v, False) for k, v in (t.intermediates or {}).items()})
+
+
+@dataclass
+class StepOutput:
+    total: Tensor
+    losses: dict[str, Tensor]
+    weights: dict[str, float]
+
+
+class Distiller(nn.Module):
+    """``forward(pixels, text, teacher, image_ids, step, total_steps) -> StepOutput``."""
+
+    def __init__(self, student: nn.Module, losses: dict[str, DistillLoss], balancer: Balancer) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = nn.ModuleDict(losses)
+        self.balancer = balancer
+
+    def forward(self, pixels: Tensor, text: dict[str, Tensor], teacher: TeacherBatch, image_ids: Tensor,
+                step: int = 0, total_steps: int = 1) -> StepOutput:
+        s_img = self.student.encode_image(pixels)
+        s_txt = self.student.encode_text(text)
+        batch = DistillBatch(s_img=gather_image(s_img), s_txt=gather_text(s_txt), teacher=gather_teacher(teacher),
+                             student_logit_scale=self.student.logit_scale, image_ids=gather(image_ids, False),
+                             step=step, total_steps=total_steps)
+        losses = {name: loss(batch).float() for name, loss in self.losses.items()}
+        total, weights = self.balancer(losses, self.student.shared_parameters())
+        return StepOutput(total, losses, weights)
+
+
+def loss_dims(student: Any, cache: Any) -> Dims:
+    """Dimensions of the student (from its attributes) and of the teacher (from the cache manifest)."""
+    dims = cache.manifest.get("dims", {})
+    img_tok = dims.get("image_tokens") or [0, 0]
+    txt_tok = dims.get("text_tokens") or [0, 0]
+    return Dims(student_embed=student.embed_dim, teacher_embed=int(dims["embed"]),
+                student_image_token=student.image_token_dim, student_text_token=student.text_token_dim,
+                teacher_image_token=int(img_tok[-1]), teacher_text_token=int(txt_tok[-1]))
+
+
+def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str, Any]], balancer_cfg: dict[str, Any]) -> Distiller:
+    """Build every configured loss term (``[{name, cfg}]``) and the balancer over their names."""
+    losses = {}
+    for item in loss_cfg:
+        try:
+            loss = build_loss(item["name"], dims, **(item.get("cfg") or {}))
+        except TypeError as e:
+            raise TypeError(f"loss {item['name']!r}: bad options {item.get('cfg')}: {e}") from e
+        if hasattr(loss, "gather"):
+            loss.gather = False  # the Distiller already hands every loss the gathered global batch
+        losses[item["name"]] = loss
+    balancer = build_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
+    return Distiller(student, losses, balancer)

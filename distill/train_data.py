@@ -1,0 +1,180 @@
+"""Training data: raw images + captions joined with cached teacher outputs by sample id.
+
+The training set indexes the IMAGES of a :class:`distill.cache.TeacherCache`. For epoch ``e`` sample
+``i`` uses caption ``offsets[i] + c`` and view ``v`` drawn from an RNG seeded by ``(seed, e, i)``, so
+the choice does not depend on the order, the rank or the number of workers. The sampler yields
+``(image index, epoch)`` pairs; every batch carries ``image_index``/``caption_index``/``view`` and
+the teacher features fetched for exactly those rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from distill.augment import apply_view
+from distill.cache import CacheMismatchError, TeacherCache
+from distill.data import ImageTextDataset
+from distill.losses.base import TeacherBatch
+
+
+class DatasetMismatchError(ValueError):
+    """The cache was not built from the given dataset/split."""
+
+
+def check_alignment(dataset: ImageTextDataset, cache: TeacherCache) -> None:
+    """Raise :class:`DatasetMismatchError` unless ``cache`` was built from exactly ``dataset``."""
+    where = f"--data {dataset.root} (name {dataset.name!r}, split {dataset.split!r})"
+    try:
+        cache.check(dataset_fingerprint=dataset.fingerprint())
+    except CacheMismatchError as e:
+        raise DatasetMismatchError(f"teacher cache {cache.path} was not built from {where}: {e}. "
+                                   "Rebuild the cache or pass the --data/--split it was built from.") from e
+    if cache.num_images != dataset.num_images or cache.num_captions != dataset.num_captions:
+        raise DatasetMismatchError(
+            f"teacher cache {cache.path} holds {cache.num_images} images / {cache.num_captions} captions but "
+            f"{where} has {dataset.num_images} / {dataset.num_captions}")
+
+
+def sample_choice(seed: int, epoch: int, index: int, num_captions: int, num_views: int) -> tuple[int, int]:
+    """The (caption offset within the image, view) sample ``index`` uses in ``epoch``."""
+    rng = np.random.default_rng([seed, epoch, index])
+    c = int(rng.integers(num_captions))
+    v = int(rng.integers(num_views)) if num_views > 1 else 0
+    return c, v
+
+
+class DistillTrainSet(Dataset):
+    """Item ``(i, epoch)`` -> the student's pixels for image ``i`` seen through the cached view,
+    the chosen caption text and the ids needed to fetch the teacher features."""
+
+    def __init__(self, dataset: ImageTextDataset, cache: TeacherCache, transform: Callable[[Image.Image], Tensor],
+                 seed: int, use_views: bool = True) -> None:
+        self.dataset = dataset
+        self.offsets = np.asarray(cache.offsets, dtype=np.int64)
+        self.cache = cache
+        self.num_views = cache.num_views if use_views else 1
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.dataset.num_images
+
+    def choose(self, index: int, epoch: int) -> tuple[int, int]:
+        """(global caption index, view) of image ``index`` in ``epoch``."""
+        n_caps = int(self.offsets[index + 1] - self.offsets[index])
+        c, v = sample_choice(self.seed, epoch, index, n_caps, self.num_views)
+        return int(self.offsets[index]) + c, v
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        caption, view = self.choose(index, epoch)
+        img = self.dataset.load_image(index)
+        if view:
+            params = self.cache.view_params([index], view)[0]
+            img = apply_view(img, params)
+        return {"pixels": self.transform(img), "text": self.dataset.captions[caption],
+                "image_index": index, "caption_index": caption, "view": view}
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Seeded shuffling into global batches of ``global_batch`` images; rank ``r`` of ``world``
+    yields rows ``[r*b:(r+1)*b]`` (``b = global_batch / world``) of each global batch, so the union of
+    the ranks' batches is exactly the single-process batch. Incomplete last batches are dropped.
+
+    ``set_epoch(epoch, start)`` selects the permutation and skips the first ``start`` batches
+    (for exact resume).
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True) -> None:
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
+        if num_samples < global_batch:
+            raise ValueError(f"the training set has {num_samples} images, fewer than one batch of {global_batch}")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of image indices used in ``epoch`` (identical on every rank)."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order(self.epoch)
+        local = self.global_batch // self.world
+        for b in range(self.start, self.batches_per_epoch()):
+            rows = order[b * self.global_batch + self.rank * local: b * self.global_batch + (self.rank + 1) * local]
+            yield [(int(i), self.epoch) for i in rows]
+
+
+@dataclass
+class TrainBatch:
+    """One (per-rank) batch: student inputs plus the aligned teacher outputs."""
+
+    pixels: Tensor
+    texts: list[str]
+    image_index: Tensor
+    caption_index: Tensor
+    view: Tensor
+    teacher: TeacherBatch
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "TrainBatch":
+        """A copy with ``fn`` applied to every tensor (teacher features included)."""
+        t = self.teacher
+        f = lambda x: None if x is None else fn(x)  # noqa: E731
+        teacher = replace(t, img_embed=f(t.img_embed), txt_embed=f(t.txt_embed), img_tokens=f(t.img_tokens),
+                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask),
+                          intermediates={k: f(v) for k, v in (t.intermediates or {}).items()})
+        return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher)
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return self.apply(lambda x: x.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TrainBatch":
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self.apply(Tensor.pin_memory)
+
+
+def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: np.ndarray, view: np.ndarray) -> TeacherBatch:
+    """Vectorised lookup of the cached teacher outputs for the given rows."""
+    img = cache.images(image_index, view)
+    txt = cache.texts(caption_index)
+    inter = {k[len("inter."):]: v for src in (img, txt) for k, v in src.items() if k.startswith("inter.")}
+    grid = cache.image_grid if "tokens" in img else None
+    return TeacherBatch(img_embed=img["embed"], txt_embed=txt["embed"], img_tokens=img.get("tokens"), img_grid=grid,
+                        txt_tokens=txt.get("tokens"), txt_mask=txt.get("mask"), intermediates=inter,
+                        logit_scale=cache.logit_scale)
+
+
+class TeacherCollate:
+    """DataLoader ``collate_fn``: stacks the student inputs and fetches the teacher features of
+    exactly the batch's (image, view) and caption ids. The cache re-opens its memory maps when
+    pickled into worker processes."""
+
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
+
+    def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
+        image_index = np.asarray([it["image_index"] for it in items], dtype=np.int64)
+        caption_index = np.asarray([it["caption_index"] for it in items], dtype=np.int64)
+        view = np.asarray([it["view"] for it in items], dtype=np.int64)
+        return TrainBatch(pixels=torch.stack([it["pixels"] for it in items]), texts=[it["text"] for it in items],
+                          image_index=torch.from_numpy(image_index), caption_index=torch.from_numpy(caption_index),
+                          view=torch.from_numpy(view), teacher=fetch_teacher(self.cache, image_index, caption_index, view))

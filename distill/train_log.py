@@ -1,0 +1,91 @@
+"""Training logs: one JSON object per line (``OUT/train_log.jsonl``), TensorBoard scalars
+(``OUT/tb``) and a final PNG of the raw losses and balancer weights (``OUT/plots/losses.png``).
+
+Records have ``kind`` ``"train"`` (step, epoch, lr, ``loss/<name>``, ``weight/<name>``, total,
+samples_per_s, skipped_nonfinite) or ``"eval"`` (step + ``eval/<metric>``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+LOG_NAME = "train_log.jsonl"
+
+
+def read_log(out: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
+    """All records of ``kind`` (or every record for ``None``) from ``OUT/train_log.jsonl``."""
+    path = Path(out) / LOG_NAME
+    if not path.is_file():
+        return []
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+class TrainLogger:
+    """Rank-0 logger. On resume from ``resume_step`` records after that step (written by the run
+    that was interrupted) are dropped so the log reads as one uninterrupted run."""
+
+    def __init__(self, out: str | Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / LOG_NAME
+        if self.path.is_file():
+            keep = [r for r in read_log(self.out, None) if r.get("step", 0) <= resume_step] if resume_step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (must hold ``kind`` and ``step``) and mirror its numbers to TensorBoard."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            prefix = "train/" if record["kind"] == "train" else ""
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_losses(out: str | Path) -> Path | None:
+    """PNG with raw losses (log scale) and balancer weights vs step; ``None`` when nothing was logged."""
+    recs = read_log(out)
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in recs]
+    fig, (ax_l, ax_w) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for prefix, ax in (("loss/", ax_l), ("weight/", ax_w)):
+        for key in sorted({k for r in recs for k in r if k.startswith(prefix)}):
+            ys = [r.get(key, math.nan) for r in recs]
+            if prefix == "loss/":
+                ys = [y if y is not None and y > 0 else math.nan for y in ys]
+            ax.plot(steps, ys, label=key[len(prefix):], linewidth=1)
+    ax_l.set_yscale("log")
+    ax_l.set_ylabel("raw loss")
+    ax_w.set_ylabel("balancer weight")
+    ax_w.set_xlabel("step")
+    for ax in (ax_l, ax_w):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+    path = Path(out) / "plots" / "losses.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,362 @@
+"""Train a student from a teacher cache: ``python -m distill.train_student --cache DIR --data X.tsv``.
+
+Student forward -> :class:`DistillBatch` -> every configured loss term -> balancer -> backward, with
+AdamW + warmup/cosine schedule, AMP, gradient accumulation, clipping, a non-finite guard, DDP under
+``torchrun`` (the global batch is split over ranks; results match a single process), exact resume
+from checkpoints, JSONL/TensorBoard logs, periodic retrieval evaluation and a loss plot.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from distill import dist as D
+from distill.cache import TeacherCache
+from distill.checkpoint import find_resume, load_checkpoint, save_checkpoint, set_rng_state
+from distill.config import presets, resolve_config, save_config
+from distill.data import load_dataset
+from distill.distiller import Distiller, build_distiller, loss_dims
+from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
+from distill.train_log import TrainLogger, plot_losses
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.train_student", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=[], help="YAML/JSON config file (repeatable, later wins)")
+    p.add_argument("--preset", choices=presets(), help="built-in preset applied before --config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 --set student.vision_layers=4 (repeatable)")
+    p.add_argument("--cache", help="teacher cache directory (data.cache)")
+    p.add_argument("--data", help="dataset the cache was built from (data.path)")
+    p.add_argument("--split", help="dataset split (data.split; default: the cache's split)")
+    p.add_argument("--images-root", help="image root for CSV/JSON datasets (data.images_root)")
+    p.add_argument("--student", help="student registry name (student.name), e.g. vit or pruned")
+    p.add_argument("--out", help="output directory (out)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--epochs", type=float, help="epochs, used when --steps is not given (train.epochs)")
+    p.add_argument("--batch-size", type=int, help="global batch size per micro-step (train.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--device", help="cpu | cuda (device; default: cuda when available)")
+    p.add_argument("--seed", type=int, help="seed for init, shuffling and caption/view choice (seed)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (data.num_workers)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="resume from OUT/checkpoints/latest.pt (auto) or a checkpoint file")
+    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers/students/losses)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Resolve the full config: defaults <- preset <- files <- flags <- --set."""
+    flags = {"data.cache": args.cache, "data.path": args.data, "data.split": args.split,
+             "data.images_root": args.images_root, "data.num_workers": args.num_workers, "student.name": args.student,
+             "out": args.out, "train.steps": args.steps, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
+             "train.lr": args.lr, "device": args.device, "seed": args.seed, "train.precision": args.precision}
+    overrides = list(args.overrides)
+    if args.epochs is not None and args.steps is None:
+        overrides.insert(0, "train.steps=null")  # --epochs replaces a configured step count (--set still wins)
+    cfg = resolve_config(args.preset, args.config, flags, overrides)
+    cfg["plugins"] = list(dict.fromkeys([*cfg["plugins"], *args.plugin]))
+    return cfg
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW; norms, biases, the logit scale and balancer parameters get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "logit_scale" in name or name.startswith("balancer.")
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": float(train["weight_decay"])},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(train["lr"]),
+                             betas=tuple(float(b) for b in train["betas"]), eps=float(train["eps"]))
+
+
+@dataclass
+class Run:
+    """Everything a training run holds."""
+
+    cfg: dict[str, Any]
+    info: D.DistInfo
+    student: nn.Module
+    distiller: Distiller
+    model: nn.Module  # the distiller, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    sampler: GlobalBatchSampler
+    loader: DataLoader
+    total_steps: int
+
+
+def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
+    """Load data + cache (checking they match), build student/losses/balancer/optimizer/loader."""
+    data, train = cfg["data"], cfg["train"]
+    if not data["cache"] or not data["path"]:
+        raise SystemExit("error: --cache and --data are required (or data.cache / data.path in the config)")
+    cache = TeacherCache(data["cache"])
+    manifest_ds = cache.manifest.get("dataset", {})
+    split = data["split"] if data["split"] is not None else manifest_ds.get("split")
+    on_bad = "skip" if manifest_ds.get("skipped") else "error"
+    dataset = load_dataset(data["path"], split, data["images_root"], on_bad_sample=on_bad)
+    check_alignment(dataset, cache)
+
+    torch.manual_seed(cfg["seed"])
+    from students import build_student
+
+    student_kw = {k: v for k, v in cfg["student"].items() if k != "name"}
+    student = build_student(cfg["student"]["name"], **student_kw)
+    distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"]).to(info.device)
+    model: nn.Module = distiller
+    if info.enabled:
+        model = DistributedDataParallel(distiller, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                        find_unused_parameters=bool(train["find_unused_parameters"]),
+                                        forward_sync_buffers=False)
+
+    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]))
+    sampler = GlobalBatchSampler(len(trainset), train["batch_size"], cfg["seed"], info.rank, info.world_size)
+    workers = int(data["num_workers"])
+    loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
+                        collate_fn=TeacherCollate(cache),
+                        pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
+    total = train["steps"]
+    if total is None:
+        total = max(1, int(float(train["epochs"]) * sampler.batches_per_epoch()) // train["accum_steps"])
+        train["steps"] = total
+
+    optimizer = make_optimizer(distiller, train)
+    warmup, min_ratio = int(train["warmup_steps"]), float(train["min_lr_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))
+    if train["precision"] == "fp16" and info.device.type != "cuda":
+        raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
+    scaler = torch.amp.GradScaler(info.device.type, enabled=train["precision"] == "fp16")
+    return Run(cfg, info, student, distiller, model, optimizer, scheduler, scaler, sampler, loader, total)
+
+
+def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, int, TrainBatch]]:
+    """Endless (epoch, position after this batch, batch), starting ``position`` batches into ``epoch``."""
+    while True:
+        run.sampler.set_epoch(epoch, position)
+        for batch in run.loader:
+            position += 1
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+def _state_snapshot(distiller: Distiller) -> dict[str, Any]:
+    """Copy of the loss-term and balancer state (queues, running statistics) to undo a skipped step."""
+    return {"losses": copy.deepcopy(distiller.losses.state_dict()), "balancer": copy.deepcopy(distiller.balancer.state_dict())}
+
+
+def _restore_snapshot(distiller: Distiller, snap: dict[str, Any]) -> None:
+    distiller.losses.load_state_dict(snap["losses"])
+    distiller.balancer.load_state_dict(snap["balancer"])
+
+
+def _all_finite(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` holds on every rank."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() == 0.0
+
+
+def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: int) -> tuple[dict[str, Any], int, int, bool]:
+    """One optimizer step over ``accum_steps`` micro-batches.
+
+    Returns (log fields, epoch, position, applied); ``applied`` is False when the loss or the
+    gradients were non-finite and the update was skipped."""
+    train = run.cfg["train"]
+    accum, device = train["accum_steps"], run.info.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train["precision"])
+    snap = _state_snapshot(run.distiller)
+    run.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    total_sum = 0.0
+    epoch = position = 0
+    for micro in range(accum):
+        epoch, position, batch = next(batches)
+        batch = batch.to(device)
+        text = {k: v.to(device) for k, v in run.student.tokenize(batch.texts).items()}
+        sync = run.model.no_sync() if isinstance(run.model, DistributedDataParallel) and micro < accum - 1 \
+            else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = run.model(batch.pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
+            run.scaler.scale(out.total / accum).backward()
+        total_sum += float(out.total.detach())
+        for name, value in out.losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        weights = dict(out.weights)
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.distiller.parameters() if p.grad is not None]
+    clip = float(train["grad_clip"]) or math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+    applied = _all_finite(math.isfinite(total_sum) and math.isfinite(grad_norm), device)
+    if applied:
+        run.scaler.step(run.optimizer)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        _restore_snapshot(run.distiller, snap)
+    if run.scaler.is_enabled():
+        run.scaler.update()
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    fields = {"lr": lr, **{f"loss/{k}": v / accum for k, v in sums.items()},
+              **{f"weight/{k}": float(v) for k, v in weights.items()}, "total": total_sum / accum, "grad_norm": grad_norm}
+    return fields, epoch, position, applied
+
+
+def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
+    """Retrieval metrics of the student on the validation split (rank 0; the others wait)."""
+    metrics: dict[str, float] = {}
+    if run.info.is_main:
+        from distill.evaluate import evaluate_model
+
+        was_training = run.student.training
+        run.student.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in evaluate_model(run.student, eval_ds, run.cfg["eval"]["batch_size"],
+                                                               run.info.device).items()
+                       if isinstance(v, (int, float))}
+        run.student.train(was_training)
+    D.barrier()
+    return metrics
+
+
+def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:
+    return {"student": run.student.state_dict(), "student_config": run.student.config(),
+            "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(), "config": run.cfg,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "sampler": {"epoch": epoch, "position": position},
+            "skipped_nonfinite": skipped}
+
+
+def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
+    """Load a checkpoint into the run; returns (step, epoch, position, skipped)."""
+    if ckpt["student_config"] != run.student.config():
+        raise SystemExit(f"error: the checkpoint's student {ckpt['student_config']} differs from the configured "
+                         f"student {run.student.config()}")
+    run.student.load_state_dict(ckpt["student"])
+    run.distiller.losses.load_state_dict(ckpt["losses"])
+    run.distiller.balancer.load_state_dict(ckpt["balancer"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["step"]), int(ckpt["sampler"]["epoch"]), int(ckpt["sampler"]["position"]), int(ckpt["skipped_nonfinite"])
+
+
+def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
+    """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path); returns a
+    summary dict (also printed as one line by rank 0)."""
+    for module in cfg["plugins"]:
+        importlib.import_module(module)
+    info = D.init_distributed(cfg["device"])
+    out = Path(cfg["out"])
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    if cfg["train"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    run = setup(cfg, info)
+    resume_path = find_resume(out, resume)
+    step = epoch = position = skipped = 0
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        step, epoch, position, skipped = _restore(run, ckpt)
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    logger = TrainLogger(out, resume_step=step) if info.is_main else None
+    eval_cfg = cfg["eval"]
+    eval_ds = load_dataset(eval_cfg["data"], eval_cfg["split"], eval_cfg["images_root"]) if eval_cfg["data"] else None
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+    del ckpt
+
+    train_cfg = cfg["train"]
+    global_batch = train_cfg["batch_size"] * train_cfg["accum_steps"]
+    batches = epoch_batches(run, epoch, position)
+    run.distiller.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=run.total_steps, initial=step, disable=not info.is_main, desc="distill", unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+    started, last, metrics = time.time(), {}, {}
+    while step < run.total_steps:
+        t0 = time.time()
+        fields, epoch, position, applied = train_step(run, batches, step)
+        skipped += not applied
+        step += 1
+        rate = global_batch / max(time.time() - t0, 1e-9)
+        last = {"kind": "train", "step": step, "epoch": epoch, **fields, "samples_per_s": rate,
+                "skipped_nonfinite": skipped}
+        if logger and (step % train_cfg["log_every"] == 0 or step == run.total_steps):
+            logger.log(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{fields['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
+        if eval_ds is not None and eval_cfg["every"] and (step % eval_cfg["every"] == 0 or step == run.total_steps):
+            metrics = evaluate(run, eval_ds)
+            if logger:
+                logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        if step % train_cfg["checkpoint_every"] == 0 or step == run.total_steps:
+            if info.is_main:
+                save_checkpoint(out, step, _checkpoint_state(run, epoch, position, skipped), train_cfg["keep_checkpoints"])
+            D.barrier()
+    bar.close()
+    if eval_ds is not None and not eval_cfg["every"]:
+        metrics = evaluate(run, eval_ds)
+        if logger:
+            logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    summary = {"steps": step, "final_total": last.get("total"), "skipped_nonfinite": skipped,
+               "seconds": time.time() - started, "student": str(out / "student"), "eval": metrics}
+    if info.is_main:
+        logger.close()
+        plot_losses(out)
+        from students import save_student
+
+        save_student(run.student, out / "student")
+        rsum = f", eval rsum {metrics['rsum']:.2f}" if "rsum" in metrics else ""
+        final = f"{summary['final_total']:.4f}" if summary["final_total"] is not None else "n/a"
+        print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{rsum}; "
+              f"student saved to {out / 'student'}", flush=True)
+    D.barrier()
+    D.cleanup()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    return train(config_from_args(args), args.resume)
+
+
+if __name__ == "__main__":
+    main()

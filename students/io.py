@@ -1,0 +1,98 @@
+"""Saving and loading trained students.
+
+A saved student is a folder with ``student.safetensors`` (weights) and ``student.json``::
+
+    {"format_version": 1, "config": {"name": "vit", ...},   # kwargs of students.build_student
+     "tokenizer": {...}, "preprocess": {...}, "num_params": N}
+
+:func:`load_student` also reads training checkpoints: a ``torch.save``'d dict with
+``"student_config"`` (the config above) and ``"student"`` (a state dict).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from students.base import Student
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "student.safetensors"
+CONFIG_FILE = "student.json"
+
+
+def save_student(student: Student, path_dir: str | Path) -> Path:
+    """Write ``student.safetensors`` + ``student.json`` into ``path_dir`` (created); returns it."""
+    out = Path(path_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": student.config(),
+        "tokenizer": student.tokenizer_info(),
+        "preprocess": student.preprocess_info(),
+        "num_params": student.num_params(),
+    }
+    save_model(student, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
+    """Rebuild a student (in eval mode) from a :func:`save_student` folder (or its
+    ``student.json`` / ``student.safetensors``) or from a training checkpoint file."""
+    p = Path(path)
+    if p.is_file() and p.name in (WEIGHTS_FILE, CONFIG_FILE):
+        p = p.parent
+    if p.is_dir():
+        student = _load_folder(p)
+    elif p.is_file():
+        student = _load_checkpoint(p)
+    else:
+        raise FileNotFoundError(f"no student folder or checkpoint at {p}")
+    return student.to(device).eval()
+
+
+def _build(config: Any, source: Path) -> Student:
+    from students import build_student
+
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"{source}: student config must be a dict with a 'name', got {config!r}")
+    return build_student(**config)
+
+
+def _load_folder(folder: Path) -> Student:
+    meta_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for f in (meta_path, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder} is not a saved student: missing {f.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: invalid JSON ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+    student = _build(meta.get("config"), meta_path)
+    missing, unexpected = load_model(student, str(weights), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{weights} does not match the config in {meta_path}: "
+                           f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return student
+
+
+def _load_checkpoint(path: Path) -> Student:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "student_config" not in ckpt or "student" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a checkpoint with 'student_config' and 'student', found {keys}")
+    student = _build(ckpt["student_config"], path)
+    try:
+        student.load_state_dict(ckpt["student"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: student weights do not match its student_config: {e}") from e
+    return student

@@ -1,0 +1,417 @@
+"""Distillation losses against hand-written numpy formulas on tiny tensors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distill.features import ImageFeatures, TextFeatures
+from distill.losses import LOSSES, DistillBatch, Dims, TeacherBatch, build_loss
+
+RNG = np.random.default_rng(0)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def rand_unit(n: int, d: int) -> np.ndarray:
+    return unit(RNG.normal(size=(n, d)))
+
+
+def t(x: np.ndarray | list) -> torch.Tensor:
+    return torch.tensor(np.asarray(x), dtype=torch.float32)
+
+
+def dims(ds: int = 2, dt: int = 2, si: int = 3, st: int = 3, ti: int = 3, tt: int = 3) -> Dims:
+    return Dims(student_embed=ds, teacher_embed=dt, student_image_token=si, student_text_token=st,
+                teacher_image_token=ti, teacher_text_token=tt)
+
+
+def make_batch(s_img, s_txt, t_img, t_txt, ids=None, *, scale: float = 100.0, student_log_scale: float = 0.0,
+               step: int = 0, total: int = 1, s_img_feats: dict | None = None, s_txt_feats: dict | None = None,
+               **teacher) -> DistillBatch:
+    ids = torch.arange(len(s_img)) if ids is None else torch.tensor(ids)
+    return DistillBatch(
+        s_img=ImageFeatures(t(s_img), **(s_img_feats or {})),
+        s_txt=TextFeatures(t(s_txt), **(s_txt_feats or {})),
+        teacher=TeacherBatch(t(t_img), t(t_txt), logit_scale=scale, **teacher),
+        student_logit_scale=torch.tensor(student_log_scale),
+        image_ids=ids, step=step, total_steps=total)
+
+
+def np_ce(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy; -inf logits are excluded."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+    return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
+
+
+def test_registry_has_all_losses():
+    assert LOSSES.names() == sorted(["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl",
+                                     "triplet", "student_clip", "mac", "deep_mse"])
+
+
+# ---------------------------------------------------------------- embedding-matching losses
+def test_feature_l1_hand_value():
+    b = make_batch([[1, 0], [0, 1]], [[0.6, 0.8], [1, 0]], [[0.6, 0.8], [0, 1]], [[0.6, 0.8], [0, -1]])
+    # image: |1-.6| + |0-.8| + 0 + 0 = 1.2 over 4 elements; text: 0 + 0 + |1-0| + |0+1| = 2 over 4
+    assert build_loss("feature_l1", dims())(b).item() == pytest.approx((0.3 + 0.5) / 2)
+
+
+def test_cosine_hand_value():
+    b = make_batch([[1, 0], [0, 1]], [[1, 0], [0, 1]], [[0, 1], [0, 1]], [[-1, 0], [0, 1]])
+    # cosines: 0, 1, -1, 1 -> mean 0.25 -> 1 - 1.25 / 2
+    assert build_loss("cosine", dims())(b).item() == pytest.approx(1 - 1.25 / 2)
+
+
+def test_projection_created_only_when_dims_differ():
+    same = build_loss("feature_l1", dims(4, 4))
+    assert same.proj.linear is None and len(list(same.parameters())) == 0
+    loss = build_loss("cosine", dims(3, 2))
+    assert tuple(loss.proj.linear.weight.shape) == (2, 3)
+    w = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    with torch.no_grad():
+        loss.proj.linear.weight.copy_(t(w))
+    s_img, s_txt, t_img, t_txt = rand_unit(2, 3), rand_unit(2, 3), rand_unit(2, 2), rand_unit(2, 2)
+    cos = np.concatenate([(unit(s_img @ w.T) * t_img).sum(1), (unit(s_txt @ w.T) * t_txt).sum(1)])
+    got = loss(make_batch(s_img, s_txt, t_img, t_txt))
+    assert got.item() == pytest.approx(1 - (cos.mean() + 1) / 2, abs=1e-6)
+    got.backward()
+    assert loss.proj.linear.weight.grad is not None
+
+
+def test_deep_mse_final_and_intermediate():
+    s_img, s_txt, t_img, t_txt = rand_unit(3, 2), rand_unit(3, 2), rand_unit(3, 2), rand_unit(3, 2)
+    base = ((s_img - t_img) ** 2).mean() / 2 + ((s_txt - t_txt) ** 2).mean() / 2
+    assert build_loss("deep_mse", dims())(make_batch(s_img, s_txt, t_img, t_txt)).item() == pytest.approx(base, abs=1e-6)
+
+    loss = build_loss("deep_mse", dims(), intermediates={"image.3": 3}, intermediate_weight=0.5)
+    w = RNG.normal(size=(3, 2))
+    with torch.no_grad():
+        loss.heads["image__3"].weight.copy_(t(w))
+    inter = RNG.normal(size=(3, 3)) * 5
+    expected = base + 0.5 * ((unit(s_img @ w.T) - unit(inter)) ** 2).mean()
+    got = loss(make_batch(s_img, s_txt, t_img, t_txt, intermediates={"image.3": t(inter)}))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(KeyError, match="image.3"):
+        loss(make_batch(s_img, s_txt, t_img, t_txt, intermediates={"image.5": t(inter)}))
+
+
+# ---------------------------------------------------------------- contrastive distillation + queue
+def test_contrastive_distill_in_batch_then_queue_negatives():
+    tau = 0.5
+    loss = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"])
+    s1, t1_img, t1_txt = rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2)
+    b1 = make_batch(s1, rand_unit(2, 2), t1_img, t1_txt, ids=[0, 1])
+    assert loss(b1).item() == pytest.approx(np_ce(s1 @ t1_txt.T / tau, np.array([0, 1])), abs=1e-5)
+    # the teacher text embeddings of batch 1 are now negatives (ids 0, 1); batch 2 has ids 1, 2 so the
+    # queued id-1 entry is a false negative for row 0 and is dropped from its denominator
+    s2, t2_txt = rand_unit(2, 2), rand_unit(2, 2)
+    b2 = make_batch(s2, rand_unit(2, 2), rand_unit(2, 2), t2_txt, ids=[1, 2])
+    logits = np.concatenate([s2 @ t2_txt.T, s2 @ t1_txt.T], axis=1) / tau
+    logits[0, 3] = -np.inf
+    assert loss(b2).item() == pytest.approx(np_ce(logits, np.array([0, 1])), abs=1e-5)
+
+
+def test_contrastive_distill_all_terms_and_in_batch_false_negatives():
+    tau = 0.05
+    loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau)
+    s_img, s_txt, t_img, t_txt = (rand_unit(3, 2) for _ in range(4))
+    ids = np.array([7, 7, 9])
+    fn = (ids[:, None] == ids[None, :]) & ~np.eye(3, dtype=bool)
+    expected = []
+    for a, b in ((s_img, t_img), (s_txt, t_txt), (s_img, t_txt), (s_txt, t_img)):
+        lg = a @ b.T / tau
+        lg[fn] = -np.inf
+        expected.append(np_ce(lg, np.arange(3)))
+    got = loss(make_batch(s_img, s_txt, t_img, t_txt, ids=ids.tolist()))
+    assert got.item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_queue_fifo_wraparound_and_checkpoint():
+    loss = build_loss("contrastive_distill", dims(), queue_size=5)
+    teacher_rows = []
+    for step in range(3):
+        t_img, t_txt = rand_unit(2, 2), rand_unit(2, 2)
+        teacher_rows.append((t_img, t_txt))
+        loss(make_batch(rand_unit(2, 2), rand_unit(2, 2), t_img, t_txt, ids=[10 * step, 10 * step + 1]))
+    # slots: batch0 -> 0,1; batch1 -> 2,3; batch2 -> 4, then wraps to 0
+    assert loss.queue_ids.tolist() == [21, 1, 10, 11, 20]
+    assert int(loss.queue_ptr) == 1 and int(loss.queue_filled) == 5
+    np.testing.assert_allclose(loss.queue_img[0].numpy(), teacher_rows[2][0][1], rtol=1e-6)
+    np.testing.assert_allclose(loss.queue_txt[4].numpy(), teacher_rows[2][1][0], rtol=1e-6)
+    np.testing.assert_allclose(loss.queue_txt[1].numpy(), teacher_rows[0][1][1], rtol=1e-6)
+    restored = build_loss("contrastive_distill", dims(), queue_size=5)
+    restored.load_state_dict(loss.state_dict())
+    assert torch.equal(restored.queue_img, loss.queue_img) and int(restored.queue_ptr) == 1
+
+
+def test_queue_keeps_newest_rows_of_oversized_batch():
+    loss = build_loss("contrastive_distill", dims(), queue_size=3)
+    loss(make_batch(rand_unit(4, 2), rand_unit(4, 2), rand_unit(4, 2), rand_unit(4, 2), ids=[0, 1, 2, 3]))
+    assert sorted(loss.queue_ids.tolist()) == [1, 2, 3] and int(loss.queue_filled) == 3
+    # rows 1, 2, 3 continue the FIFO order from slot 1: the next write goes to the oldest slot
+    assert loss.queue_ids.tolist() == [3, 1, 2] and int(loss.queue_ptr) == 1
+
+
+def test_contrastive_distill_is_fp32_under_autocast():
+    s_img, s_txt, t_img, t_txt = (rand_unit(4, 8) for _ in range(4))
+    ref = build_loss("contrastive_distill", dims(8, 8), queue_size=0)(make_batch(s_img, s_txt, t_img, t_txt))
+    b = make_batch(s_img, s_txt, t_img, t_txt)
+    b.s_img.embed, b.s_txt.embed = b.s_img.embed.bfloat16(), b.s_txt.embed.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = build_loss("contrastive_distill", dims(8, 8), queue_size=0)(b)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+# ---------------------------------------------------------------- student-side contrastive losses
+def test_student_clip_masks_duplicate_images_and_clamps_scale():
+    s_img, s_txt = rand_unit(3, 2), rand_unit(3, 2)
+    ids = np.array([4, 4, 5])
+    fn = (ids[:, None] == ids[None, :]) & ~np.eye(3, dtype=bool)
+    for log_scale, scale in ((math.log(10.0), 10.0), (math.log(1000.0), 100.0)):
+        i2t, t2i = scale * s_img @ s_txt.T, scale * s_txt @ s_img.T
+        i2t[fn] = t2i[fn] = -np.inf
+        expected = (np_ce(i2t, np.arange(3)) + np_ce(t2i, np.arange(3))) / 2
+        b = make_batch(s_img, s_txt, s_img, s_txt, ids=ids.tolist(), student_log_scale=log_scale)
+        assert build_loss("student_clip", dims())(b).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mac_temperature_schedule():
+    loss = build_loss("mac", dims())
+    assert loss.tau_intra(0, 100) == pytest.approx(0.03)
+    assert loss.tau_intra(25, 100) == pytest.approx(0.024)
+    assert loss.tau_intra(50, 100) == pytest.approx(0.018)
+    assert loss.tau_intra(100, 100) == pytest.approx(0.018)
+
+
+def test_mac_hand_value_with_split_temperatures():
+    img, txt = rand_unit(3, 2), rand_unit(3, 2)
+    ids = np.array([0, 0, 1])
+    tau_e, tau_a = 0.03, 0.024  # step 25 of 100
+    same = ids[:, None] == ids[None, :]
+    expected = []
+    for a, own, other in ((img, img, txt), (txt, txt, img)):
+        inter, intra = a @ other.T / tau_e, a @ own.T / tau_a
+        inter[same & ~np.eye(3, dtype=bool)] = -np.inf
+        intra[same] = -np.inf
+        expected.append(np_ce(np.concatenate([inter, intra], axis=1), np.arange(3)))
+    b = make_batch(img, txt, img, txt, ids=ids.tolist(), step=25, total=100)
+    assert build_loss("mac", dims())(b).item() == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+# ---------------------------------------------------------------- relational losses
+def np_kl_rows(t_logits: np.ndarray, s_logits: np.ndarray) -> float:
+    pt = np.exp(t_logits) / np.exp(t_logits).sum(1, keepdims=True)
+    ps = np.exp(s_logits) / np.exp(s_logits).sum(1, keepdims=True)
+    return float((pt * np.log(pt / ps)).sum(1).mean())
+
+
+def test_relation_kl_both_directions_and_intra():
+    s_img, s_txt, t_img, t_txt = (rand_unit(3, 2) for _ in range(4))
+    b = make_batch(s_img, s_txt, t_img, t_txt, scale=10.0)
+    # defaults: tau_t = tau_s = 1 / teacher scale
+    expected = (np_kl_rows(10 * t_img @ t_txt.T, 10 * s_img @ s_txt.T)
+                + np_kl_rows(10 * t_txt @ t_img.T, 10 * s_txt @ s_img.T)) / 2
+    assert build_loss("relation_kl", dims())(b).item() == pytest.approx(expected, rel=1e-5)
+    off = ~np.eye(3, dtype=bool)
+    terms = [np_kl_rows(t_img @ t_txt.T / 0.2, s_img @ s_txt.T / 0.5),
+             np_kl_rows(t_txt @ t_img.T / 0.2, s_txt @ s_img.T / 0.5)]
+    for tt, ss in ((t_img, s_img), (t_txt, s_txt)):
+        terms.append(np_kl_rows((tt @ tt.T / 0.2)[off].reshape(3, 2), (ss @ ss.T / 0.5)[off].reshape(3, 2)))
+    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True)(b)
+    assert got.item() == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_relation_kl_zero_when_student_equals_teacher():
+    e_img, e_txt = rand_unit(4, 3), rand_unit(4, 3)
+    b = make_batch(e_img, e_txt, e_img, e_txt)
+    assert build_loss("relation_kl", dims(3, 3), intra=True)(b).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_triplet_uses_teacher_hard_negatives_and_skips_same_image():
+    s_img = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    s_txt = np.array([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    # teacher: image 0's hardest wrong caption is caption 2, image 1's is caption 0, image 2's is caption 0
+    t_img = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    t_txt = np.array([[0.9, 0.1], [0.0, 1.0], [0.7, 0.3]])
+    t_img, t_txt = unit(t_img), unit(t_txt)
+    s = s_img @ s_txt.T
+    tsim = t_img @ t_txt.T
+
+    def hinges(s_mat: np.ndarray, t_mat: np.ndarray, invalid: np.ndarray) -> list[float]:
+        out = []
+        for i in range(len(s_mat)):
+            cand = np.where(invalid[i], -np.inf, t_mat[i])
+            if np.isfinite(cand).any():
+                out.append(max(0.0, 0.2 - s_mat[i, i] + s_mat[i, int(np.argmax(cand))]))
+        return out
+
+    for ids in ([0, 1, 2], [0, 1, 0]):
+        inv = np.array(ids)[:, None] == np.array(ids)[None, :]
+        expected = np.mean(hinges(s, tsim, inv) + hinges(s.T, tsim.T, inv))
+        got = build_loss("triplet", dims())(make_batch(s_img, s_txt, t_img, t_txt, ids=ids))
+        assert got.item() == pytest.approx(expected, abs=1e-6)
+    # ids [0, 1, 0]: anchor 0 may not use caption 2 (same image) even though the teacher ranks it highest
+    assert int(np.argmax(np.where(inv[0], -np.inf, tsim[0]))) == 1
+
+
+# ---------------------------------------------------------------- token loss
+def token_batch(s_tokens=None, t_tokens=None, s_grid=None, t_grid=None, s_txt=None, s_mask=None,
+                t_txt=None, t_mask=None) -> DistillBatch:
+    e = rand_unit(len(s_tokens if s_tokens is not None else s_txt), 2)
+    return make_batch(e, e, e, e,
+                      s_img_feats={"tokens": None if s_tokens is None else t(s_tokens), "grid": s_grid},
+                      s_txt_feats={"tokens": None if s_txt is None else t(s_txt),
+                                   "mask": None if s_mask is None else torch.tensor(s_mask)},
+                      img_tokens=None if t_tokens is None else t(t_tokens), img_grid=t_grid,
+                      txt_tokens=None if t_txt is None else t(t_txt),
+                      txt_mask=None if t_mask is None else torch.tensor(t_mask))
+
+
+def identity_token_loss(c: int = 3, **cfg):
+    loss = build_loss("token", dims(si=c, st=c, ti=c, tt=c), **cfg)
+    with torch.no_grad():
+        loss.img_proj.weight.copy_(torch.eye(c))
+        loss.txt_proj.weight.copy_(torch.eye(c))
+    return loss
+
+
+def np_one_minus_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return 1 - (unit(a) * unit(b)).sum(-1)
+
+
+def test_token_grid_pooling_4x4_to_2x2():
+    s = RNG.normal(size=(2, 16, 3))
+    tt = RNG.normal(size=(2, 4, 3))
+    grid = s.reshape(2, 4, 4, 3)
+    pooled = np.stack([grid[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2)) for i in range(2) for j in range(2)], 1)
+    got = identity_token_loss()(token_batch(s, tt, (4, 4), (2, 2)))
+    assert got.item() == pytest.approx(np_one_minus_cos(pooled, tt).mean(), rel=1e-5)
+
+
+def test_token_grid_pooling_3x3_to_2x2_overlapping_bins():
+    s = RNG.normal(size=(1, 9, 3))
+    tt = RNG.normal(size=(1, 4, 3))
+    grid = s.reshape(1, 3, 3, 3)
+    bins = [(0, 2), (1, 3)]  # adaptive pooling bins for 3 -> 2: [floor(i*3/2), ceil((i+1)*3/2))
+    pooled = np.stack([grid[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in bins for c0, c1 in bins], 1)
+    got = identity_token_loss()(token_batch(s, tt, (3, 3), (2, 2)))
+    assert got.item() == pytest.approx(np_one_minus_cos(pooled, tt).mean(), rel=1e-5)
+
+
+def test_token_attention_matching_without_grid():
+    s = RNG.normal(size=(1, 3, 2))
+    tt = RNG.normal(size=(1, 2, 2))
+    scores = tt[0] @ s[0].T / math.sqrt(2)
+    attn = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    expected = np_one_minus_cos(attn @ s[0], tt[0]).mean()
+    got = identity_token_loss(2)(token_batch(s, tt, (1, 3), None))  # teacher top-k tokens: no grid
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_text_padding_is_ignored_positional_and_attention():
+    s = RNG.normal(size=(2, 4, 3))
+    tt = RNG.normal(size=(2, 4, 3))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=bool)
+    loss = identity_token_loss()
+    expected = np_one_minus_cos(s, tt)[mask].mean()
+    assert loss(token_batch(s_txt=s, s_mask=mask, t_txt=tt, t_mask=mask)).item() == pytest.approx(expected, rel=1e-5)
+    t_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=bool)  # another tokeniser -> attention
+    s_pad, t_pad = s.copy(), tt.copy()
+    s_pad[~mask], t_pad[~t_mask] = 1e4, -1e4
+    st = torch.tensor(s_pad, dtype=torch.float32, requires_grad=True)
+    b = token_batch(s_txt=s_pad, s_mask=mask, t_txt=t_pad, t_mask=t_mask)
+    b.s_txt.tokens = st
+    got = loss(b)
+    ref = loss(token_batch(s_txt=s, s_mask=mask, t_txt=tt, t_mask=t_mask))
+    assert torch.isfinite(got) and got.item() == pytest.approx(ref.item(), rel=1e-6)
+    got.backward()
+    assert torch.all(st.grad[torch.tensor(~mask)] == 0) and st.grad[torch.tensor(mask)].abs().sum() > 0
+    # hand value of the attention path for row 0: 3 real student tokens, 2 real teacher tokens
+    rows = []
+    for i in range(2):
+        ks, qs = s[i][mask[i]], tt[i][t_mask[i]]
+        sc = qs @ ks.T / math.sqrt(3)
+        a = np.exp(sc) / np.exp(sc).sum(1, keepdims=True)
+        rows.append(np_one_minus_cos(a @ ks, qs))
+    assert got.item() == pytest.approx(np.concatenate(rows).mean(), rel=1e-5)
+
+
+def test_token_missing_teacher_tokens_gives_zero_with_graph():
+    loss = identity_token_loss()
+    out = loss(token_batch(s_tokens=RNG.normal(size=(2, 4, 3)), s_grid=(2, 2)))
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.all(loss.img_proj.weight.grad == 0)
+
+
+def test_token_projection_maps_widths_and_rejects_bad_grid():
+    loss = build_loss("token", dims(si=5, ti=3, st=4, tt=6))
+    assert tuple(loss.img_proj.weight.shape) == (3, 5) and tuple(loss.txt_proj.weight.shape) == (6, 4)
+    with pytest.raises(ValueError, match="grids"):
+        loss(token_batch(RNG.normal(size=(1, 6, 5)), RNG.normal(size=(1, 4, 3)), (2, 2), (2, 2)))
+
+
+# ---------------------------------------------------------------- DDP gather (2 gloo processes)
+def _gather_worker(rank: int, tmp: str, data: dict) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        rows = slice(2 * rank, 2 * rank + 2)
+        b = make_batch(*(data[k][rows] for k in ("s_img", "s_txt", "t_img", "t_txt")), ids=data["ids"][rows].tolist(),
+                       student_log_scale=math.log(20.0), step=3, total=10)
+        out = {name: build_loss(name, dims(), **cfg)(b).item()
+               for name, cfg in (("student_clip", {}), ("mac", {}))}
+        queued = build_loss("contrastive_distill", dims(), queue_size=6)
+        out["contrastive_distill"] = queued(b).item()
+        out["queue_ids"] = queued.queue_ids.tolist()
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_over_two_ranks_equals_full_batch(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    data = {k: rand_unit(4, 2) for k in ("s_img", "s_txt", "t_img", "t_txt")}
+    data["ids"] = np.array([0, 1, 1, 2])
+    full = make_batch(data["s_img"], data["s_txt"], data["t_img"], data["t_txt"], ids=data["ids"].tolist(),
+                      student_log_scale=math.log(20.0), step=3, total=10)
+    expected = {name: build_loss(name, dims(), queue_size=6)(full).item() if name == "contrastive_distill"
+                else build_loss(name, dims())(full).item() for name in ("student_clip", "mac", "contrastive_distill")}
+    mp.start_processes(_gather_worker, args=(str(tmp_path), data), nprocs=2, start_method="fork")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name, value in expected.items():
+        assert (results[0][name] + results[1][name]) / 2 == pytest.approx(value, rel=1e-5), name
+    assert results[0]["queue_ids"] == results[1]["queue_ids"] == [0, 1, 1, 2, -1, -1]
+
+
+@pytest.mark.parametrize("name", ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl",
+                                  "triplet", "student_clip", "mac", "deep_mse"])
+def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
+    d = dims(ds=4, dt=6, si=5, st=3, ti=7, tt=2)
+    s_img = torch.tensor(rand_unit(4, 4), dtype=torch.bfloat16, requires_grad=True)
+    b = make_batch(rand_unit(4, 4), rand_unit(4, 4), rand_unit(4, 6), rand_unit(4, 6), ids=[0, 0, 1, 2],
+                   s_img_feats={"tokens": t(RNG.normal(size=(4, 9, 5))).bfloat16(), "grid": (3, 3)},
+                   s_txt_feats={"tokens": t(RNG.normal(size=(4, 5, 3))), "mask": torch.arange(5) < torch.tensor([[5], [3], [2], [4]])},
+                   img_tokens=t(RNG.normal(size=(4, 4, 7))), img_grid=(2, 2),
+                   txt_tokens=t(RNG.normal(size=(4, 6, 2))), txt_mask=torch.arange(6) < torch.tensor([[6], [2], [3], [4]]))
+    b.s_img.embed = s_img
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build_loss(name, d)(b)
+    assert out.dtype == torch.float32 and out.dim() == 0 and torch.isfinite(out)
+    out.backward()
+    if name != "token":
+        assert s_img.grad is not None and torch.isfinite(s_img.grad).all()
