@@ -6,21 +6,23 @@ percentage of queries that hit; ``rsum`` adds up all recalls.
 
 Ranks are counted, not sorted: the rank of a positive is the number of candidates with a strictly
 higher score plus the number with an equal score and a smaller index, i.e. its position in a
-*stable* descending sort (``torch.argsort(-s, stable=True)``). Ties are thus broken by index,
-lower index first. (``torch.topk``, which CLIP_benchmark uses, orders ties arbitrarily; this is
-its deterministic counterpart.) An image query's rank is that of its best caption (highest score,
+*stable* descending sort (``torch.argsort(-s, stable=True)``): ties are broken by index, lower
+index first. (``torch.topk``, which CLIP_benchmark uses, orders ties arbitrarily; this is its
+deterministic counterpart.) An image query's rank is that of its best caption (highest score,
 first index on ties), which is the minimum rank over all its captions.
 
-The score matrix is computed in square tiles (``chunk_size`` x ``chunk_size``) that stay in
-cache while both directions are counted, so memory is bounded by one tile and one matrix product
-serves image->text and text->image. The score of every matching (image, caption) pair is
-recomputed exactly (float64, rounded to the score dtype) and written into the tiles, so a
-positive's own score is identical wherever it is compared. Images without captions act as
-distractors for caption queries and are not image queries.
+Scores are the exact dot products rounded to the score dtype, so identical embeddings always tie.
+A fast matrix product screens them: scores farther than a rounding tolerance from a query's
+positive score are decided by the product, the few within it are recomputed exactly (float64).
+The product runs in square tiles (``chunk_size`` x ``chunk_size``) that stay in cache while
+both directions are counted, so memory is bounded by one tile and one product serves
+image->text and text->image. Images without captions act as distractors for caption queries and
+are not image queries.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from torch import Tensor
 
 CPU_TILE = 1024  # default tile edge on CPU (a 4 MiB float32 tile stays in cache)
 CUDA_TILE = 4096
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
@@ -59,9 +62,61 @@ def _as_index(caption_image: Tensor | np.ndarray | Sequence[int], num_images: in
     return idx
 
 
-def _count(hits: Tensor, dim: int, tile: int) -> Tensor:
-    """Sum a bool tile along ``dim`` (int16 is exact for tiles up to 32767 and much faster)."""
-    return hits.view(torch.uint8).sum(dim, dtype=torch.int16 if tile < 2 ** 15 else torch.int32)
+def _exact_scores(img: Tensor, txt: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dot products of (rows[k], cols[k]) pairs in float64, rounded to ``dtype``."""
+    return (img[rows].double() * txt[cols].double()).sum(-1).to(dtype)
+
+
+def _tolerance(img: Tensor, txt: Tensor, dtype: torch.dtype) -> float:
+    """Bound on |matrix product - exactly rounded score| (50x the error seen on D=512 data)."""
+    scale = float(img.double().norm(dim=1).max() * txt.double().norm(dim=1).max())
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = 4 * math.sqrt(img.shape[1]) * torch.finfo(acc).eps * scale
+    if dtype in LOW_PRECISION:  # the product's float32 sum may round to a neighbouring level
+        tol += 2 * torch.finfo(dtype).eps * scale
+    return tol
+
+
+class _Counter:
+    """Counts, per query, the candidates ranked above its positive in one direction.
+
+    ``thr`` is each query's positive score and ``limit`` the index of its positive candidate (a
+    tied candidate counts when its index is lower). ``on_rows`` says whether the queries are the
+    rows (images) or the columns (captions) of the score tiles.
+    """
+
+    def __init__(self, thr: Tensor, limit: Tensor, tol: float, tile: int, on_rows: bool) -> None:
+        self.thr, self.limit, self.on_rows = thr, limit, on_rows
+        self.lo, self.hi = thr - tol, thr + tol
+        self.count = torch.zeros(thr.shape[0], dtype=torch.long, device=thr.device)
+        self.sum_dtype = torch.int16 if tile < 2 ** 15 else torch.int32  # int16 is exact and fast
+
+    def add(self, scores: Tensor, r0: int, c0: int, exact: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Add the counts of the tile whose top-left entry is (image ``r0``, caption ``c0``);
+        ``exact(images, captions)`` recomputes scores that lie within the tolerance band."""
+        q0, cand0 = (r0, c0) if self.on_rows else (c0, r0)
+        q = slice(q0, q0 + scores.shape[0 if self.on_rows else 1])
+        axis = 1 if self.on_rows else 0  # candidate axis
+        shape = (-1, 1) if self.on_rows else (1, -1)
+        hi, lo = self.hi[q].view(shape), self.lo[q].view(shape)
+        above = (scores > hi).view(torch.uint8).sum(axis, dtype=self.sum_dtype)
+        within = (scores >= lo).view(torch.uint8).sum(axis, dtype=self.sum_dtype) - above
+        self.count[q] += above
+        # the positive itself is always within the band and never above itself: look closer only
+        # where something else is
+        limit = self.limit[q]
+        own = ((limit >= cand0) & (limit < cand0 + scores.shape[axis])).to(within.dtype)
+        check = torch.nonzero(within > own).squeeze(1)
+        if not check.numel():
+            return
+        sub = scores.index_select(1 - axis, check)
+        band = (sub >= lo.index_select(1 - axis, check)) & (sub <= hi.index_select(1 - axis, check))
+        i, j = torch.nonzero(band, as_tuple=True)
+        query_local, cand_local = (check[i], j) if self.on_rows else (check[j], i)
+        query, cand = query_local + q0, cand_local + cand0
+        s = exact(query, cand) if self.on_rows else exact(cand, query)
+        thr = self.thr[query]
+        self.count.index_add_(0, query, ((s > thr) | ((s == thr) & (cand < self.limit[query]))).long())
 
 
 @torch.no_grad()
@@ -73,7 +128,7 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor |
     Returns ``(i2t [N], t2i [M])`` int64 tensors on the embeddings' device; images without
     captions get rank -1. ``chunk_size`` is the tile edge (default 1024 on CPU, 4096 on CUDA).
     ``score_dtype`` defaults to float32 (float64 inputs stay float64); float16/bfloat16 speed up
-    the matrix product on GPU at the cost of more ties.
+    the matrix product on GPU and round scores coarser, so more of them tie.
     """
     _check_embeddings(image_emb, text_emb)
     n, m = image_emb.shape[0], text_emb.shape[0]
@@ -84,38 +139,27 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor |
     dtype = score_dtype or torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
     cap_img = _as_index(caption_image, n, m, device)
     img, txt = image_emb.to(dtype), text_emb.to(dtype)
+    tol = _tolerance(img, txt, dtype)
 
-    true_score = (img[cap_img].double() * txt.double()).sum(-1).to(dtype)  # [M] score of each caption's pair
-    best = torch.full((n,), float("-inf"), dtype=dtype, device=device)
-    best = best.scatter_reduce(0, cap_img, true_score, "amax")  # [N] best positive score per image
     captions = torch.arange(m, device=device)
+    true_score = _exact_scores(img, txt, cap_img, captions, dtype)  # [M] score of each caption's pair
+    best = torch.full((n,), float("-inf"), dtype=dtype, device=device).scatter_reduce(0, cap_img, true_score, "amax")
     is_best = true_score == best[cap_img]
     best_col = torch.full((n,), m, dtype=torch.long, device=device)
     best_col = best_col.scatter_reduce(0, cap_img[is_best], captions[is_best], "amin")  # first best caption
 
-    t2i = torch.zeros(m, dtype=torch.long, device=device)
-    i2t = torch.zeros(n, dtype=torch.long, device=device)
+    t2i = _Counter(true_score, cap_img, tol, tile, on_rows=False)
+    i2t = _Counter(best, best_col, tol, tile, on_rows=True)
+
+    def exact(images: Tensor, caps: Tensor) -> Tensor:
+        return _exact_scores(img, txt, images, caps, dtype)
+
     for r0 in range(0, n, tile):
-        r1 = min(n, r0 + tile)
-        row_thr = best[r0:r1].unsqueeze(1)
         for c0 in range(0, m, tile):
-            c1 = min(m, c0 + tile)
-            scores = img[r0:r1] @ txt[c0:c1].T  # [rows, cols]
-            pair_img = cap_img[c0:c1]
-            own = torch.nonzero((pair_img >= r0) & (pair_img < r1)).squeeze(1)
-            scores[pair_img[own] - r0, own] = true_score[c0 + own]
-            col_thr = true_score[c0:c1]
-
-            t2i[c0:c1] += _count(scores > col_thr, 0, tile)
-            rows, cols = torch.nonzero(scores == col_thr, as_tuple=True)
-            earlier = rows + r0 < pair_img[cols]
-            t2i[c0:c1] += torch.bincount(cols[earlier], minlength=c1 - c0)
-
-            i2t[r0:r1] += _count(scores > row_thr, 1, tile)
-            rows, cols = torch.nonzero(scores == row_thr, as_tuple=True)
-            earlier = cols + c0 < best_col[r0 + rows]
-            i2t[r0:r1] += torch.bincount(rows[earlier], minlength=r1 - r0)
-    return i2t.masked_fill(best_col == m, -1), t2i
+            scores = img[r0:r0 + tile] @ txt[c0:c0 + tile].T  # [rows, cols]
+            t2i.add(scores, r0, c0, exact)
+            i2t.add(scores, r0, c0, exact)
+    return i2t.count.masked_fill(best_col == m, -1), t2i.count
 
 
 def recall_from_ranks(i2t: Tensor, t2i: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

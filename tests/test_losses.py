@@ -50,8 +50,9 @@ def np_ce(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_registry_has_all_losses():
-    assert LOSSES.names() == sorted(["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl",
-                                     "triplet", "student_clip", "mac", "deep_mse"])
+    # other tests may register extra losses: check the built-in ones are all there
+    assert {"contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip",
+            "mac", "deep_mse"} <= set(LOSSES.names())
 
 
 # ---------------------------------------------------------------- embedding-matching losses

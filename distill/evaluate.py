@@ -1,0 +1,164 @@
+"""Image-text retrieval evaluation: Recall@1/5/10 both directions and RSUM (CLIP_benchmark protocol).
+
+``--model`` is a teacher spec (``openclip:ViT-B-32:...``, ``lit:DIR``, ...), a student checkpoint
+or exported folder, or a teacher cache folder (its stored embeddings are scored directly)::
+
+    python -m distill.evaluate --model runs/s/student --data ../shared/data/flickr8k --split test
+    python -m distill.evaluate --model lit:runs/teacher --data dataset_flickr30k.json --images-root flickr30k-images
+    python -m distill.evaluate --model runs/cache_test          # a cache of the test split
+
+An image query hits when any of its captions is in the top K; a caption query hits when its image
+is. Scoring is exact and tiled (:mod:`distill.metrics`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from distill.cache import MANIFEST, TeacherCache
+from distill.data import ImageTextDataset, load_dataset
+from distill.metrics import retrieval_metrics
+
+METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+
+
+class _Images(Dataset):
+    def __init__(self, data: ImageTextDataset, transform: Callable[[Any], Tensor]) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.transform(self.data.load_image(i))
+
+
+@torch.no_grad()
+def encode_dataset(model: Any, data: ImageTextDataset, batch_size: int = 64, device: str | torch.device = "cpu",
+                   num_workers: int = 0, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """L2-normalised image [N, D] and caption [M, D] embeddings (float32, CPU) of ``model`` (a teacher
+    or a student: anything with ``image_transform``, ``encode_image``, ``tokenize``, ``encode_text``)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(_Images(data, model.image_transform()), batch_size=batch_size, num_workers=num_workers)
+    images = [model.encode_image(x.to(device)).embed.float().cpu()
+              for x in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False)]
+    texts = []
+    for s in tqdm(range(0, data.num_captions, batch_size), desc="captions", unit="batch", disable=not progress,
+                  leave=False):
+        batch = {k: v.to(device) for k, v in model.tokenize(data.captions[s:s + batch_size]).items()}
+        texts.append(model.encode_text(batch).embed.float().cpu())
+    model.train(was_training)
+    dim = getattr(model, "embed_dim", 0)
+    return (torch.cat(images) if images else torch.zeros(0, dim)), (torch.cat(texts) if texts else torch.zeros(0, dim))
+
+
+def evaluate_embeddings(image_emb: Tensor, text_emb: Tensor, caption_image: Any, ks: Sequence[int] = (1, 5, 10),
+                        chunk_size: int | None = None) -> dict[str, float]:
+    """Recall@K and RSUM of precomputed embeddings (``caption_image[j]`` = image of caption ``j``)."""
+    return retrieval_metrics(image_emb, text_emb, torch.as_tensor(caption_image), ks, chunk_size)
+
+
+def evaluate_model(model: Any, data: ImageTextDataset, batch_size: int = 64, device: str | torch.device = "cpu",
+                   num_workers: int = 0, ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, float]:
+    """Encode ``data`` with ``model`` and return its retrieval metrics."""
+    image_emb, text_emb = encode_dataset(model, data, batch_size, device, num_workers, progress)
+    return evaluate_embeddings(image_emb, text_emb, data.caption_image, ks)
+
+
+def evaluate_cache(cache: TeacherCache, data: ImageTextDataset | None = None,
+                   ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval metrics of the teacher embeddings stored in ``cache`` (view 0). With ``data`` the
+    cache must have been built from that very dataset (same fingerprint)."""
+    if data is not None:
+        cache.check(dataset_fingerprint=data.fingerprint())
+    image_emb = cache.images(torch.arange(cache.num_images))["embed"]
+    text_emb = cache.texts(torch.arange(cache.num_captions))["embed"]
+    return evaluate_embeddings(image_emb, text_emb, cache.caption_image, ks)
+
+
+def load_model(spec: str, device: str = "cpu") -> tuple[str, Any]:
+    """``("cache", TeacherCache)``, ``("student", Student)`` or ``("teacher", Teacher)`` for ``spec``."""
+    path = Path(spec)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return "cache", TeacherCache(path)
+    if path.exists():
+        from students import load_student
+
+        return "student", load_student(path, device=device)
+    from teachers import TEACHERS, build_teacher
+
+    backend, sep, _ = spec.partition(":")
+    if not sep or backend not in TEACHERS:
+        raise SystemExit(f"error: --model {spec!r} is neither an existing student/cache path nor a teacher spec "
+                         f"'<backend>:<args>' (backends: {', '.join(TEACHERS.names())})")
+    return "teacher", build_teacher(spec, device=device)
+
+
+def format_metrics(name: str, metrics: dict[str, float]) -> str:
+    """One table row (with header) of the standard metrics."""
+    head = f"{'model':<24}" + "".join(f"{c:>10}" for c in METRIC_ORDER)
+    row = f"{name[-24:]:<24}" + "".join(f"{metrics[c]:>10.2f}" for c in METRIC_ORDER)
+    return f"{head}\n{row}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="teacher spec, student checkpoint/folder, or teacher cache folder")
+    p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON); optional for a cache")
+    p.add_argument("--split", default="test")
+    p.add_argument("--images-root", help="image folder for JSON/CSV datasets")
+    p.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="JSON result path (default: print only)")
+    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    for module in args.plugin:
+        importlib.import_module(module)
+    kind, model = load_model(args.model, args.device)
+    data = None
+    if args.data:
+        data = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
+        if data.skipped:
+            print(f"skipped {len(data.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in data.skipped),
+                  file=sys.stderr)
+    elif kind != "cache":
+        raise SystemExit("error: --data is required to evaluate a teacher or a student")
+    start = time.perf_counter()
+    if kind == "cache":
+        metrics = evaluate_cache(model, data)
+        num_images, num_captions = model.num_images, model.num_captions
+    else:
+        metrics = evaluate_model(model, data, args.batch_size, args.device, args.num_workers)
+        num_images, num_captions = data.num_images, data.num_captions
+    result = {"model": args.model, "kind": kind, "data": args.data, "split": args.split,
+              "num_images": num_images, "num_captions": num_captions,
+              "skipped": [f"{s.where}: {s.reason}" for s in data.skipped] if data else [],
+              "seconds": round(time.perf_counter() - start, 3), "metrics": metrics}
+    print(format_metrics(Path(args.model).name or args.model, metrics))
+    print(f"{num_images} images, {num_captions} captions, {result['seconds']:.1f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"results: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``python -m distill.evaluate`` on a teacher, a cache and a student checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
+from distill import evaluate as ev
+from distill.cache import CacheMismatchError
+from distill.data import load_dataset
+from students import build_student, save_student
+from teachers import build_teacher
+from tests.conftest import make_tiny_dataset
+from tests.test_train import TINY_STUDENT, build_cache
+
+
+def test_teacher_cache_and_model_agree(tiny_tsv, tmp_path):
+    data = load_dataset(tiny_tsv)
+    teacher = build_teacher("toy:0")
+    direct = ev.evaluate_model(teacher, data, batch_size=5, progress=False)
+    cache = build_cache(tiny_tsv, tmp_path / "cache")
+    out = tmp_path / "r.json"
+    res = ev.main(["--model", str(cache), "--out", str(out)])
+    assert res["kind"] == "cache" and res["num_images"] == 12 and res["num_captions"] == 24
+    # the cache is fp16: recalls may only move by a tie or two
+    assert abs(res["metrics"]["rsum"] - direct["rsum"]) <= 2 * 100 / 12
+    assert json.loads(out.read_text())["metrics"]["i2t_R@1"] == res["metrics"]["i2t_R@1"]
+    res_t = ev.main(["--model", "toy:0", "--data", str(tiny_tsv), "--num-workers", "0"])
+    assert res_t["metrics"] == direct
+
+
+def test_student_checkpoint(tiny_tsv, tmp_path):
+    torch.manual_seed(0)
+    student = build_student("vit", **TINY_STUDENT)
+    folder = save_student(student, tmp_path / "student")
+    res = ev.main(["--model", str(folder), "--data", str(tiny_tsv), "--num-workers", "0"])
+    assert res["kind"] == "student"
+    assert set(ev.METRIC_ORDER) <= set(res["metrics"])
+    assert 0 <= res["metrics"]["rsum"] <= 600
+
+
+def test_cache_of_other_data_is_rejected(tiny_tsv, tmp_path):
+    cache = build_cache(tiny_tsv, tmp_path / "cache")
+    other = make_tiny_dataset(tmp_path / "other", seed=1)
+    with pytest.raises(CacheMismatchError):
+        ev.main(["--model", str(cache), "--data", str(other)])
+
+
+def test_unknown_model_is_a_clear_error(tiny_tsv):
+    with pytest.raises(SystemExit, match="neither an existing"):
+        ev.main(["--model", "nosuch/path", "--data", str(tiny_tsv)])
