@@ -3,7 +3,9 @@ memory, benchmark datasets/teachers and the JSON result files (``benchmarks/resu
 
 Every benchmark reports ratios measured side by side in one run; timings of the compared
 variants are interleaved round by round (:func:`time_interleaved`) so that load from other
-processes affects all of them alike.
+processes affects all of them alike. On CPU the default clock is this process's CPU time with
+one torch thread (``--clock auto --threads 1``): on a shared, overloaded machine wall time mostly
+measures the other processes. Wall and CPU seconds are both recorded in the result files.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,15 @@ def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json", help="result JSON path")
 
 
+def add_clock_args(p: argparse.ArgumentParser) -> None:
+    """``--clock`` (resolved by :func:`setup`) and a default of one torch thread, so that CPU timings
+    measure this process rather than the load of a shared machine."""
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="timing clock: cpu = this process's CPU time (all its threads, not DataLoader workers); "
+                        "auto = cpu on CPU devices, wall on CUDA")
+    p.set_defaults(threads=1)
+
+
 def add_student_args(p: argparse.ArgumentParser) -> None:
     """``--student-preset`` (a ``vit`` preset, default ViT-S/16) and ``--student-cfg`` (JSON overrides)."""
     p.add_argument("--student-preset", default="vit-s16", help="vit student preset (students.vit_dual.VIT_PRESETS)")
@@ -56,7 +69,8 @@ def student_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads``/``--seed``, import ``--plugin`` modules; returns the torch device."""
+    """Apply ``--threads``/``--seed``, resolve ``--clock auto``, import ``--plugin`` modules; returns
+    the torch device."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -64,6 +78,8 @@ def setup(args: argparse.Namespace) -> torch.device:
     for module in args.plugin:
         importlib.import_module(module)
     device = torch.device(args.device)
+    if getattr(args, "clock", None) == "auto":
+        args.clock = "cpu" if device.type == "cpu" else "wall"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {args.device} requested but CUDA is not available")
@@ -113,34 +129,64 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Timing:
-    """Seconds of each timed repeat (warm-up excluded)."""
+    """Wall and process-CPU seconds of each timed repeat (warm-up excluded); ``clock`` selects
+    which of them ``times``/``median`` report."""
 
-    times: list[float]
+    wall: list[float]
+    cpu: list[float]
+    clock: str = "wall"
+
+    @property
+    def times(self) -> list[float]:
+        return self.cpu if self.clock == "cpu" else self.wall
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
     def to_json(self) -> dict[str, Any]:
-        return {"median_s": self.median, "times_s": self.times}
+        return {"median_s": self.median, "clock": self.clock, "times_s": self.times, "wall_s": self.wall,
+                "cpu_s": self.cpu}
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                     device: torch.device) -> dict[str, Timing]:
+                     device: torch.device, clock: str = "wall") -> dict[str, Timing]:
     """Run every function once per round (in the given order) for ``warmup`` untimed rounds and
-    ``repeats`` timed rounds; returns the per-function timings."""
+    ``repeats`` timed rounds; returns the per-function timings (medians on ``clock``)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be wall or cpu, not {clock!r}")
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: Timing(v) for k, v in times.items()}
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {k: Timing(wall[k], cpu[k], clock) for k in fns}
+
+
+def now(clock: str) -> float:
+    """The current reading of ``clock`` (``wall``: perf_counter, ``cpu``: this process's CPU time)."""
+    return time.process_time() if clock == "cpu" else time.perf_counter()
+
+
+def clock_label(args: argparse.Namespace) -> str:
+    """``"cpu time, 1 thread"`` / ``"wall time"`` for summary lines."""
+    if args.clock == "cpu":
+        return f"cpu time, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    return "wall time"
+
+
+def require_wall_clock_for_workers(args: argparse.Namespace) -> None:
+    """DataLoader workers are other processes: their CPU time is invisible to ``--clock cpu``."""
+    if args.num_workers > 0 and args.clock == "cpu":
+        raise SystemExit("error: --num-workers > 0 needs --clock wall (worker processes are not in this process's CPU time)")
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -155,6 +201,44 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` samples the RSS in a background thread every ``interval`` s;
+    afterwards ``m.baseline_mb``, ``m.peak_mb`` and ``m.delta_mb`` (peak - baseline)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.baseline_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+    def __enter__(self) -> "PeakRSS":
+        self.baseline_mb = self.peak_mb = current_rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
 
 
 def cuda_peak_mb(device: torch.device) -> float | None:
@@ -182,7 +266,8 @@ def synthetic_dataset(root: Path, n_images: int, caps_per_image: int = 5, size: 
 
 
 def flickr8k_subset(root: Path, n_images: int, split: str = "train") -> Path:
-    """A ``captions.tsv`` (absolute image paths) of the first ``n_images`` images of a Flickr8k split."""
+    """A ``captions.tsv`` of the first ``n_images`` images of a Flickr8k split, the images copied
+    to ``root/images`` (dataset paths must stay inside the data root)."""
     names = (FLICKR8K / "splits" / f"{split}.txt").read_text().split()[:n_images]
     if len(names) < n_images:
         raise ValueError(f"{FLICKR8K}/splits/{split}.txt lists only {len(names)} images, {n_images} requested")
@@ -194,8 +279,10 @@ def flickr8k_subset(root: Path, n_images: int, split: str = "train") -> Path:
             image, _, caption = line.rstrip("\n").split("\t", 2)
             if image in wanted:
                 caps[image].append(caption)
-    root.mkdir(parents=True, exist_ok=True)
-    lines = ["image\tcaption"] + [f"{FLICKR8K / 'images' / n}\t{c}" for n in names for c in caps[n]]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copyfile(FLICKR8K / "images" / n, root / "images" / n)
+    lines = ["image\tcaption"] + [f"images/{n}\t{c}" for n in names for c in caps[n]]
     tsv = root / "captions.tsv"
     tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return tsv
@@ -235,12 +322,12 @@ def shallow_teacher_spec(spec: str, layers: int, folder: Path) -> str | None:
 def build_cache(teacher: str, tsv: Path, out: Path, batch_size: int, device: torch.device, plugins: Sequence[str] = (),
                 extra: Sequence[str] = ()) -> Path:
     """Write a real teacher cache of ``tsv`` with ``python -m distill.cache_teacher`` (in-process,
-    its stdout report suppressed so that the benchmark prints one line)."""
+    its report and progress bar suppressed so that the benchmark prints one line)."""
     from distill.cache_teacher import main as cache_main
 
     argv = ["--teacher", teacher, "--data", str(tsv), "--out", str(out), "--batch-size", str(batch_size),
             "--num-workers", "0", "--device", str(device), *[a for m in plugins for a in ("--plugin", m)], *extra]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cache_main(argv)
     return out
 

@@ -213,10 +213,11 @@ class TeacherCache:
                 "total_bytes": total, "bytes_per_sample": bytes_per_sample(self)}
 
     # -- gathers ---------------------------------------------------------------------------------
-    def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> dict[str, Tensor]:
+    def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0, keep_fp16: bool = False) -> dict[str, Tensor]:
         """Image-side outputs for global image indices ``idx`` (``view`` per batch or per sample):
         ``embed`` [B, D], ``tokens`` [B, N, C] (+ ``tokens_index`` [B, K] for top-k),
-        ``inter.image.<i>`` [B, C]; all float32 except the int64 index."""
+        ``inter.image.<i>`` [B, C]; all float32 except the int64 index. ``keep_fp16`` returns arrays
+        stored in fp16 as fp16 (half the bytes to move; the trainer converts on the device)."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
         fields = {"embed": "image_embed"}
@@ -225,11 +226,12 @@ class TeacherCache:
             if self.storage["image_tokens"].startswith("topk"):
                 fields["tokens_index"] = "image_tokens_index"
         fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("image.")})
-        return self._gather(ids, views, self._image_starts, fields)
+        return self._gather(ids, views, self._image_starts, fields, keep_fp16)
 
-    def texts(self, idx: Any) -> dict[str, Tensor]:
+    def texts(self, idx: Any, keep_fp16: bool = False) -> dict[str, Tensor]:
         """Caption-side outputs for global caption indices: ``embed`` [B, D], ``tokens`` [B, L, C],
-        ``mask`` [B, L] bool (+ ``tokens_index`` [B, K] for top-k), ``inter.text.<i>`` [B, C]."""
+        ``mask`` [B, L] bool (+ ``tokens_index`` [B, K] for top-k), ``inter.text.<i>`` [B, C]
+        (``keep_fp16`` as in :meth:`images`)."""
         ids = _as_index(idx, self.num_captions, "caption")
         fields = {"embed": "text_embed"}
         if self.storage["text_tokens"] != "none":
@@ -237,7 +239,7 @@ class TeacherCache:
             if self.storage["text_tokens"].startswith("topk"):
                 fields["tokens_index"] = "text_tokens_index"
         fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("text.")})
-        return self._gather(ids, None, self._caption_starts, fields)
+        return self._gather(ids, None, self._caption_starts, fields, keep_fp16)
 
     def view_params(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> Tensor:
         """[B, 5] float32 (top, left, height, width, flip) of the cached views."""
@@ -246,11 +248,13 @@ class TeacherCache:
         return self._gather(ids, views, self._image_starts, {"params": "view_params"})["params"]
 
     def _gather(self, ids: np.ndarray, views: np.ndarray | None, starts: np.ndarray,
-                fields: dict[str, str]) -> dict[str, Tensor]:
+                fields: dict[str, str], keep_fp16: bool = False) -> dict[str, Tensor]:
         shard_of = np.searchsorted(starts, ids, side="right") - 1
         out: dict[str, np.ndarray] = {}
         for key, name in fields.items():
-            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64}.get(name, np.float32)
+            stored = self._arrays[0][name].dtype if self._arrays else np.float32
+            floating = np.float16 if keep_fp16 and stored == np.float16 else np.float32
+            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64}.get(name, floating)
             out[key] = np.zeros([len(ids), *self._row_shapes[name]], dtype=dtype)
         order = np.argsort(shard_of, kind="stable")
         cuts = np.flatnonzero(np.diff(shard_of[order])) + 1

@@ -51,11 +51,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. disk full: drop the partial file, earlier checkpoints stay valid
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"writing checkpoint {path} failed: {e}; earlier checkpoints are intact") from e
 
 
 def _atomic_link(src: Path, dst: Path) -> None:

@@ -16,6 +16,10 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
+#: Losses of ``train.warmup_stage`` when it gives none.
+WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
+WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
+
 #: The paper's full multiscale loss set.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
@@ -51,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 1,
         "checkpoint_every": 500,
         "keep_checkpoints": 3,  # 0 keeps every checkpoint
+        # Optional first stage (e.g. CoMa compression warm-up): {steps: N, losses: [{name, cfg}],
+        # weights: {name: w}}; its losses alone (fixed weights, default 1) train the first N steps.
+        "warmup_stage": None,
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -177,18 +184,7 @@ def validate(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"unknown config key {section}.{key}; known: {', '.join(DEFAULTS[section])}")
     if not isinstance(cfg["student"], dict) or not cfg["student"].get("name"):
         raise ConfigError("student must be a mapping with a name")
-    losses = cfg["losses"]
-    if not isinstance(losses, list) or not losses:
-        raise ConfigError("losses must be a non-empty list of {name, cfg}")
-    for i, item in enumerate(losses):
-        if isinstance(item, str):
-            losses[i] = item = {"name": item, "cfg": {}}
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "cfg"}:
-            raise ConfigError(f"losses[{i}] must be {{name, cfg}}, got {item!r}")
-        item.setdefault("cfg", {})
-    names = [item["name"] for item in losses]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"losses must have distinct names, got {names}")
+    _check_losses(cfg["losses"], "losses")
     bal = cfg["balancer"]
     if not isinstance(bal, dict) or "name" not in bal:
         raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
@@ -199,6 +195,44 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("batch_size", "accum_steps"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["warmup_stage"] is not None:
+        _check_warmup_stage(train)
+
+
+def _check_losses(losses: Any, where: str) -> None:
+    """Normalise a loss list in place to ``[{name, cfg}]`` (bare names allowed) with distinct names."""
+    if not isinstance(losses, list) or not losses:
+        raise ConfigError(f"{where} must be a non-empty list of {{name, cfg}}")
+    for i, item in enumerate(losses):
+        if isinstance(item, str):
+            losses[i] = item = {"name": item, "cfg": {}}
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "cfg"}:
+            raise ConfigError(f"{where}[{i}] must be {{name, cfg}}, got {item!r}")
+        item.setdefault("cfg", {})
+    names = [item["name"] for item in losses]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where} must have distinct names, got {names}")
+
+
+def _check_warmup_stage(train: dict[str, Any]) -> None:
+    """Validate ``train.warmup_stage`` in place, filling the default losses and weights."""
+    stage = train["warmup_stage"]
+    if not isinstance(stage, dict):
+        raise ConfigError(f"train.warmup_stage must be a mapping {{steps, losses, weights}} or null, got {stage!r}")
+    unknown = sorted(set(stage) - set(WARMUP_STAGE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key train.warmup_stage.{unknown[0]}; known: {', '.join(WARMUP_STAGE_KEYS)}")
+    steps = stage.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"train.warmup_stage.steps must be a positive integer, got {steps!r}")
+    if stage.get("losses") is None:
+        stage["losses"] = [{"name": n, "cfg": {}} for n in WARMUP_STAGE_LOSSES]
+    _check_losses(stage["losses"], "train.warmup_stage.losses")
+    weights = stage.get("weights") or {}
+    names = [item["name"] for item in stage["losses"]]
+    if not isinstance(weights, dict) or set(weights) - set(names):
+        raise ConfigError(f"train.warmup_stage.weights must map stage loss names {names} to numbers, got {weights!r}")
+    stage["weights"] = weights
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:

@@ -79,13 +79,27 @@ class StepOutput:
 
 
 class Distiller(nn.Module):
-    """``forward(pixels, text, teacher, image_ids, step, total_steps) -> StepOutput``."""
+    """``forward(pixels, text, teacher, image_ids, step, total_steps) -> StepOutput``.
 
-    def __init__(self, student: nn.Module, losses: dict[str, DistillLoss], balancer: Balancer) -> None:
+    With a warm-up stage, steps ``< warmup_steps`` (stage 1) use only ``warmup_losses`` combined by
+    ``warmup_balancer``; later steps (stage 2) use ``losses`` and ``balancer``."""
+
+    def __init__(self, student: nn.Module, losses: dict[str, DistillLoss], balancer: Balancer,
+                 warmup_losses: dict[str, DistillLoss] | None = None, warmup_balancer: Balancer | None = None,
+                 warmup_steps: int = 0) -> None:
         super().__init__()
+        if warmup_steps > 0 and (not warmup_losses or warmup_balancer is None):
+            raise ValueError("a warm-up stage needs its losses and balancer")
         self.student = student
         self.losses = nn.ModuleDict(losses)
         self.balancer = balancer
+        self.warmup_losses = nn.ModuleDict(warmup_losses or {})
+        self.warmup_balancer = warmup_balancer
+        self.warmup_steps = warmup_steps
+
+    def stage(self, step: int) -> int:
+        """1 during the warm-up stage, else 2."""
+        return 1 if step < self.warmup_steps else 2
 
     def forward(self, pixels: Tensor, text: dict[str, Tensor], teacher: TeacherBatch, image_ids: Tensor,
                 step: int = 0, total_steps: int = 1) -> StepOutput:
@@ -94,8 +108,9 @@ class Distiller(nn.Module):
         batch = DistillBatch(s_img=gather_image(s_img), s_txt=gather_text(s_txt), teacher=gather_teacher(teacher),
                              student_logit_scale=self.student.logit_scale, image_ids=gather(image_ids, False),
                              step=step, total_steps=total_steps)
-        losses = {name: loss(batch).float() for name, loss in self.losses.items()}
-        total, weights = self.balancer(losses, self.student.shared_parameters())
+        terms, balancer = (self.warmup_losses, self.warmup_balancer) if self.stage(step) == 1 else (self.losses, self.balancer)
+        losses = {name: loss(batch).float() for name, loss in terms.items()}
+        total, weights = balancer(losses, self.student.shared_parameters())
         return StepOutput(total, losses, weights)
 
 
@@ -109,8 +124,8 @@ def loss_dims(student: Any, cache: Any) -> Dims:
                 teacher_image_token=int(img_tok[-1]), teacher_text_token=int(txt_tok[-1]))
 
 
-def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str, Any]], balancer_cfg: dict[str, Any]) -> Distiller:
-    """Build every configured loss term (``[{name, cfg}]``) and the balancer over their names."""
+def build_losses(dims: Dims, loss_cfg: Sequence[dict[str, Any]]) -> dict[str, DistillLoss]:
+    """Every configured loss term (``[{name, cfg}]``) by name."""
     losses = {}
     for item in loss_cfg:
         try:
@@ -120,5 +135,17 @@ def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str,
         if hasattr(loss, "gather"):
             loss.gather = False  # the Distiller already hands every loss the gathered global batch
         losses[item["name"]] = loss
+    return losses
+
+
+def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str, Any]], balancer_cfg: dict[str, Any],
+                    warmup_stage: dict[str, Any] | None = None) -> Distiller:
+    """Build the loss terms and the balancer over their names, plus the optional warm-up stage
+    (``{steps, losses, weights}``: its losses under a ``fixed`` balancer)."""
+    losses = build_losses(dims, loss_cfg)
     balancer = build_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
-    return Distiller(student, losses, balancer)
+    if not warmup_stage:
+        return Distiller(student, losses, balancer)
+    warmup_losses = build_losses(dims, warmup_stage["losses"])
+    warmup_balancer = build_balancer("fixed", list(warmup_losses), weights=warmup_stage.get("weights") or {})
+    return Distiller(student, losses, balancer, warmup_losses, warmup_balancer, int(warmup_stage["steps"]))

@@ -13,6 +13,7 @@ is. Scoring is exact and tiled (:mod:`distill.metrics`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -87,6 +89,13 @@ def evaluate_cache(cache: TeacherCache, data: ImageTextDataset | None = None,
     return evaluate_embeddings(image_emb, text_emb, cache.caption_image, ks)
 
 
+def first_captions(data: ImageTextDataset, k: int) -> ImageTextDataset:
+    """The dataset with only the first ``k`` captions of each image (e.g. COCO's 5K test: 5 each)."""
+    rank = np.arange(data.num_captions) - data.offsets[data.caption_image]
+    keep = np.flatnonzero(rank < k)
+    return dataclasses.replace(data, captions=[data.captions[i] for i in keep], caption_image=data.caption_image[keep])
+
+
 def load_model(spec: str, device: str = "cpu") -> tuple[str, Any]:
     """``("cache", TeacherCache)``, ``("student", Student)`` or ``("teacher", Teacher)`` for ``spec``."""
     path = Path(spec)
@@ -118,6 +127,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON); optional for a cache")
     p.add_argument("--split", default="test")
     p.add_argument("--images-root", help="image folder for JSON/CSV datasets")
+    p.add_argument("--max-captions", type=int, default=None,
+                   help="use only the first K captions of each image (COCO 5K test: 5)")
     p.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
@@ -138,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if data.skipped:
             print(f"skipped {len(data.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in data.skipped),
                   file=sys.stderr)
+        if args.max_captions:
+            if kind == "cache":
+                raise SystemExit("error: --max-captions applies to a teacher or a student, not to a cache")
+            data = first_captions(data, args.max_captions)
     elif kind != "cache":
         raise SystemExit("error: --data is required to evaluate a teacher or a student")
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from torch import Tensor
 CPU_TILE = 1024  # default tile edge on CPU (a 4 MiB float32 tile stays in cache)
 CUDA_TILE = 4096
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+EXACT_CHUNK = 1 << 20  # float64 elements per gathered block in _exact_scores (8 MiB)
 
 
 def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
@@ -43,7 +44,8 @@ def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
     if image_emb.device != text_emb.device:
         raise ValueError(f"embeddings on different devices: {image_emb.device} vs {text_emb.device}")
     for name, e in (("image", image_emb), ("text", text_emb)):
-        if not bool(torch.isfinite(e).all()):
+        step = max(1, EXACT_CHUNK // max(1, e.shape[1]))  # blocks: isfinite of the whole matrix needs several copies of it
+        if not all(bool(torch.isfinite(e[s:s + step]).all()) for s in range(0, e.shape[0], step)):
             raise ValueError(f"{name} embeddings contain NaN or Inf")
 
 
@@ -63,13 +65,24 @@ def _as_index(caption_image: Tensor | np.ndarray | Sequence[int], num_images: in
 
 
 def _exact_scores(img: Tensor, txt: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
-    """Dot products of (rows[k], cols[k]) pairs in float64, rounded to ``dtype``."""
-    return (img[rows].double() * txt[cols].double()).sum(-1).to(dtype)
+    """Dot products of (rows[k], cols[k]) pairs in float64, rounded to ``dtype``; computed in chunks
+    of about ``EXACT_CHUNK`` float64 elements so that memory does not grow with the number of pairs."""
+    out = torch.empty(rows.shape[0], dtype=dtype, device=img.device)
+    step = max(1, EXACT_CHUNK // max(1, img.shape[1]))
+    for s in range(0, rows.shape[0], step):
+        out[s:s + step] = (img[rows[s:s + step]].double() * txt[cols[s:s + step]].double()).sum(-1).to(dtype)
+    return out
+
+
+def _max_norm(e: Tensor) -> Tensor:
+    """Largest float64 row norm, computed in blocks (no float64 copy of the whole matrix)."""
+    step = max(1, EXACT_CHUNK // max(1, e.shape[1]))
+    return torch.stack([e[s:s + step].double().norm(dim=1).max() for s in range(0, e.shape[0], step)]).max()
 
 
 def _tolerance(img: Tensor, txt: Tensor, dtype: torch.dtype) -> float:
     """Bound on |matrix product - exactly rounded score| (50x the error seen on D=512 data)."""
-    scale = float(img.double().norm(dim=1).max() * txt.double().norm(dim=1).max())
+    scale = float(_max_norm(img) * _max_norm(txt))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tol = 4 * math.sqrt(img.shape[1]) * torch.finfo(acc).eps * scale
     if dtype in LOW_PRECISION:  # the product's float32 sum may round to a neighbouring level

@@ -31,12 +31,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--student", default="pruned", choices=["pruned", "vit"],
                    help="pruned: first layers of the teacher's own towers (default); vit: small ViT from scratch")
-    p.add_argument("--steps", type=int, default=150, help="student optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=60, help="student optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--teacher-image-size", type=int, default=160)
     p.add_argument("--teacher-epochs", type=int, default=30, help="LiT projection epochs")
     p.add_argument("--image-layers", type=int, default=None, help="pruned student: teacher image blocks kept (default: half the compute)")
     p.add_argument("--text-layers", type=int, default=3, help="pruned student: teacher text layers kept")
+    p.add_argument("--trainable-image-blocks", type=int, default=4,
+                   help="pruned student: train only the last N kept image blocks (the rest stay frozen)")
     p.add_argument("--workers", type=int, default=2)
     return p.parse_args(argv)
 
@@ -73,8 +75,10 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
         from students.pruned import half_compute_layers
 
         k = args.image_layers or half_compute_layers(teacher)
+        frozen = max(0, k - args.trainable_image_blocks)
         argv += ["--student", "pruned", "--set", f"student.teacher={teacher}", "--set", f"student.image_layers={k}",
-                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=1e-4"]
+                 "--set", f"student.frozen_image_layers={frozen}", "--set", "student.freeze_text_embeddings=true",
+                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=5e-4"]
     train_student.main(argv)
     return run / "student"
 

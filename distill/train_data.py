@@ -145,17 +145,24 @@ class TrainBatch:
         return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher)
 
     def to(self, device: torch.device) -> "TrainBatch":
-        return self.apply(lambda x: x.to(device, non_blocking=True))
+        """Move to ``device``; fp16 teacher features become float32 there."""
+        def move(x: Tensor) -> Tensor:
+            x = x.to(device, non_blocking=True)
+            return x.float() if x.dtype == torch.float16 else x
+
+        return self.apply(move)
 
     def pin_memory(self) -> "TrainBatch":
         """Called by ``DataLoader(pin_memory=True)``."""
         return self.apply(Tensor.pin_memory)
 
 
-def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: np.ndarray, view: np.ndarray) -> TeacherBatch:
-    """Vectorised lookup of the cached teacher outputs for the given rows."""
-    img = cache.images(image_index, view)
-    txt = cache.texts(caption_index)
+def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: np.ndarray, view: np.ndarray,
+                  keep_fp16: bool = False) -> TeacherBatch:
+    """Vectorised lookup of the cached teacher outputs for the given rows (``keep_fp16``: arrays
+    stored in fp16 stay fp16 until :meth:`TrainBatch.to`)."""
+    img = cache.images(image_index, view, keep_fp16)
+    txt = cache.texts(caption_index, keep_fp16)
     inter = {k[len("inter."):]: v for src in (img, txt) for k, v in src.items() if k.startswith("inter.")}
     grid = cache.image_grid if "tokens" in img else None
     return TeacherBatch(img_embed=img["embed"], txt_embed=txt["embed"], img_tokens=img.get("tokens"), img_grid=grid,
@@ -177,4 +184,5 @@ class TeacherCollate:
         view = np.asarray([it["view"] for it in items], dtype=np.int64)
         return TrainBatch(pixels=torch.stack([it["pixels"] for it in items]), texts=[it["text"] for it in items],
                           image_index=torch.from_numpy(image_index), caption_index=torch.from_numpy(caption_index),
-                          view=torch.from_numpy(view), teacher=fetch_teacher(self.cache, image_index, caption_index, view))
+                          view=torch.from_numpy(view), teacher=fetch_teacher(self.cache, image_index, caption_index, view,
+                                                                      keep_fp16=True))

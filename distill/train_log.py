@@ -15,11 +15,19 @@ LOG_NAME = "train_log.jsonl"
 
 
 def read_log(out: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
-    """All records of ``kind`` (or every record for ``None``) from ``OUT/train_log.jsonl``."""
+    """All records of ``kind`` (or every record for ``None``) from ``OUT/train_log.jsonl``. A last
+    line that is not valid JSON (a write torn by a kill) is ignored."""
     path = Path(out) / LOG_NAME
     if not path.is_file():
         return []
-    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
     return [r for r in recs if kind is None or r.get("kind") == kind]
 
 

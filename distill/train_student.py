@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -84,7 +84,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW; norms, biases, the logit scale and balancer parameters get no weight decay."""
+    """AdamW (fused kernel: one pass over all tensors instead of a Python loop per tensor); norms,
+    biases, the logit scale and balancer parameters get no weight decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -94,7 +95,7 @@ def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.AdamW
     groups = [{"params": decay, "weight_decay": float(train["weight_decay"])},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(train["lr"]),
-                             betas=tuple(float(b) for b in train["betas"]), eps=float(train["eps"]))
+                             betas=tuple(float(b) for b in train["betas"]), eps=float(train["eps"]), fused=True)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
 
     student_kw = {k: v for k, v in cfg["student"].items() if k != "name"}
     student = build_student(cfg["student"]["name"], **student_kw)
-    distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"]).to(info.device)
+    distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"],
+                                train["warmup_stage"]).to(info.device)
     model: nn.Module = distiller
     if info.enabled:
         model = DistributedDataParallel(distiller, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -149,6 +151,9 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     if total is None:
         total = max(1, int(float(train["epochs"]) * sampler.batches_per_epoch()) // train["accum_steps"])
         train["steps"] = total
+    if distiller.warmup_steps >= total:
+        raise SystemExit(f"error: train.warmup_stage.steps ({distiller.warmup_steps}) must be smaller than the "
+                         f"number of optimizer steps ({total})")
 
     optimizer = make_optimizer(distiller, train)
     warmup, min_ratio = int(train["warmup_steps"]), float(train["min_lr_ratio"])
@@ -169,14 +174,18 @@ def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, in
         epoch, position = epoch + 1, 0
 
 
-def _state_snapshot(distiller: Distiller) -> dict[str, Any]:
-    """Copy of the loss-term and balancer state (queues, running statistics) to undo a skipped step."""
-    return {"losses": copy.deepcopy(distiller.losses.state_dict()), "balancer": copy.deepcopy(distiller.balancer.state_dict())}
+def _state_snapshot(distiller: Distiller) -> dict[str, Tensor]:
+    """Copy of every buffer (the student's normalisation statistics, loss queues, balancer
+    statistics) to undo a skipped step; parameters need no copy, since a skipped step never reaches
+    the optimizer."""
+    return {name: b.clone() for name, b in distiller.named_buffers()}
 
 
-def _restore_snapshot(distiller: Distiller, snap: dict[str, Any]) -> None:
-    distiller.losses.load_state_dict(snap["losses"])
-    distiller.balancer.load_state_dict(snap["balancer"])
+def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
+    buffers = dict(distiller.named_buffers())
+    with torch.no_grad():
+        for name, value in snap.items():
+            buffers[name].copy_(value)
 
 
 def _all_finite(flag: bool, device: torch.device) -> bool:
@@ -231,7 +240,7 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
         run.scaler.update()
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
-    fields = {"lr": lr, **{f"loss/{k}": v / accum for k, v in sums.items()},
+    fields = {"lr": lr, "stage": run.distiller.stage(step), **{f"loss/{k}": v / accum for k, v in sums.items()},
               **{f"weight/{k}": float(v) for k, v in weights.items()}, "total": total_sum / accum, "grad_norm": grad_norm}
     return fields, epoch, position, applied
 
@@ -255,7 +264,8 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
 
 def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:
     return {"student": run.student.state_dict(), "student_config": run.student.config(),
-            "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(), "config": run.cfg,
+            "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(),
+            "warmup_losses": run.distiller.warmup_losses.state_dict(), "config": run.cfg,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "sampler": {"epoch": epoch, "position": position},
             "skipped_nonfinite": skipped}
@@ -269,6 +279,7 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
     run.student.load_state_dict(ckpt["student"])
     run.distiller.losses.load_state_dict(ckpt["losses"])
     run.distiller.balancer.load_state_dict(ckpt["balancer"])
+    run.distiller.warmup_losses.load_state_dict(ckpt.get("warmup_losses", {}))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
@@ -322,6 +333,9 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
         if logger and (step % train_cfg["log_every"] == 0 or step == run.total_steps):
             logger.log(last)
         bar.update(1)
+        if step == run.distiller.warmup_steps and info.is_main:
+            bar.write(f"distill: warm-up stage done after {step} steps ({', '.join(run.distiller.warmup_losses)}); "
+                      f"now training with {', '.join(run.distiller.losses)}")
         bar.set_postfix(loss=f"{fields['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
         if eval_ds is not None and eval_cfg["every"] and (step % eval_cfg["every"] == 0 or step == run.total_steps):
             metrics = evaluate(run, eval_ds)

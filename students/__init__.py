@@ -15,6 +15,7 @@ def build_student(name: str, **cfg: Any) -> Student:
 
 
 from students import vit_dual, pruned  # noqa: E402,F401  (registration side effects)
+from students import tuned  # noqa: E402,F401  (registers pmf, mwa)
 from students.io import load_student, save_student  # noqa: E402
 
 __all__ = ["STUDENTS", "Student", "build_student", "load_student", "save_student"]

@@ -263,6 +263,10 @@ class LiTImagePrefix(nn.Module):
         super().__init__()
         self.blocks = blocks.requires_grad_(True)
 
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        """The first ``n`` blocks (the high-resolution, costly-to-train part)."""
+        return list(self.blocks[:n])
+
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         fmap = self.blocks(pixels)
         tokens, grid = feature_map_tokens(fmap)

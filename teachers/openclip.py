@@ -275,6 +275,14 @@ class OpenClipImagePrefix(nn.Module):
         self.grid = tuple(int(g) for g in visual.grid_size)
         self.visual.requires_grad_(True)
 
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        """Patch embedding, ``ln_pre`` and the first ``n`` blocks (position/class embeddings are
+        frozen with the patch embedding by :class:`students.pruned.PrunedStudent`)."""
+        return [self.visual.conv1, self.visual.ln_pre, *self.visual.transformer.resblocks[:n]]
+
+    def prefix_parameters(self) -> list[nn.Parameter]:
+        return [self.visual.class_embedding, self.visual.positional_embedding]
+
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
         pooled, tokens = self.visual(pixels)
         return pooled, tokens, self.grid

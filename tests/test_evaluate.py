@@ -52,3 +52,13 @@ def test_cache_of_other_data_is_rejected(tiny_tsv, tmp_path):
 def test_unknown_model_is_a_clear_error(tiny_tsv):
     with pytest.raises(SystemExit, match="neither an existing"):
         ev.main(["--model", "nosuch/path", "--data", str(tiny_tsv)])
+
+
+def test_max_captions_keeps_the_first_k(tmp_path):
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=4, caps_per_image=3)
+    data = load_dataset(tsv)
+    two = ev.first_captions(data, 2)
+    assert two.num_captions == 8 and two.caption_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert two.captions[2:4] == data.captions[3:5]
+    res = ev.main(["--model", "toy:0", "--data", str(tsv), "--num-workers", "0", "--max-captions", "2"])
+    assert res["num_captions"] == 8

@@ -257,7 +257,8 @@ def test_pruned_student_features(pruned):
     assert len(pruned.image_tower.blocks) == 3 and len(pruned.text_tower.layers) == 2
     assert (pruned.image_token_dim, pruned.text_token_dim, pruned.image_size) == (24, 20, 32)
     assert pruned.config() == {"name": "pruned", "teacher": "prunetoy:0", "image_layers": 3,
-                               "text_layers": 2, "embed_dim": 12}
+                               "text_layers": 2, "embed_dim": 12, "frozen_image_layers": 0,
+                               "freeze_text_embeddings": False}
     assert pruned.tokenizer_info()["name"] == "bytes" and pruned.preprocess_info()["size"] == 32
 
 
@@ -339,3 +340,25 @@ def test_half_compute_layers_on_openclip_teacher(tmp_path: Path):
     pixels = torch.zeros(1, 3, 32, 32)
     ratio = count_flops(teacher.pruned_towers(k, 1).image, pixels) / count_flops(teacher.encode_image, pixels)
     assert k == 4 and abs(ratio - 0.5) < 0.07
+
+
+def test_pruned_student_frozen_prefix_and_embeddings(vit, tmp_path: Path):
+    spec = _openclip_teacher_spec(vit, tmp_path)
+    s = build_student("pruned", teacher=spec, image_layers=2, text_layers=1, embed_dim=8,
+                      frozen_image_layers=1, freeze_text_embeddings=True).train()
+    frozen = [s.image_tower.visual.conv1, s.image_tower.visual.transformer.resblocks[0]]
+    assert all(not m.training for m in frozen) and s.image_tower.visual.transformer.resblocks[1].training
+    before = {n: p.detach().clone() for n, p in s.named_parameters()}
+    opt = torch.optim.SGD([p for p in s.parameters() if p.requires_grad], lr=0.1)
+    img, txt = s(_pixels(), s.tokenize(CAPTIONS))
+    (img.embed @ txt.embed.T).sum().backward()
+    opt.step()
+    changed = {n for n, p in s.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("image_tower.visual.conv1", "image_tower.visual.transformer.resblocks.0.",
+                                 "image_tower.visual.positional_embedding")) for n in changed)
+    assert not any("token_embedding" in n for n in changed)
+    assert any(n.startswith("image_tower.visual.transformer.resblocks.1.") for n in changed)
+    loaded = load_student(save_student(s.eval(), tmp_path / "frozen"))
+    assert loaded.config() == s.config() and not loaded.image_tower.visual.conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="frozen_image_layers"):
+        build_student("pruned", teacher=spec, image_layers=2, text_layers=1, frozen_image_layers=3)

@@ -143,15 +143,16 @@ def test_shuffled_batches_stay_aligned_with_teacher_views(tiny):
         assert batch.texts == [ds.captions[c] for c in caps]
         for row, (i, c, v) in enumerate(zip(ids, caps, vs)):
             # the teacher outputs are those of exactly this image view and caption ...
-            torch.testing.assert_close(batch.teacher.img_embed[row], cache.images([i], int(v))["embed"][0])
-            torch.testing.assert_close(batch.teacher.img_tokens[row], cache.images([i], int(v))["tokens"][0])
-            torch.testing.assert_close(batch.teacher.txt_embed[row], cache.texts([c])["embed"][0])
+            # (the loader hands over fp16 as stored; TrainBatch.to converts on the device)
+            torch.testing.assert_close(batch.teacher.img_embed[row].float(), cache.images([i], int(v))["embed"][0])
+            torch.testing.assert_close(batch.teacher.img_tokens[row].float(), cache.images([i], int(v))["tokens"][0])
+            torch.testing.assert_close(batch.teacher.txt_embed[row].float(), cache.texts([c])["embed"][0])
             # ... and the student sees the same crop the teacher saw
             view_img = apply_view(ds.load_image(int(i)), cache.view_params([i], int(v))[0])
             torch.testing.assert_close(batch.pixels[row], transform(view_img))
             with torch.no_grad():
                 fresh = teacher.encode_image(teacher.image_transform()(view_img)[None]).embed[0]
-            torch.testing.assert_close(batch.teacher.img_embed[row], fresh, atol=2e-3, rtol=0)
+            torch.testing.assert_close(batch.teacher.img_embed[row].float(), fresh, atol=2e-3, rtol=0)
     epoch0, epoch1 = np.concatenate(orders[:3]), np.concatenate(orders[3:])
     assert sorted(epoch0) == list(range(12)) and sorted(epoch1) == list(range(12))
     assert not np.array_equal(epoch0, np.arange(12)) and not np.array_equal(epoch0, epoch1)

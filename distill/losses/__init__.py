@@ -24,6 +24,7 @@ from distill.losses import (  # noqa: E402,F401  (registration side effects)
     student_clip,
     mac,
     deep_mse,
+    coma_reconstruct,
 )
 
 __all__ = ["LOSSES", "DistillBatch", "DistillLoss", "Dims", "TeacherBatch", "build_loss"]
