@@ -9,6 +9,7 @@ Target: loader samples/s >= 50% of the copy's samples/s. (Whether the loader kee
 training step is measured by ``train_step_speed.py``: ``loader_fraction_of_cache_step``.)
 
     python benchmarks/cache_loader_speed.py                    # ViT-L/14-shaped cache, 256 images
+    python benchmarks/cache_loader_speed.py --shard-size 64        # batches spanning 4 shards
     python benchmarks/cache_loader_speed.py --images 2048 --batch-size 256 --num-workers 4
 """
 from __future__ import annotations
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--image-tokens", default="full", help="cache --image-tokens")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "int8"), help="cache --dtype")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="cache --shard-size (below --images, batches gather across shards: the slower path)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     return p
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tsv, data_desc = C.benchmark_dataset(tmp / "data", args.images, args.data, args.seed)
         cache_teacher = C.shallow_teacher_spec(args.teacher, 1, tmp / "teacher_cfg") or args.teacher
         C.build_cache(cache_teacher, tsv, tmp / "cache", 32, device, args.plugin,
-                      ["--image-tokens", args.image_tokens, "--dtype", args.dtype])
+                      ["--image-tokens", args.image_tokens, "--dtype", args.dtype, "--shard-size", str(args.shard_size)])
         cache = TeacherCache(tmp / "cache")
         loader = DataLoader(range(cache.num_images), batch_size=args.batch_size, shuffle=True, drop_last=True,
                             num_workers=args.num_workers, collate_fn=FeatureCollate(cache),

@@ -14,6 +14,8 @@ model on the test split with the same protocol. Rows (``--rows``, default: all c
     views            pruned_full on a cache with 2 views per image (clean + an augmented crop/flip)
     vit_full         small ViT student + small text transformer from scratch, full loss + balancer
     vit_no_teacher   the same ViT student, own contrastive loss only, same steps
+    pruned_random_init  pruned_full with randomly initialised projection heads (extra row; the
+                     distilled pruned rows start from a least-squares fit to the teacher, --init-projections)
     pruned_full_x4   pruned_full trained 4x as many steps       (extra row)
     tokens_int8      pruned_full on an int8 token cache      (extra row)
     tokens_grid2     pruned_full on a 2x2-pooled token cache (extra row)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +49,7 @@ RELATION = ["relation_kl", "triplet"]
 ALL = GLOBAL[:3] + TOKEN + RELATION + GLOBAL[3:]
 CORE_ROWS = ["teacher", "pruned_full", "pruned_no_teacher", "vit_full", "vit_no_teacher", "global_only",
              "global_token", "global_relation", "all_fixed", "views"]
-EXTRA_ROWS = ["pruned_full_x4", "tokens_int8", "tokens_grid2", "puma", "coma", "pmf", "mwa"]
+EXTRA_ROWS = ["pruned_random_init", "puma", "coma", "mwa", "pmf", "tokens_int8", "tokens_grid2", "pruned_full_x4"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 
 
@@ -91,31 +94,46 @@ class Bench:
         return self._layers
 
     # -- students ------------------------------------------------------------------------------
-    def pruned_args(self, student: str = "pruned") -> list[str]:
+    def pruned_args(self, student: str = "pruned", teacher_init: bool = True) -> list[str]:
         k = self.image_layers()
         sets = [f"student.teacher={self.teacher()}", f"student.image_layers={k}",
                 f"student.text_layers={self.args.text_layers}", f"student.frozen_image_layers={max(0, k - self.args.trainable_image_blocks)}",
                 "student.freeze_text_embeddings=true", f"train.lr={self.args.pruned_lr}"]
+        if teacher_init and self.args.init_projections:
+            sets.append(f"train.init_projections={self.args.init_projections}")
         if student != "pruned":  # tuned students are built from the teacher's full towers
             sets = [f"student.teacher={self.teacher()}", f"train.lr={self.args.tuned_lr}"]
         return ["--student", student, *[a for s in sets for a in ("--set", s)]]
 
-    def train(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
-              steps: int | None = None) -> Path:
+    def train_argv(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
+                   steps: int | None = None) -> list[str]:
+        """The ``train_student`` command line of ``row``."""
+        steps = steps or self.args.steps
+        return ["--preset", preset, "--cache", str(cache), "--data", self.args.data, "--split", "train",
+                "--out", str(self.work / row), "--steps", str(steps), "--batch-size", str(self.args.batch_size),
+                "--device", self.args.device, "--num-workers", str(self.args.workers), "--resume", "auto",
+                "--seed", str(self.args.seed), "--set", f"train.warmup_steps={max(1, steps // 10)}",
+                *student_args, *[a for s in sets for a in ("--set", s)]]
+
+    def train(self, row: str, argv: list[str]) -> Path:
+        """Train ``row`` (resuming an interrupted run). ``<row>/argv.json`` records the command line; a
+        row trained with other settings (e.g. another pruned depth) is deleted and retrained, never
+        silently reused."""
         from distill import train_student
 
-        run = self.work / row
-        steps = steps or self.args.steps
-        if not (run / "student" / "student.json").is_file():
-            argv = ["--preset", preset, "--cache", str(cache), "--data", self.args.data, "--split", "train",
-                    "--out", str(run), "--steps", str(steps), "--batch-size", str(self.args.batch_size),
-                    "--device", self.args.device, "--num-workers", str(self.args.workers), "--resume", "auto",
-                    "--seed", str(self.args.seed), "--set", f"train.warmup_steps={max(1, steps // 10)}",
-                    *student_args, *[a for s in sets for a in ("--set", s)]]
-            start = time.perf_counter()
-            summary = train_student.main(argv)
-            summary["wall_seconds"] = time.perf_counter() - start
-            (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        run, stamp = self.work / row, self.work / row / "argv.json"
+        same = stamp.is_file() and json.loads(stamp.read_text()) == argv
+        if same and (run / "student" / "student.json").is_file():
+            return run / "student"
+        if run.exists() and not same:
+            print(f"[{row}] trained with other settings: deleting and retraining {run}", flush=True)
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(argv))
+        start = time.perf_counter()
+        summary = train_student.main(argv)
+        summary["wall_seconds"] = time.perf_counter() - start
+        (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return run / "student"
 
     def evaluate(self, row: str, build: Callable[[], Any]) -> dict[str, Any]:
@@ -146,10 +164,11 @@ class Bench:
                     steps: int | None = None) -> dict[str, Any]:
         from students import load_student
 
-        folder = self.train(row, cache, student_args, *sets, preset=preset, steps=steps)
+        folder = self.train(row, self.train_argv(row, cache, student_args, *sets, preset=preset, steps=steps))
         result = self.evaluate(row, lambda: load_student(folder, device=self.args.device))
         log = self.work / row / "summary.json"
-        return {**result, **({"train": json.loads(log.read_text())} if log.is_file() else {})}
+        student = json.loads((folder / "student.json").read_text())["config"]
+        return {**result, "student": student, **({"train": json.loads(log.read_text())} if log.is_file() else {})}
 
     # -- rows ----------------------------------------------------------------------------------
     def run_row(self, row: str) -> dict[str, Any]:
@@ -167,12 +186,15 @@ class Bench:
                                                         losses_override(GLOBAL + RELATION)),
             "all_fixed": lambda: self.student_row("all_fixed", self.cache(), self.pruned_args(),
                                                   "balancer={name: fixed, cfg: {}}"),
-            "pruned_no_teacher": lambda: self.student_row("pruned_no_teacher", self.cache(), self.pruned_args(),
+            "pruned_no_teacher": lambda: self.student_row("pruned_no_teacher", self.cache(),
+                                                          self.pruned_args(teacher_init=False),
                                                           losses_override(["student_clip"])),
             "views": lambda: self.student_row("views", self.cache("cache_views2", "--views", "2"), self.pruned_args()),
             "vit_full": lambda: self.student_row("vit_full", self.cache(), vit, f"train.lr={self.args.vit_lr}"),
             "vit_no_teacher": lambda: self.student_row("vit_no_teacher", self.cache(), vit, f"train.lr={self.args.vit_lr}",
                                                        losses_override(["student_clip"])),
+            "pruned_random_init": lambda: self.student_row("pruned_random_init", self.cache(),
+                                                           self.pruned_args(teacher_init=False)),
             "pruned_full_x4": lambda: self.student_row("pruned_full_x4", self.cache(), self.pruned_args(),
                                                        steps=4 * self.args.steps),
             "tokens_int8": lambda: self.student_row("tokens_int8", self.cache("cache_int8", "--dtype", "int8"),
@@ -197,12 +219,14 @@ class Bench:
 
 
 def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
-    head = "| row | " + " | ".join(METRICS) + " | % teacher RSUM | params (M) | trainable (M) | GFLOPs/img | img/s |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 6)]
+    head = ("| row | " + " | ".join(METRICS) + " | % teacher RSUM | params (M) | trainable (M) | GFLOPs/img"
+            " | % teacher GFLOPs | img/s |")
+    lines = [head, "|" + "---|" * (len(METRICS) + 7)]
     for r in rows:
         share = f"{100 * r['rsum'] / teacher['rsum']:.1f}" if teacher else "-"
         lines.append(f"| {r['row']} | " + " | ".join(f"{r[m]:.2f}" for m in METRICS)
                      + f" | {share} | {r['params_M']:.2f} | {r['trainable_M']:.2f} | {r['image_gflops']:.3f}"
+                     f" | {100 * r['image_gflops'] / teacher['image_gflops'] if teacher else 0:.0f}"
                      f" | {r['images_per_s']:.1f} |")
     return "\n".join(lines)
 
@@ -240,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pruned-lr", type=float, default=5e-4)
     p.add_argument("--vit-lr", type=float, default=5e-4)
     p.add_argument("--tuned-lr", type=float, default=1e-3)
+    p.add_argument("--init-projections", type=int, default=512,
+                   help="distilled pruned rows: least-squares start of the projection heads on this many "
+                        "samples (train.init_projections; 0: random init; never on the no-teacher rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -258,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     by = {r["row"]: r for r in results}
     report = {"benchmark": "quality_flickr8k", "environment": environment(torch.device(args.device)),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "pruned_image_layers": bench._layers, "seconds": time.perf_counter() - started,
+              "seconds": time.perf_counter() - started,
               "rows": results, "targets": targets(by)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -24,6 +24,8 @@ OFFSETS = "offsets.npy"
 SHARD_JSON = "shard.json"
 VERIFY_MODES = ("none", "size", "full")
 _MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "shard_size", "shards", "dims", "offsets")
+#: Rows at least this large are gathered row by row straight into the batch (one copy).
+ROW_COPY_BYTES = 16384
 _IMAGE_ARRAY_PREFIXES = ("image_", "view_params", "inter_image.")
 
 
@@ -249,30 +251,41 @@ class TeacherCache:
 
     def _gather(self, ids: np.ndarray, views: np.ndarray | None, starts: np.ndarray,
                 fields: dict[str, str], keep_fp16: bool = False) -> dict[str, Tensor]:
+        """Rows ``ids`` (and ``views``) of every array in ``fields``. Large rows (token features) are
+        copied one by one straight from the memory map into the result, int8 rows dequantised on
+        the way, so every byte is read and written once; small rows are gathered per shard. Rows
+        narrower than the widest shard (text tokens) are zero-padded."""
         shard_of = np.searchsorted(starts, ids, side="right") - 1
-        out: dict[str, np.ndarray] = {}
+        rel = ids - starts[shard_of] if len(ids) else ids
+        order = np.argsort(shard_of, kind="stable")
+        cuts = np.flatnonzero(np.diff(shard_of[order])) + 1
+        groups = np.split(order, cuts) if len(ids) else []
+        out: dict[str, Tensor] = {}
         for key, name in fields.items():
             stored = self._arrays[0][name].dtype if self._arrays else np.float32
             floating = np.float16 if keep_fp16 and stored == np.float16 else np.float32
             dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64}.get(name, floating)
-            out[key] = np.zeros([len(ids), *self._row_shapes[name]], dtype=dtype)
-        order = np.argsort(shard_of, kind="stable")
-        cuts = np.flatnonzero(np.diff(shard_of[order])) + 1
-        for sel in np.split(order, cuts) if len(ids) else []:
-            s = shard_of[sel[0]]
-            rows = ids[sel] - starts[s]
-            key_idx = (rows,) if views is None else (rows, views[sel])
-            arrays = self._arrays[s]
-            for key, name in fields.items():
-                vals = arrays[name][key_idx]
-                if vals.dtype == np.int8:
-                    vals = dequantize_int8(vals, arrays[f"{name}_scale"][key_idx])
-                target = out[key]
-                if target.ndim > 1 and vals.shape[1] != target.shape[1]:
-                    target[sel, : vals.shape[1]] = vals
-                else:
-                    target[sel] = vals
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+            target = np.empty([len(ids), *self._row_shapes[name]], dtype=dtype)
+            for sel in groups:
+                arrays = self._arrays[shard_of[sel[0]]]
+                src, scale = arrays[name], arrays.get(f"{name}_scale")
+                width = src.shape[2 if views is not None else 1] if target.ndim > 1 else None
+                if width is not None and width != target.shape[1]:
+                    target[sel, width:] = 0
+                dst = target if width is None else target[:, :width]
+                if target[0].nbytes < ROW_COPY_BYTES:
+                    key_idx = (rel[sel],) if views is None else (rel[sel], views[sel])
+                    vals = src[key_idx]
+                    dst[sel] = vals if scale is None else dequantize_int8(vals, scale[key_idx])
+                    continue
+                for i in sel:
+                    at = (rel[i],) if views is None else (rel[i], views[i])
+                    if scale is None:
+                        dst[i] = src[at]
+                    else:
+                        np.multiply(src[at], scale[at][..., None], out=dst[i], dtype=np.float32)
+            out[key] = torch.from_numpy(target)
+        return out
 
 
 def bytes_per_sample(cache: TeacherCache) -> dict[str, float]:

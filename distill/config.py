@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
         # Optional first stage (e.g. CoMa compression warm-up): {steps: N, losses: [{name, cfg}],
         # weights: {name: w}}; its losses alone (fixed weights, default 1) train the first N steps.
         "warmup_stage": None,
+        # Least-squares start of the student's projection heads on this many training samples
+        # (0: off); see distill/projection_init.py.
+        "init_projections": 0,
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},

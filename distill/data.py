@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -109,6 +109,19 @@ class ImageTextDataset:
         return {"name": self.name, "split": self.split, "root": str(self.root), "num_images": self.num_images,
                 "num_captions": self.num_captions, "fingerprint": self.fingerprint(),
                 "skipped": len(self.skipped)}
+
+
+class TransformedImages:
+    """The images of a dataset through ``transform``, as a map-style dataset for a DataLoader."""
+
+    def __init__(self, data: ImageTextDataset, transform: Callable[[Image.Image], Any]) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int) -> Any:
+        return self.transform(self.data.load_image(i))
 
 
 def _safe_relpath(root: Path, rel: str, where: str) -> str:

@@ -19,30 +19,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.cache import MANIFEST, TeacherCache
-from distill.data import ImageTextDataset, load_dataset
+from distill.data import ImageTextDataset, TransformedImages, load_dataset
 from distill.metrics import retrieval_metrics
 
 METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
-
-
-class _Images(Dataset):
-    def __init__(self, data: ImageTextDataset, transform: Callable[[Any], Tensor]) -> None:
-        self.data, self.transform = data, transform
-
-    def __len__(self) -> int:
-        return self.data.num_images
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.transform(self.data.load_image(i))
 
 
 @torch.no_grad()
@@ -52,7 +41,7 @@ def encode_dataset(model: Any, data: ImageTextDataset, batch_size: int = 64, dev
     or a student: anything with ``image_transform``, ``encode_image``, ``tokenize``, ``encode_text``)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(_Images(data, model.image_transform()), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(TransformedImages(data, model.image_transform()), batch_size=batch_size, num_workers=num_workers)
     images = [model.encode_image(x.to(device)).embed.float().cpu()
               for x in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False)]
     texts = []

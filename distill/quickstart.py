@@ -78,7 +78,8 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
         frozen = max(0, k - args.trainable_image_blocks)
         argv += ["--student", "pruned", "--set", f"student.teacher={teacher}", "--set", f"student.image_layers={k}",
                  "--set", f"student.frozen_image_layers={frozen}", "--set", "student.freeze_text_embeddings=true",
-                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=5e-4"]
+                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=5e-4",
+                 "--set", "train.init_projections=512"]
     train_student.main(argv)
     return run / "student"
 
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     teacher = build_teacher(teacher_spec, device=args.device)
     student = load_student(student_dir, device=args.device)
     rows = [_row("teacher", teacher, evaluate_model(teacher, test, batch_size=64, device=args.device), args.device),
-            _row(f"student", student, evaluate_model(student, test, batch_size=64, device=args.device), args.device)]
+            _row("student", student, evaluate_model(student, test, batch_size=64, device=args.device), args.device)]
     table = format_table(rows)
     print(f"\nRetrieval on {test.name} {args.test_split} ({test.num_images} images, {test.num_captions} captions):\n{table}")
     (out / "quickstart.json").write_text(json.dumps({"data": args.data, "student": args.student, "steps": args.steps,

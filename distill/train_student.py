@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import importlib
 import math
 import random
@@ -287,6 +286,18 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
     return int(ckpt["step"]), int(ckpt["sampler"]["epoch"]), int(ckpt["sampler"]["position"]), int(ckpt["skipped_nonfinite"])
 
 
+def _init_projections(run: Run, samples: int) -> None:
+    """Least-squares start of the student's projection heads on the first training batches."""
+    from distill.projection_init import init_projections
+
+    run.sampler.set_epoch(0, 0)
+    report = init_projections(run.student, run.loader, samples, run.info.device)
+    if run.info.is_main:
+        fits = ", ".join(f"{m} cos {r['cos_before']:.3f} -> {r['cos_after']:.3f}"
+                         for m, r in report.items() if isinstance(r, dict))
+        print(f"distill: projection heads fitted to the teacher on {report['samples']} samples ({fits})", flush=True)
+
+
 def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
     """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path); returns a
     summary dict (also printed as one line by rank 0)."""
@@ -304,6 +315,8 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
         step, epoch, position, skipped = _restore(run, ckpt)
+    elif cfg["train"]["init_projections"]:
+        _init_projections(run, int(cfg["train"]["init_projections"]))
     if info.is_main:
         save_config(cfg, out / "config.yaml")
     logger = TrainLogger(out, resume_step=step) if info.is_main else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
-import torch
 from PIL import Image
 from torch import Tensor, nn
 
@@ -61,6 +60,12 @@ class Student(nn.Module, ABC):
     def tokenizer_info(self) -> dict[str, Any]:
         """JSON description of :meth:`tokenize` (name, context length, pad id)."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its tokenizer")
+
+    def projection_heads(self) -> dict[str, tuple[Callable[[Any], Tensor], Tensor]]:
+        """``{"image": (features, weight), "text": (...)}`` where ``embed = normalize(features(x) @ weight.T)``
+        and ``weight`` [embed_dim, width] can be written in place; used by ``train.init_projections``
+        (least-squares start in the teacher's space). Empty when the student has no such final map."""
+        return {}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters GradNorm measures gradient norms on (default: the last layer of each tower)."""

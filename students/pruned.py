@@ -89,6 +89,10 @@ class PrunedStudent(Student):
         pooled, tokens, mask = self.text_tower(batch)
         return TextFeatures(embed=l2_normalize(self.text_proj(pooled)), tokens=tokens, mask=mask)
 
+    def projection_heads(self) -> dict[str, tuple[Callable[[Any], Tensor], Tensor]]:
+        return {"image": (lambda pixels: self.image_tower(pixels)[0], self.image_proj.weight),
+                "text": (lambda batch: self.text_tower(batch)[0], self.text_proj.weight)}
+
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "teacher": self.teacher_spec, "image_layers": self.image_layers,
                 "text_layers": self.text_layers, "embed_dim": self.embed_dim,
@@ -140,13 +144,19 @@ def count_flops(fn: Callable[[Tensor], Any], pixels: Tensor) -> int:
 
 def half_compute_layers(teacher: Teacher | str, fraction: float = 0.5) -> int:
     """Number of image blocks k whose pruned tower costs closest to ``fraction`` of the teacher's
-    full image encoder (FLOPs on one image). The pruned tower's cost is affine in k, so it is
-    measured at k = 1 and k = 2 and solved for."""
+    full image encoder (FLOPs on one image). Block costs differ (a CNN's early high-resolution
+    blocks cost most), so every depth is measured, from 1 up, until the target is passed."""
     t = build_teacher(teacher) if isinstance(teacher, str) else teacher
     pixels = torch.zeros(1, 3, t.image_size, t.image_size, device=next(t.parameters()).device)
-    full = count_flops(lambda x: t.encode_image(x), pixels)
-    one, two = (count_flops(t.pruned_towers(k, 1).image, pixels) for k in (1, 2))
-    per_block = two - one
-    if per_block <= 0:
-        raise ValueError(f"teacher {t.spec!r}: pruned image tower FLOPs do not grow with depth ({one}, {two})")
-    return max(1, round((fraction * full - (one - per_block)) / per_block))
+    target = fraction * count_flops(lambda x: t.encode_image(x), pixels)
+    best, best_gap, k = 1, math.inf, 1
+    while True:
+        try:
+            cost = count_flops(t.pruned_towers(k, 1).image, pixels)
+        except ValueError:  # deeper than the teacher
+            return best
+        if abs(cost - target) < best_gap:
+            best, best_gap = k, abs(cost - target)
+        if cost >= target:
+            return best
+        k += 1

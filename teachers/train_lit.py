@@ -20,31 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distill.data import ImageTextDataset, load_dataset
+from distill.data import ImageTextDataset, TransformedImages, load_dataset
 from teachers.lit import LiTConfig, LiTTeacher
 
 MAX_LOG_SCALE = math.log(100.0)
-
-
-class _Images(Dataset):
-    def __init__(self, data: ImageTextDataset, transform) -> None:
-        self.data, self.transform = data, transform
-
-    def __len__(self) -> int:
-        return self.data.num_images
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.transform(self.data.load_image(i))
 
 
 @torch.no_grad()
 def precompute_features(teacher: LiTTeacher, data: ImageTextDataset, batch_size: int = 64, workers: int = 0,
                         device: str = "cpu", desc: str = "") -> tuple[Tensor, Tensor]:
     """Pooled frozen-tower features: (images [N, Ci], captions [M, Ct]) as float32 on CPU."""
-    loader = DataLoader(_Images(data, teacher.image_transform()), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(TransformedImages(data, teacher.image_transform()), batch_size=batch_size, num_workers=workers)
     images = []
     with tqdm(total=data.num_images, desc=f"{desc} image features", unit="img", dynamic_ncols=True) as bar:
         for pixels in loader:

@@ -87,7 +87,7 @@ def run_script(script: str, args: list[str], cwd: Path, teacher: str, steps: int
            "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     return subprocess.run(["bash", str(REPO / "examples" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

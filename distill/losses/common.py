@@ -3,7 +3,7 @@ masks and optional cross-rank gathering."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,22 @@ def gather_rows(t: Tensor, enabled: bool) -> tuple[Tensor, int]:
     if not enabled or not (dist.is_available() and dist.is_initialized()):
         return t, 0
     return all_gather_cat(t), dist.get_rank() * t.shape[0]
+
+
+class Gathered(NamedTuple):
+    """Image/text embeddings and image ids of the global batch, and this rank's row offset in it."""
+    img: Tensor
+    txt: Tensor
+    ids: Tensor
+    offset: int
+
+
+def gather_pairs(img: Tensor, txt: Tensor, image_ids: Tensor, enabled: bool) -> Gathered:
+    """:func:`gather_rows` applied to paired image/text embeddings and their image ids."""
+    all_img, offset = gather_rows(img, enabled)
+    all_txt, _ = gather_rows(txt, enabled)
+    all_ids, _ = gather_rows(image_ids.to(img.device), enabled)
+    return Gathered(all_img, all_txt, all_ids, offset)
 
 
 def mask_false_negatives(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int = 0) -> Tensor:

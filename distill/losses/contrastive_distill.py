@@ -25,7 +25,7 @@ from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import EmbedProjection, full_precision, gather_rows, mask_false_negatives
+from distill.losses.common import EmbedProjection, full_precision, gather_pairs, mask_false_negatives
 
 TERMS = ("img_img", "txt_txt", "img_txt", "txt_img")
 
@@ -53,10 +53,9 @@ class ContrastiveDistillLoss(DistillLoss):
         t = batch.teacher
         with full_precision(t.img_embed):
             student = {"img": self.proj(batch.s_img.embed), "txt": self.proj(batch.s_txt.embed)}
-            t_img, offset = gather_rows(t.img_embed.detach().float(), self.gather)
-            t_txt, _ = gather_rows(t.txt_embed.detach().float(), self.gather)
+            t_img, t_txt, all_ids, offset = gather_pairs(t.img_embed.detach().float(), t.txt_embed.detach().float(),
+                                                         batch.image_ids, self.gather)
             ids = batch.image_ids.to(t_img.device)
-            all_ids, _ = gather_rows(ids, self.gather)
             filled = int(self.queue_filled)
             queue = {"img": self.queue_img[:filled].clone(), "txt": self.queue_txt[:filled].clone()}
             queue_ids = self.queue_ids[:filled].clone()

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import full_precision, gather_rows, mask_false_negatives, same_image
+from distill.losses.common import full_precision, gather_pairs, mask_false_negatives, same_image
 
 
 class MACLoss(DistillLoss):
@@ -36,15 +36,12 @@ class MACLoss(DistillLoss):
         tau_intra = self.tau_intra(batch.step, batch.total_steps)
         with full_precision(batch.s_img.embed):
             img, txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
-            all_img, offset = gather_rows(img, self.gather)
-            all_txt, _ = gather_rows(txt, self.gather)
-            ids = batch.image_ids.to(img.device)
-            all_ids, _ = gather_rows(ids, self.gather)
-            labels = torch.arange(img.shape[0], device=img.device) + offset
-            same = same_image(ids, all_ids)
+            ids, g = batch.image_ids.to(img.device), gather_pairs(img, txt, batch.image_ids, self.gather)
+            labels = torch.arange(img.shape[0], device=img.device) + g.offset
+            same = same_image(ids, g.ids)
             losses = []
-            for anchor, same_modality, other_modality in ((img, all_img, all_txt), (txt, all_txt, all_img)):
-                inter = mask_false_negatives(anchor @ other_modality.T / self.tau_inter, ids, all_ids, offset)
+            for anchor, same_modality, other_modality in ((img, g.img, g.txt), (txt, g.txt, g.img)):
+                inter = mask_false_negatives(anchor @ other_modality.T / self.tau_inter, ids, g.ids, g.offset)
                 intra = (anchor @ same_modality.T / tau_intra).masked_fill(same, float("-inf"))
                 losses.append(F.cross_entropy(torch.cat([inter, intra], dim=1), labels))
             return (losses[0] + losses[1]) / 2

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import full_precision, gather_rows, mask_false_negatives
+from distill.losses.common import full_precision, gather_pairs, mask_false_negatives
 
 MAX_SCALE = 100.0
 
@@ -24,13 +24,10 @@ class StudentClipLoss(DistillLoss):
         with full_precision(batch.s_img.embed):
             scale = batch.student_logit_scale.float().exp().clamp(max=MAX_SCALE)
             img, txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
-            all_img, offset = gather_rows(img, self.gather)
-            all_txt, _ = gather_rows(txt, self.gather)
-            ids = batch.image_ids.to(img.device)
-            all_ids, _ = gather_rows(ids, self.gather)
-            labels = torch.arange(img.shape[0], device=img.device) + offset
-            i2t = mask_false_negatives(scale * img @ all_txt.T, ids, all_ids, offset)
-            t2i = mask_false_negatives(scale * txt @ all_img.T, ids, all_ids, offset)
+            ids, g = batch.image_ids.to(img.device), gather_pairs(img, txt, batch.image_ids, self.gather)
+            labels = torch.arange(img.shape[0], device=img.device) + g.offset
+            i2t = mask_false_negatives(scale * img @ g.txt.T, ids, g.ids, g.offset)
+            t2i = mask_false_negatives(scale * txt @ g.img.T, ids, g.ids, g.offset)
             return (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
 
 

@@ -1,0 +1,91 @@
+"""Least-squares start for a student's projection heads (``train.init_projections: N``).
+
+Before the first step, the student's pooled features of N training samples are regressed (ridge)
+onto the cached teacher embeddings of the same samples, and the solution is written into the
+student's final linear maps. The student then starts in the teacher's joint space (image and text
+aligned through the teacher) instead of from random projections, which matters most for short
+budgets and for students built from the teacher's own layers. When the student's embedding is
+narrower than the teacher's, the target is the teacher embedding projected on the top principal
+directions of the teacher's image and text embeddings. Under DDP the normal equations are summed
+over ranks, so every rank writes the same weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distill.train_data import TrainBatch
+from students.base import Student
+
+
+class ProjectionInitError(ValueError):
+    """The student or the settings do not allow a least-squares projection start."""
+
+
+def _all_reduce(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def init_projections(student: Student, batches: Iterable[TrainBatch], samples: int, device: torch.device,
+                     ridge: float = 1e-3) -> dict[str, Any]:
+    """Fit the student's projection heads on the first ``samples`` rows of ``batches`` (per rank);
+    returns the mean cosine between fitted and target embeddings per modality, before and after."""
+    heads = student.projection_heads()
+    if not heads:
+        raise ProjectionInitError(f"student {student.name!r} exposes no projection heads; "
+                                  "set train.init_projections=0")
+    feats: dict[str, list[Tensor]] = {m: [] for m in heads}
+    targets: dict[str, list[Tensor]] = {m: [] for m in heads}
+    was_training, seen = student.training, 0
+    student.eval()
+    for batch in batches:
+        batch = batch.to(device)
+        text = {k: v.to(device) for k, v in student.tokenize(batch.texts).items()}
+        inputs = {"image": batch.pixels, "text": text}
+        embeds = {"image": batch.teacher.img_embed, "text": batch.teacher.txt_embed}
+        for m, (features, _) in heads.items():
+            feats[m].append(features(inputs[m]).float())
+            targets[m].append(embeds[m].float())
+        seen += batch.pixels.shape[0]
+        if seen >= samples:
+            break
+    student.train(was_training)
+    if seen == 0:
+        raise ProjectionInitError("train.init_projections: the training data yielded no batch")
+    x = {m: torch.cat(v)[:samples] for m, v in feats.items()}
+    y = {m: torch.cat(v)[:samples] for m, v in targets.items()}
+    basis = _target_basis(torch.cat(list(y.values())), student.embed_dim)
+    report: dict[str, Any] = {"samples": min(seen, samples)}
+    for m, (features, weight) in heads.items():
+        target = y[m] @ basis
+        before = _mean_cos(x[m] @ weight.float().T, target)
+        gram = _all_reduce(x[m].T @ x[m])
+        cross = _all_reduce(x[m].T @ target)
+        reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], device=gram.device)
+        solution = torch.linalg.solve(gram + reg, cross)  # [width, embed_dim]
+        weight.copy_(solution.T.to(weight.dtype))
+        report[m] = {"cos_before": before, "cos_after": _mean_cos(x[m] @ solution, target)}
+    return report
+
+
+def _target_basis(teacher: Tensor, dim: int) -> Tensor:
+    """[Dt, dim]: the identity when the dims match, else the top ``dim`` principal directions."""
+    width = teacher.shape[1]
+    if dim == width:
+        return torch.eye(width, device=teacher.device)
+    if dim > width:
+        raise ProjectionInitError(f"train.init_projections: the student embedding ({dim}) is wider than the "
+                                  f"teacher's ({width})")
+    second_moment = _all_reduce(teacher.T @ teacher)
+    _, vectors = torch.linalg.eigh(second_moment)
+    return vectors[:, -dim:].flip(1)
+
+
+def _mean_cos(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
