@@ -17,6 +17,7 @@ model on the test split with the same protocol. Rows (``--rows``, default: all c
     pruned_random_init  pruned_full with randomly initialised projection heads (extra row; the
                      distilled pruned rows start from a least-squares fit to the teacher, --init-projections)
     pruned_full_x4   pruned_full trained 4x as many steps       (extra row)
+    pruned_no_teacher_x4  pruned_no_teacher trained 4x as many steps (extra row)
     tokens_int8      pruned_full on an int8 token cache      (extra row)
     tokens_grid2     pruned_full on a 2x2-pooled token cache (extra row)
     puma, coma, pmf, mwa   methods from related work (extra rows; see README)
@@ -49,7 +50,7 @@ RELATION = ["relation_kl", "triplet"]
 ALL = GLOBAL[:3] + TOKEN + RELATION + GLOBAL[3:]
 CORE_ROWS = ["teacher", "pruned_full", "pruned_no_teacher", "vit_full", "vit_no_teacher", "global_only",
              "global_token", "global_relation", "all_fixed", "views"]
-EXTRA_ROWS = ["pruned_random_init", "puma", "coma", "mwa", "pmf", "tokens_int8", "tokens_grid2", "pruned_full_x4"]
+EXTRA_ROWS = ["pruned_random_init", "puma", "coma", "mwa", "pmf", "tokens_int8", "tokens_grid2", "pruned_full_x4", "pruned_no_teacher_x4"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 
 
@@ -197,6 +198,9 @@ class Bench:
                                                            self.pruned_args(teacher_init=False)),
             "pruned_full_x4": lambda: self.student_row("pruned_full_x4", self.cache(), self.pruned_args(),
                                                        steps=4 * self.args.steps),
+            "pruned_no_teacher_x4": lambda: self.student_row("pruned_no_teacher_x4", self.cache(),
+                                                             self.pruned_args(teacher_init=False),
+                                                             losses_override(["student_clip"]), steps=4 * self.args.steps),
             "tokens_int8": lambda: self.student_row("tokens_int8", self.cache("cache_int8", "--dtype", "int8"),
                                                     self.pruned_args()),
             "tokens_grid2": lambda: self.student_row("tokens_grid2", self.cache("cache_grid2", "--image-tokens", "grid:2"),
