@@ -123,22 +123,30 @@ class ViTDualStudent(Student):
         """Embedding from the CLS token; ``tokens`` are the patch tokens after ``ln_post``.
         ``layers`` adds ``intermediates["image.<i>"]``: the residual stream after block i,
         mean-pooled over patch tokens (the teachers' convention)."""
+        pooled, tokens, inter = self._image_stream(pixels, layers)
+        return ImageFeatures(embed=l2_normalize(pooled @ self.clip.visual.proj), tokens=tokens,
+                             grid=(pixels.shape[-2] // self.clip.visual.patch_size[0],
+                                   pixels.shape[-1] // self.clip.visual.patch_size[1]),
+                             intermediates={f"image.{i}": y[:, 1:].mean(dim=1) for i, y in inter.items()})
+
+    def _image_stream(self, pixels: Tensor, layers: Sequence[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """(pooled CLS feature before the projection, patch tokens, residual streams of ``layers``)."""
         visual = self.clip.visual
-        x = visual._embeds(pixels)
-        x, inter = self._blocks(visual.transformer, x, None, layers)
+        x, inter = self._blocks(visual.transformer, visual._embeds(pixels), None, layers)
         pooled, tokens = visual._pool(x)
-        h, w = pixels.shape[-2] // visual.patch_size[0], pixels.shape[-1] // visual.patch_size[1]
-        return ImageFeatures(
-            embed=l2_normalize(pooled @ visual.proj),
-            tokens=tokens,
-            grid=(h, w),
-            intermediates={f"image.{i}": y[:, 1:].mean(dim=1) for i, y in inter.items()},
-        )
+        return pooled, tokens, inter
 
     def encode_text(self, batch: TextBatch, layers: Sequence[int] = ()) -> TextFeatures:
         """CLIP text encoding pooled at the EOT token (highest id). Ids may be shorter than the
         context length (e.g. trimmed padding). ``layers`` adds ``intermediates["text.<i>"]``: the
         residual stream after layer i, mean-pooled over real tokens."""
+        pooled, tokens, mask, inter = self._text_stream(batch, layers)
+        return TextFeatures(embed=l2_normalize(pooled @ self.clip.text_projection), tokens=tokens, mask=mask,
+                            intermediates={f"text.{i}": masked_mean(y, mask) for i, y in inter.items()})
+
+    def _text_stream(self, batch: TextBatch, layers: Sequence[int] = ()
+                     ) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
+        """(EOT feature before the projection, tokens after ``ln_final``, mask, streams of ``layers``)."""
         ids = batch["input_ids"]
         length = ids.shape[1]
         if length > self.cfg.context_length:
@@ -151,12 +159,11 @@ class ViTDualStudent(Student):
         tokens = clip.ln_final(x)
         eot, mask = ids.argmax(dim=-1), ids != CLIP_PAD_ID
         rows = torch.arange(ids.shape[0], device=ids.device)
-        return TextFeatures(
-            embed=l2_normalize(tokens[rows, eot] @ clip.text_projection),
-            tokens=tokens,
-            mask=mask,
-            intermediates={f"text.{i}": masked_mean(y, mask) for i, y in inter.items()},
-        )
+        return tokens[rows, eot], tokens, mask, inter
+
+    def projection_heads(self) -> dict[str, tuple[Callable[[Any], Tensor], Tensor]]:
+        return {"image": (lambda pixels: self._image_stream(pixels)[0], self.clip.visual.proj.T),
+                "text": (lambda batch: self._text_stream(batch)[0], self.clip.text_projection.T)}
 
     def config(self) -> dict[str, Any]:
         out = asdict(self.cfg)

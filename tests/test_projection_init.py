@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from distill.projection_init import ProjectionInitError, init_projections
 from distill.train_data import TrainBatch
 from students import build_student
 from tests.test_students import CAPTIONS  # noqa: F401  (also registers the "prunetoy" teacher)
-from tests.test_train import build_cache, tiny, train_args  # noqa: F401  (fixture)
+from tests.test_train import tiny, train_args  # noqa: F401  (fixture)
 
 
 def _student(embed_dim: int):
@@ -37,10 +38,18 @@ def _batches(student, maps: dict[str, torch.Tensor], n: int = 4, size: int = 8) 
     return out
 
 
-def test_fit_recovers_an_exact_linear_teacher():
-    student = _student(16)  # the toy teacher's width: the target basis is the identity
+def _vit(embed_dim: int = 16):
+    torch.manual_seed(0)
+    return build_student("vit", embed_dim=embed_dim, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
+                         patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
+
+
+@pytest.mark.parametrize("kind", ["pruned", "vit"])
+def test_fit_recovers_an_exact_linear_teacher(kind):
+    student = _student(16) if kind == "pruned" else _vit()  # the toy teacher's width: identity basis
+    widths = {"pruned": (24, 20), "vit": (32, 32)}[kind]
     g = torch.Generator().manual_seed(1)
-    maps = {"image": torch.randn(24, 16, generator=g), "text": torch.randn(20, 16, generator=g)}
+    maps = {"image": torch.randn(widths[0], 16, generator=g), "text": torch.randn(widths[1], 16, generator=g)}
     batches = _batches(student, maps)
     report = init_projections(student, batches, samples=32, device=torch.device("cpu"), ridge=1e-6)
     assert report["samples"] == 32
@@ -50,7 +59,9 @@ def test_fit_recovers_an_exact_linear_teacher():
     b = batches[0]
     with torch.no_grad():
         emb = student.encode_image(b.pixels).embed
+        txt = student.encode_text(student.tokenize(b.texts)).embed
     assert F.cosine_similarity(emb, b.teacher.img_embed, dim=-1).min() > 0.99
+    assert F.cosine_similarity(txt, b.teacher.txt_embed, dim=-1).min() > 0.99
     assert student.training  # training mode restored
 
 
@@ -71,10 +82,9 @@ def test_wider_student_and_headless_student_are_refused():
     maps = {"image": torch.randn(24, 16), "text": torch.randn(20, 16)}
     with pytest.raises(ProjectionInitError, match="wider than the teacher"):
         init_projections(wide, _batches(wide, maps, n=1), samples=8, device=torch.device("cpu"))
-    vit = build_student("vit", embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
-                        patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
+    headless = types.SimpleNamespace(name="headless", projection_heads=dict)
     with pytest.raises(ProjectionInitError, match="no projection heads"):
-        init_projections(vit, [], samples=8, device=torch.device("cpu"))
+        init_projections(headless, [], samples=8, device=torch.device("cpu"))
 
 
 def test_train_student_starts_from_fitted_projections(tiny, tmp_path, capsys):
