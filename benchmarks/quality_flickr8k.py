@@ -100,11 +100,15 @@ class Bench:
         sets = [f"student.teacher={self.teacher()}", f"student.image_layers={k}",
                 f"student.text_layers={self.args.text_layers}", f"student.frozen_image_layers={max(0, k - self.args.trainable_image_blocks)}",
                 "student.freeze_text_embeddings=true", f"train.lr={self.args.pruned_lr}"]
-        if teacher_init and self.args.init_projections:
-            sets.append(f"train.init_projections={self.args.init_projections}")
+        if teacher_init:
+            sets += self.init_sets()
         if student != "pruned":  # tuned students are built from the teacher's full towers
             sets = [f"student.teacher={self.teacher()}", f"train.lr={self.args.tuned_lr}"]
         return ["--student", student, *[a for s in sets for a in ("--set", s)]]
+
+    def init_sets(self) -> list[str]:
+        """``--set`` values of the least-squares projection start (distilled rows only)."""
+        return [f"train.init_projections={self.args.init_projections}"] if self.args.init_projections else []
 
     def train_argv(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
                    steps: int | None = None) -> list[str]:
@@ -191,7 +195,8 @@ class Bench:
                                                           self.pruned_args(teacher_init=False),
                                                           losses_override(["student_clip"])),
             "views": lambda: self.student_row("views", self.cache("cache_views2", "--views", "2"), self.pruned_args()),
-            "vit_full": lambda: self.student_row("vit_full", self.cache(), vit, f"train.lr={self.args.vit_lr}"),
+            "vit_full": lambda: self.student_row("vit_full", self.cache(), vit, f"train.lr={self.args.vit_lr}",
+                                                 *self.init_sets()),
             "vit_no_teacher": lambda: self.student_row("vit_no_teacher", self.cache(), vit, f"train.lr={self.args.vit_lr}",
                                                        losses_override(["student_clip"])),
             "pruned_random_init": lambda: self.student_row("pruned_random_init", self.cache(),
@@ -269,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vit-lr", type=float, default=5e-4)
     p.add_argument("--tuned-lr", type=float, default=1e-3)
     p.add_argument("--init-projections", type=int, default=512,
-                   help="distilled pruned rows: least-squares start of the projection heads on this many "
+                   help="distilled pruned and ViT rows: least-squares start of the projection heads on this many "
                         "samples (train.init_projections; 0: random init; never on the no-teacher rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
