@@ -139,3 +139,37 @@ def test_peak_memory(teacher_spec, tmp_path, capsys):
         assert r["phases"][phase]["peak_rss_mb"] >= r["phases"]["baseline"]["peak_rss_mb"] > 100
         assert r["net_peak_rss_mb"][phase] == pytest.approx(r["phases"][phase]["peak_rss_mb"] - r["phases"]["baseline"]["peak_rss_mb"])
     assert r["training_vs_caching_peak_rss"] == pytest.approx(r["phases"]["training"]["peak_rss_mb"] / r["phases"]["caching"]["peak_rss_mb"])
+
+
+def test_quality_rows_are_reused_resumed_or_retrained(tmp_path, monkeypatch):
+    """``quality_flickr8k``: a finished row with the same command line is reused, an interrupted one
+    resumes in place, and one trained with other settings is deleted (eval.json included) and
+    retrained."""
+    from benchmarks import quality_flickr8k as q
+    from distill import train_student
+
+    calls: list[list[str]] = []
+
+    def fake_train(argv: list[str]) -> dict:
+        calls.append(argv)
+        student = Path(argv[argv.index("--out") + 1]) / "student"
+        student.mkdir(parents=True, exist_ok=True)
+        (student / "student.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(train_student, "main", fake_train)
+    bench = q.Bench(q.parse_args(["--work", str(tmp_path)]))
+    argv = bench.train_argv("row", tmp_path / "cache", ["--student", "pruned"])
+    assert bench.train("row", argv) == tmp_path / "row" / "student" and len(calls) == 1
+    (tmp_path / "row" / "eval.json").write_text("{}")
+    bench.train("row", argv)
+    assert len(calls) == 1 and (tmp_path / "row" / "eval.json").is_file()  # reused
+    (tmp_path / "row" / "student" / "student.json").unlink()  # interrupted: checkpoints stay
+    (tmp_path / "row" / "checkpoints").mkdir()
+    bench.train("row", argv)
+    assert len(calls) == 2 and (tmp_path / "row" / "checkpoints").is_dir()
+    other = bench.train_argv("row", tmp_path / "cache", ["--student", "pruned"], "train.lr=1e-3")
+    bench.train("row", other)
+    assert len(calls) == 3 and not (tmp_path / "row" / "eval.json").exists()
+    assert not (tmp_path / "row" / "checkpoints").exists()
+    assert json.loads((tmp_path / "row" / "argv.json").read_text()) == other
