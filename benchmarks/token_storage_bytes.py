@@ -18,12 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.cache import TeacherCache, bytes_per_sample, is_image_array  # noqa: E402
+from distill.cache import TeacherCache, bytes_per_sample  # noqa: E402
 
 NAME = "token_storage_bytes"
 KEYS = ("image_total", "text_total", "per_image_with_captions")
@@ -39,22 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=4, help="side of the pooled token grid (grid:<g>)")
     p.add_argument("--shard-size", type=int, default=1024)
     return p
-
-
-def fp32_bytes(cache: TeacherCache) -> dict[str, float]:
-    """:func:`bytes_per_sample` of ``cache`` with every float16 array counted at 4 bytes."""
-    out: dict[str, float] = {}
-    totals: dict[str, int] = {}
-    for s in cache.manifest["shards"]:
-        for name, e in s["arrays"].items():
-            itemsize = 4 if np.dtype(e["dtype"]) == np.float16 else np.dtype(e["dtype"]).itemsize
-            totals[name] = totals.get(name, 0) + int(np.prod(e["shape"])) * itemsize
-    out = {n: t / (cache.num_images if is_image_array(n) else cache.num_captions) for n, t in sorted(totals.items())}
-    image = sum(v for k, v in out.items() if is_image_array(k))
-    text = sum(v for k, v in out.items() if not is_image_array(k))
-    out.update(image_total=image, text_total=text,
-               per_image_with_captions=image + text * cache.num_captions / max(cache.num_images, 1))
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -74,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             cache = TeacherCache(tmp / name)
             per_mode[name] = bytes_per_sample(cache)
             if name == "full_fp16":
-                per_mode = {"full_fp32": fp32_bytes(cache), **per_mode}
+                per_mode = {"full_fp32": bytes_per_sample(cache, fp16_as_fp32=True), **per_mode}
                 dims = cache.dims
     base = per_mode["full_fp32"]
     results = {"modes": {name: {**{k: b[k] for k in KEYS}, "arrays": {k: v for k, v in b.items() if k not in KEYS},

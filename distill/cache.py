@@ -256,7 +256,7 @@ class TeacherCache:
         the way, so every byte is read and written once; small rows are gathered per shard. Rows
         narrower than the widest shard (text tokens) are zero-padded."""
         shard_of = np.searchsorted(starts, ids, side="right") - 1
-        rel = ids - starts[shard_of] if len(ids) else ids
+        rel = ids - starts[shard_of]
         order = np.argsort(shard_of, kind="stable")
         cuts = np.flatnonzero(np.diff(shard_of[order])) + 1
         groups = np.split(order, cuts) if len(ids) else []
@@ -288,13 +288,16 @@ class TeacherCache:
         return out
 
 
-def bytes_per_sample(cache: TeacherCache) -> dict[str, float]:
+def bytes_per_sample(cache: TeacherCache, fp16_as_fp32: bool = False) -> dict[str, float]:
     """Payload bytes per image (image-level arrays, all views) and per caption (text arrays), plus
-    ``image_total``, ``text_total`` and ``per_image_with_captions`` (one image and its captions)."""
+    ``image_total``, ``text_total`` and ``per_image_with_captions`` (one image and its captions).
+    ``fp16_as_fp32`` counts float16 arrays at 4 bytes (what the same cache would take in float32)."""
     totals: dict[str, int] = {}
     for s in cache.manifest["shards"]:
         for name, e in s["arrays"].items():
-            totals[name] = totals.get(name, 0) + int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize
+            dtype = np.dtype(e["dtype"])
+            itemsize = 4 if fp16_as_fp32 and dtype == np.float16 else dtype.itemsize
+            totals[name] = totals.get(name, 0) + int(np.prod(e["shape"])) * itemsize
     out = {name: t / (cache.num_images if is_image_array(name) else cache.num_captions) for name, t in sorted(totals.items())}
     image_total = sum(v for k, v in out.items() if is_image_array(k))
     text_total = sum(v for k, v in out.items() if not is_image_array(k))

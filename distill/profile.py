@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -12,13 +12,16 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_flops(fn: Callable[[torch.Tensor], Any], pixels: torch.Tensor) -> int:
+    """Forward FLOPs of ``fn(pixels)`` (matmuls/convs, as counted by ``torch.utils.flop_counter``)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn(pixels)
+    return counter.get_total_flops()
+
+
 def image_gflops(model: Any, image_size: int, device: str = "cpu") -> float:
-    """Forward GFLOPs of ``model.encode_image`` for one image (matmuls/convs, as counted by torch)."""
-    pixels = torch.randn(1, 3, image_size, image_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.encode_image(pixels)
-    return counter.get_total_flops() / 1e9
+    """Forward GFLOPs of ``model.encode_image`` for one image."""
+    return count_flops(model.encode_image, torch.randn(1, 3, image_size, image_size, device=device)) / 1e9
 
 
 def images_per_second(model: Any, image_size: int, batch_size: int = 32, iters: int = 3, device: str = "cpu") -> float:

@@ -6,7 +6,7 @@ student's final linear maps. The student then starts in the teacher's joint spac
 aligned through the teacher) instead of from random projections, which matters most for short
 budgets and for students built from the teacher's own layers. When the student's embedding is
 narrower than the teacher's, the target is the teacher embedding projected on the top principal
-directions of the teacher's image and text embeddings. Under DDP the normal equations are summed
+directions of the teacher's image and text embeddings. Under DDP the normal equations are averaged
 over ranks, so every rank writes the same weights.
 """
 from __future__ import annotations
@@ -14,21 +14,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from distill.dist import all_reduce_mean
 from distill.train_data import TrainBatch
 from students.base import Student
 
 
 class ProjectionInitError(ValueError):
     """The student or the settings do not allow a least-squares projection start."""
-
-
-def _all_reduce(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 @torch.no_grad()
@@ -62,11 +56,11 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
     y = {m: torch.cat(v)[:samples] for m, v in targets.items()}
     basis = _target_basis(torch.cat(list(y.values())), student.embed_dim)
     report: dict[str, Any] = {"samples": min(seen, samples)}
-    for m, (features, weight) in heads.items():
+    for m, (_, weight) in heads.items():
         target = y[m] @ basis
         before = _mean_cos(x[m] @ weight.float().T, target)
-        gram = _all_reduce(x[m].T @ x[m])
-        cross = _all_reduce(x[m].T @ target)
+        gram = all_reduce_mean(x[m].T @ x[m])
+        cross = all_reduce_mean(x[m].T @ target)
         reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], device=gram.device)
         solution = torch.linalg.solve(gram + reg, cross)  # [width, embed_dim]
         weight.copy_(solution.T.to(weight.dtype))
@@ -82,7 +76,7 @@ def _target_basis(teacher: Tensor, dim: int) -> Tensor:
     if dim > width:
         raise ProjectionInitError(f"train.init_projections: the student embedding ({dim}) is wider than the "
                                   f"teacher's ({width})")
-    second_moment = _all_reduce(teacher.T @ teacher)
+    second_moment = all_reduce_mean(teacher.T @ teacher)
     _, vectors = torch.linalg.eigh(second_moment)
     return vectors[:, -dim:].flip(1)
 

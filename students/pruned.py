@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from distill.features import ImageFeatures, TextFeatures, l2_normalize
+from distill.profile import count_flops
 from students import STUDENTS
 from students.base import Student, TextBatch
 from teachers import Teacher, build_teacher
@@ -133,13 +133,6 @@ def _last_matrix(module: nn.Module, what: str) -> nn.Parameter:
     if not weights:
         raise ValueError(f"the pruned {what} tower has no trainable weight matrix")
     return weights[-1]
-
-
-def count_flops(fn: Callable[[Tensor], Any], pixels: Tensor) -> int:
-    """Forward FLOPs of ``fn(pixels)`` measured with ``torch.utils.flop_counter``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(pixels)
-    return counter.get_total_flops()
 
 
 def half_compute_layers(teacher: Teacher | str, fraction: float = 0.5) -> int:

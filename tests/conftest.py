@@ -15,6 +15,23 @@ FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", REPO.parent / "shared" / "data" /
 WORDS = ["red", "green", "blue", "dog", "cat", "runs", "sits", "on", "grass", "beach", "a", "the"]
 
 
+def tiny_openclip_spec(root: Path, vision_layers: int = 2) -> str:
+    """``openclip:<config.json>`` of a random-init 32 px ViT (patch 8, width 32) with a 2-layer text
+    tower; skips the test when the open_clip backend is unavailable."""
+    import json
+
+    from teachers import TEACHERS
+
+    if "openclip" not in TEACHERS:
+        pytest.skip("openclip teacher backend not available")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": vision_layers, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    path = root / f"tiny_vit_{vision_layers}.json"
+    path.write_text(json.dumps(cfg))
+    return f"openclip:{path}"
+
+
 def make_tiny_dataset(root: Path, n_images: int = 12, caps_per_image: int = 2, size: int = 40, seed: int = 0) -> Path:
     """Write ``n_images`` random JPEGs and a ``captions.tsv`` (image, caption); returns the TSV path."""
     rng = np.random.default_rng(seed)

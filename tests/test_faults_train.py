@@ -26,6 +26,7 @@ from distill.checkpoint import CheckpointError, load_checkpoint
 from distill.train_log import LOG_NAME, read_log
 from tests.conftest import REPO
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
+from tests.test_train_resume import die_at
 
 STEPS = 7
 EXTRA = ("--set", "train.checkpoint_every=3")  # checkpoints after steps 3 and 6 (and 7, the last)
@@ -92,7 +93,7 @@ def test_kill9_of_training_process_then_resume_is_identical(tiny, reference, tmp
 def test_torn_last_log_line_after_kill_is_dropped_on_resume(tiny, reference, tmp_path, monkeypatch):  # noqa: F811
     tsv, cache = tiny
     out = tmp_path / "torn"
-    _die_at(monkeypatch, 4)
+    die_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         ts.main(train_args(cache, tsv, out, STEPS, *EXTRA))
     with open(out / LOG_NAME, "a", encoding="utf-8") as f:  # a kill in the middle of a write
@@ -100,18 +101,6 @@ def test_torn_last_log_line_after_kill_is_dropped_on_resume(tiny, reference, tmp
     monkeypatch.undo()
     ts.main(train_args(cache, tsv, out, STEPS, *EXTRA, "--resume", "auto"))
     _assert_same_run(out, reference)
-
-
-def _die_at(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
-    """Make the training loop raise (like an interrupt) when it starts step index ``kill_at``."""
-    real = ts.train_step
-
-    def dying(run, batches, step):
-        if step == kill_at:
-            raise KeyboardInterrupt("simulated kill")
-        return real(run, batches, step)
-
-    monkeypatch.setattr(ts, "train_step", dying)
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, reference, tmp_path, monkeypatch):  # noqa: F811

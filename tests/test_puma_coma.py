@@ -3,7 +3,6 @@ the ``coma_reconstruct`` loss on hand-checkable cases, the ``train.warmup_stage`
 resume across it, and an optimizer built only from trainable parameters."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from distill.losses import DistillBatch, Dims, TeacherBatch, build_loss
 from distill.losses.coma_reconstruct import reconstruction_error
 from distill.losses.mac import MACLoss
 from distill.train_log import read_log
-from teachers import TEACHERS
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 
 PUMA_YAML = Path(__file__).resolve().parents[1] / "distill" / "configs" / "puma.yaml"
@@ -53,22 +51,12 @@ def test_deep_mse_is_mse_to_the_cached_final_embeddings():
     torch.testing.assert_close(loss(batch), expected)
 
 
-def _openclip_spec(root: Path) -> str:
-    if "openclip" not in TEACHERS:
-        pytest.skip("openclip teacher backend not available")
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    path = root / "tiny_puma_vit.json"
-    path.write_text(json.dumps(cfg))
-    return f"openclip:{path}"
-
-
 def test_tiny_puma_run(tmp_path, monkeypatch, capsys):
     """A 2-layer open_clip teacher: cache it, prune it to 1 layer per tower, train 5 PUMA steps."""
     from distill.cache_teacher import main as cache_main
-    from tests.conftest import make_tiny_dataset
+    from tests.conftest import make_tiny_dataset, tiny_openclip_spec
 
-    spec = _openclip_spec(tmp_path)
+    spec = tiny_openclip_spec(tmp_path)
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)
     cache_main(["--teacher", spec, "--data", str(tsv), "--out", str(tmp_path / "cache"), "--num-workers", "0",
                 "--batch-size", "8", "--device", "cpu"])

@@ -11,11 +11,13 @@ from torch import nn
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.features import masked_mean
+from distill.profile import count_flops
 from students import build_student, load_student, save_student
-from students.pruned import count_flops, half_compute_layers
+from students.pruned import half_compute_layers
 from students.vit_dual import VIT_PRESETS
 from teachers import TEACHERS, build_teacher
 from teachers.base import PrunedTowers
+from tests.conftest import tiny_openclip_spec
 from tests.toy_teacher import ToyTeacher
 
 TINY = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
@@ -329,13 +331,7 @@ def test_pruned_student_of_openclip_teacher(vit, tmp_path: Path):
 
 
 def test_half_compute_layers_on_openclip_teacher(tmp_path: Path):
-    if "openclip" not in TEACHERS:
-        pytest.skip("openclip teacher backend not available")
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 8, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    path = tmp_path / "tiny_half_vit.json"
-    path.write_text(json.dumps(cfg))
-    teacher = build_teacher(f"openclip:{path}")
+    teacher = build_teacher(tiny_openclip_spec(tmp_path, vision_layers=8))
     k = half_compute_layers(teacher)
     pixels = torch.zeros(1, 3, 32, 32)
     ratio = count_flops(teacher.pruned_towers(k, 1).image, pixels) / count_flops(teacher.encode_image, pixels)

@@ -13,6 +13,18 @@ from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 STEPS, KILL_AT = 7, 5  # checkpoints every 3 steps: the killed run resumes from step 3 and redoes 4..5
 
 
+def die_at(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
+    """Make the training loop raise (like an interrupt) when it starts step index ``kill_at``."""
+    real = ts.train_step
+
+    def dying(run, batches, step):
+        if step == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+        return real(run, batches, step)
+
+    monkeypatch.setattr(ts, "train_step", dying)
+
+
 def _trajectory(out):
     return [{k: v for k, v in r.items() if k not in ("samples_per_s",)} for r in read_log(out)]
 
@@ -22,20 +34,13 @@ def test_killed_run_resumes_bitwise(tiny, tmp_path, monkeypatch):
     extra = ("--set", "train.accum_steps=2", "--set", "train.checkpoint_every=3")
     ts.main(train_args(cache, tsv, tmp_path / "full", STEPS, *extra))
 
-    real_step = ts.train_step
-
-    def dying_step(run, batches, step):
-        if step == KILL_AT:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(run, batches, step)
-
-    monkeypatch.setattr(ts, "train_step", dying_step)
+    die_at(monkeypatch, KILL_AT)
     with pytest.raises(KeyboardInterrupt):
         ts.main(train_args(cache, tsv, tmp_path / "cut", STEPS, *extra))
     assert [r["step"] for r in read_log(tmp_path / "cut")] == [1, 2, 3, 4, 5]
     ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
     assert ckpt["step"] == 3 and ckpt["sampler"] == {"epoch": 1, "position": 3}  # 6 micro-batches, 3 per epoch
-    monkeypatch.setattr(ts, "train_step", real_step)
+    monkeypatch.undo()
 
     ts.main(train_args(cache, tsv, tmp_path / "cut", STEPS, *extra, "--resume", "auto"))
     full, resumed = _trajectory(tmp_path / "full"), _trajectory(tmp_path / "cut")
