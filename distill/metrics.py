@@ -34,6 +34,11 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 EXACT_CHUNK = 1 << 20  # float64 elements per gathered block in _exact_scores (8 MiB)
 
 
+def _rows_per_chunk(width: int) -> int:
+    """Rows of a ``width``-wide matrix that make about ``EXACT_CHUNK`` elements."""
+    return max(1, EXACT_CHUNK // max(1, width))
+
+
 def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
     if image_emb.dim() != 2 or text_emb.dim() != 2:
         raise ValueError(f"embeddings must be 2-D, got image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)}")
@@ -44,7 +49,7 @@ def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
     if image_emb.device != text_emb.device:
         raise ValueError(f"embeddings on different devices: {image_emb.device} vs {text_emb.device}")
     for name, e in (("image", image_emb), ("text", text_emb)):
-        step = max(1, EXACT_CHUNK // max(1, e.shape[1]))  # blocks: isfinite of the whole matrix needs several copies of it
+        step = _rows_per_chunk(e.shape[1])  # blocks: isfinite of the whole matrix needs several copies of it
         if not all(bool(torch.isfinite(e[s:s + step]).all()) for s in range(0, e.shape[0], step)):
             raise ValueError(f"{name} embeddings contain NaN or Inf")
 
@@ -68,7 +73,7 @@ def _exact_scores(img: Tensor, txt: Tensor, rows: Tensor, cols: Tensor, dtype: t
     """Dot products of (rows[k], cols[k]) pairs in float64, rounded to ``dtype``; computed in chunks
     of about ``EXACT_CHUNK`` float64 elements so that memory does not grow with the number of pairs."""
     out = torch.empty(rows.shape[0], dtype=dtype, device=img.device)
-    step = max(1, EXACT_CHUNK // max(1, img.shape[1]))
+    step = _rows_per_chunk(img.shape[1])
     for s in range(0, rows.shape[0], step):
         out[s:s + step] = (img[rows[s:s + step]].double() * txt[cols[s:s + step]].double()).sum(-1).to(dtype)
     return out
@@ -76,7 +81,7 @@ def _exact_scores(img: Tensor, txt: Tensor, rows: Tensor, cols: Tensor, dtype: t
 
 def _max_norm(e: Tensor) -> Tensor:
     """Largest float64 row norm, computed in blocks (no float64 copy of the whole matrix)."""
-    step = max(1, EXACT_CHUNK // max(1, e.shape[1]))
+    step = _rows_per_chunk(e.shape[1])
     return torch.stack([e[s:s + step].double().norm(dim=1).max() for s in range(0, e.shape[0], step)]).max()
 
 

@@ -55,12 +55,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.features import ImageFeatures, TextFeatures, l2_normalize
 from students import STUDENTS
 from students.base import Student, TextBatch
 from teachers import build_teacher
-from teachers.common import feature_map_tokens
-from teachers.lit import LiTTeacher
+from teachers.common import feature_map_tokens, tokenize_padded
+from teachers.lit import LiTTeacher, pool_text
 
 # torchvision's residual "expand -> depthwise -> project" blocks (MobileNetV2/V3, EfficientNet)
 RESIDUAL_BLOCKS = ("InvertedResidual", "MBConv", "FusedMBConv")
@@ -102,9 +102,7 @@ class _TunedStudent(Student):
         return self._transform
 
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        out = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=self._max_length,
-                              return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return tokenize_padded(self._tokenizer, texts, self._max_length)
 
     def preprocess_info(self) -> dict[str, Any]:
         return dict(self._preprocess)
@@ -117,7 +115,7 @@ class _TunedStudent(Student):
         return sum(p.numel() for p in self.parameters() if p.requires_grad) / self.num_params()
 
     def _pool_text(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        return masked_mean(hidden, mask) if self._pooling == "mean" else hidden[:, 0]
+        return pool_text(hidden, mask, self._pooling)
 
 
 # ------------------------------------------------------------------------------------------- mwa

@@ -1,9 +1,10 @@
-"""Helpers shared by the teacher backends: forward-hook capture, layer checks, pooling, seeding."""
+"""Helpers shared by the teacher backends: forward-hook capture, layer checks, pooling, seeding,
+tokenization."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,3 +74,9 @@ def seeded(seed: int = 0) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def tokenize_padded(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
+    """A transformers tokenizer's ids and attention mask, padded/truncated to ``max_length``."""
+    out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
 from teachers import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
-from teachers.common import check_layers, check_prune_depth, require_dir
+from teachers.common import check_layers, check_prune_depth, require_dir, tokenize_padded
 
 SUPPORTED = (CLIPModel, SiglipModel)
 
@@ -68,9 +68,7 @@ class HFTeacher(Teacher):
                 "mean": list(p.image_mean), "std": list(p.image_std)}
 
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                             return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return tokenize_padded(self.tokenizer, texts, self.context_length)
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {"name": type(self.tokenizer).__name__, "path": str(self.folder), "context_length": self.context_length,

@@ -35,7 +35,8 @@ from transformers import AutoModel, AutoTokenizer
 from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
 from teachers import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
-from teachers.common import OutputCapture, check_layers, check_prune_depth, feature_map_tokens, require_dir, seeded
+from teachers.common import (OutputCapture, check_layers, check_prune_depth, feature_map_tokens, require_dir, seeded,
+                             tokenize_padded)
 
 CONFIG_FILE, WEIGHTS_FILE = "lit.json", "projections.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -120,6 +121,11 @@ class TimmTrunk(nn.Module):
         return self.model.forward_features(x)
 
 
+def pool_text(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """Sentence feature: masked mean over tokens (``"mean"``) or the first token (``"cls"``)."""
+    return masked_mean(hidden, mask) if pooling == "mean" else hidden[:, 0]
+
+
 class LiTTeacher(Teacher):
     """Frozen image backbone + frozen text encoder + trained linear projections."""
 
@@ -191,9 +197,7 @@ class LiTTeacher(Teacher):
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return tokenize_padded(self.tokenizer, texts, self.cfg.max_length)
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {"name": type(self.tokenizer).__name__, "path": self.cfg.text_model or "default:all-MiniLM-L6-v2",
@@ -215,7 +219,7 @@ class LiTTeacher(Teacher):
         return fmap, {k: v.mean(dim=(2, 3)) for k, v in cap.outputs.items()}
 
     def _pool_text(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        return masked_mean(hidden, mask) if self.cfg.pooling == "mean" else hidden[:, 0]
+        return pool_text(hidden, mask, self.cfg.pooling)
 
     def text_encoder(self, batch: TextBatch, layers: Sequence[int] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Frozen text encoder: -> (last hidden state [B,L,C], pooled [B,C], pooled intermediates)."""
