@@ -198,6 +198,9 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("batch_size", "accum_steps"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    samples = train["init_projections"]
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
     if train["warmup_stage"] is not None:
         _check_warmup_stage(train)
 

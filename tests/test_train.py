@@ -287,6 +287,10 @@ def test_config_overrides_and_presets(tmp_path):
         resolve_config(overrides=["train.precision=fp8"])
     with pytest.raises(ConfigError, match="distinct names"):
         resolve_config(overrides=["losses=[cosine, cosine]"])
+    for bad in ("-1", "0.5", "true"):
+        with pytest.raises(ConfigError, match="train.init_projections"):
+            resolve_config(overrides=[f"train.init_projections={bad}"])
+    assert resolve_config(overrides=["train.init_projections=64"])["train"]["init_projections"] == 64
 
     args = ts.build_parser().parse_args(["--preset", "cpu", "--epochs", "2", "--batch-size", "8", "--set", "train.steps=100"])
     cfg = ts.config_from_args(args)
