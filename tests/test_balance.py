@@ -397,3 +397,31 @@ def test_gradnorm_state_round_trip_nan_term_and_requires_params():
     assert w["small"] == 0.0 and torch.isfinite(total) and torch.isfinite(bal.weights).all()
     with pytest.raises(ValueError, match="shared_params"):
         bal(toy_losses(shared))
+
+
+# ---------------------------------------------------------------- weight trajectories plot
+def test_weights_png_from_the_train_log(tmp_path):
+    from PIL import Image
+
+    from distill.train_log import TrainLogger, plot_losses, plot_weights
+
+    log = TrainLogger(tmp_path, tensorboard=False)
+    log.log({"kind": "train", "step": 1, "loss/a": 2.0})
+    log.close()
+    assert plot_weights(tmp_path) is None  # no weights logged
+    log = TrainLogger(tmp_path, tensorboard=False)
+    bal = build_balancer("dynamic", ["student_clip", "feature_l1"], ref_steps=2)
+    for step in range(1, 30):
+        losses = {"student_clip": 3.0, "feature_l1": 0.5 * 0.9**step}
+        _, w = bal(L(**losses))
+        log.log({"kind": "train", "step": step, **{f"loss/{k}": v for k, v in losses.items()},
+                 **{f"weight/{k}": v for k, v in w.items()}})
+    log.close()
+    assert plot_losses(tmp_path) == tmp_path / "plots" / "losses.png"
+    png = tmp_path / "plots" / "weights.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size == (800, 450)
+        # the two weight lines are drawn in colour (the axes, grid and dashed mean line are grey)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+        assert (np.ptp(rgb, axis=2) > 80).sum() > 500
