@@ -2,7 +2,8 @@
 distillation, arXiv 2404.10838), kept for reproducing that method; it was this project's ``dynamic``
 balancer before ``dynamic`` was redesigned (see distill/balance/dynamic.py for why).
 
-Magnitude normalisation x loss-descent-rate softmax, EMA. At every step, without gradient through the weights, for the K terms with losses ``L_i(t)``:
+Magnitude normalisation x loss-descent-rate softmax, EMA. At every step, without gradient through
+the weights, for the K terms with losses ``L_i(t)``:
 
 * magnitude normalisation ``m_i = max_j L_j(t) / L_i(t)`` (every weighted term gets the magnitude of
   the largest one);

@@ -18,9 +18,9 @@ micro-batch), without gradient through the weights:
   early large values and keeps a plateaued term looking "descending" for several slow horizons;
   in the log domain those values weigh by their log-distance only.
 * **target** ``u_i = p_i * exp(r_i / T)`` (``priors`` p_i, default 1; ``temperature`` T, default
-  0.5: ``r`` 0.7 against 1 is a 1.8x weight ratio, minibatch noise in ``r`` moves a weight by a
-  few percent). A plateaued term gains weight relative to one that is still descending fast. A term with
-  no more than ``ref_steps`` valid values has no rate yet and gets the mean of the established
+  0.5: ``r`` 0.7 against 1 is a 1.8x weight ratio, 5% minibatch noise in a loss moves its weight
+  by about 2%). A plateaued term gains weight relative to one that is still descending fast. A
+  term with no more than ``ref_steps`` valid values has no rate yet and gets the mean of the established
   terms' ``r / T`` (its prior alone), so the first ``ref_steps`` calls use the priors (uniform by
   default).
 * **weights** ``w_i = clip(s * u_i, floor_i, cap)``, with the one scale ``s`` that makes the mean
@@ -29,7 +29,7 @@ micro-batch), without gradient through the weights:
   retrieval-shaping terms never get less than half the mean weight. Given floors are merged over
   these defaults; give 0 to remove one. ``cap`` defaults to 3 (three times the mean). If the
   floors of the valid terms add up to more than K' (possible only with floors above 1 while other
-  terms are skipped), each of those terms gets exactly its floor.
+  terms are skipped), every valid term gets exactly its floor (0 where it has none).
 
 ``weights`` (as logged) are the ``w_i``. The raw loss is multiplied by ``w_i / ref_i``
 (:meth:`DynamicBalancer.references`). A term whose loss is non-finite or <= 0 gets weight 0 for
