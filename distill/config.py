@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
         # Least-squares start of the student's projection heads on this many training samples
         # (0: off); see distill/projection_init.py.
         "init_projections": 0,
+        # The Distiller's shared student->teacher embedding projections: auto (identity when the
+        # widths match) | linear (always a learned map); see distill/losses/projection.py.
+        "embed_projection": "auto",
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -198,6 +201,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("batch_size", "accum_steps"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["embed_projection"] not in ("auto", "linear"):
+        raise ConfigError(f"train.embed_projection must be auto or linear, got {train['embed_projection']!r}")
     samples = train["init_projections"]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
         raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
