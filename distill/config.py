@@ -20,7 +20,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
 WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
 
-#: The paper's full multiscale loss set.
+#: The paper's full multiscale loss set. The recipe lives in each loss's defaults: contrastive_distill
+#: with the caption-mean target for image->text (text_target: both), multi-positive terms and the
+#: shared 8192-row teacher queue; relation_kl at its own temperature 0.07 with tau^2 scaling and the
+#: queue as extra columns; student_clip multi-positive; one shared, least-squares-startable projection
+#: per modality (train.embed_projection, train.init_projections). See docs of distill/losses/*.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
 DEFAULTS: dict[str, Any] = {
