@@ -11,6 +11,7 @@ from distill.features import ImageFeatures, TextFeatures
 from distill.losses import LOSSES, DistillBatch, Dims, TeacherBatch, build_loss
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
+from tests.test_train import tiny  # noqa: F401  (module fixture)
 
 RNG = np.random.default_rng(0)
 
@@ -635,3 +636,56 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
     out.backward()
     if name != "token":
         assert s_img.grad is not None and torch.isfinite(s_img.grad).all()
+
+
+# ---------------------------------------------------------------- caption-mean target from the loader
+def test_loader_serves_the_caption_mean_of_all_captions(tiny):
+    from distill.cache import TeacherCache
+    from distill.train_data import fetch_teacher
+
+    _, cache_dir = tiny
+    cache = TeacherCache(cache_dir)
+    images = np.array([3, 0, 3, 5])
+    caption = cache.offsets[images] + 1
+    teacher = fetch_teacher(cache, images, caption, np.zeros_like(images), keep_fp16=True)
+    for row, i in enumerate(images):
+        caps = cache.texts(np.arange(cache.offsets[i], cache.offsets[i + 1]))["embed"]
+        assert len(caps) == 2
+        expected = torch.nn.functional.normalize(caps.mean(0), dim=0)
+        torch.testing.assert_close(teacher.txt_embed_mean[row], expected, rtol=1e-5, atol=1e-6)
+    assert teacher.txt_embed_mean.dtype == torch.float32
+    # the sampled caption's own embedding differs from the mean
+    assert not torch.allclose(teacher.txt_embed_mean, teacher.txt_embed.float())
+
+
+# ---------------------------------------------------------------- the distiller's shared projections and queue
+def test_distiller_owns_one_projection_per_modality_and_one_queue():
+    from distill.distiller import build_distiller
+    from students import build_student
+
+    torch.manual_seed(0)
+    student = build_student("vit", embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
+                            patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
+    d = Dims(16, 24, student.image_token_dim, student.text_token_dim, 8, 8)
+    cfg = [{"name": "contrastive_distill", "cfg": {"queue_size": 8}}, {"name": "relation_kl", "cfg": {"queue_size": 4}},
+           {"name": "cosine"}, {"name": "student_clip"}]
+    distiller = build_distiller(student, d, cfg, {"name": "fixed", "cfg": {}})
+    assert set(distiller.projections.linear_maps()) == {"image", "text"} and distiller.queue.size == 8
+    assert all(len(list(loss.parameters())) == 0 for loss in distiller.losses.values())
+    assert not any(n.startswith("queue.") for n in distiller.rollback_buffers())
+    pixels = torch.randn(3, 3, 32, 32)
+    text = student.tokenize(["a dog", "a cat", "the sea"])
+    teacher = TeacherBatch(t(rand_unit(3, 24)), t(rand_unit(3, 24)))
+    out = distiller(pixels, text, teacher, torch.tensor([0, 1, 2]))
+    assert distiller.queue.pending_rows() == 3 and int(distiller.queue.filled) == 0  # written only at commit
+    out.total.backward()
+    for name in ("image", "text"):
+        assert distiller.projections.linear_maps()[name].weight.grad.abs().sum() > 0
+    distiller.commit_queues()
+    assert distiller.queue.ids.tolist()[:3] == [0, 1, 2] and distiller.queue.pending_rows() == 0
+    distiller.eval()
+    with torch.no_grad():
+        distiller(pixels, text, teacher, torch.tensor([3, 4, 5]))
+    assert distiller.queue.pending_rows() == 0  # evaluation forwards never enqueue
+    only_token = build_distiller(student, d, [{"name": "token"}], {"name": "fixed", "cfg": {}})
+    assert only_token.projections is None and only_token.queue is None
