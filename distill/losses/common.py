@@ -69,7 +69,8 @@ def gather_pairs(img: Tensor, txt: Tensor, image_ids: Tensor, enabled: bool) -> 
     return Gathered(all_img, all_txt, all_ids, offset)
 
 
-def positives_and_mask(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int, multi_positive: bool) -> tuple[Tensor, Tensor]:
+def positives_and_mask(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int,
+                       multi_positive: bool) -> tuple[Tensor, Tensor]:
     """(logits, positives) for an in-batch block whose own pair is column ``offset + i``: with
     ``multi_positive`` every column of the same image is a positive, otherwise the other columns of
     the same image are masked to ``-inf`` (false negatives) and only the own pair is positive."""
