@@ -20,7 +20,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
 WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
 
-#: The paper's full multiscale loss set.
+#: The paper's full multiscale loss set. The recipe lives in each loss's defaults: contrastive_distill
+#: with the caption-mean target for image->text (text_target: both), multi-positive terms and the
+#: shared 8192-row teacher queue; relation_kl at its own temperature 0.07 with tau^2 scaling and the
+#: queue as extra columns; student_clip multi-positive; one shared, least-squares-startable projection
+#: per modality (train.embed_projection, train.init_projections). See docs of distill/losses/*.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
 DEFAULTS: dict[str, Any] = {
@@ -61,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
         # Least-squares start of the student's projection heads on this many training samples
         # (0: off); see distill/projection_init.py.
         "init_projections": 0,
+        # The Distiller's shared student->teacher embedding projections: auto (identity when the
+        # widths match) | linear (always a learned map); see distill/losses/projection.py.
+        "embed_projection": "auto",
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -198,6 +205,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("batch_size", "accum_steps"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["embed_projection"] not in ("auto", "linear"):
+        raise ConfigError(f"train.embed_projection must be auto or linear, got {train['embed_projection']!r}")
     samples = train["init_projections"]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
         raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
