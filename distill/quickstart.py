@@ -69,8 +69,7 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     run = out / f"student_{args.student}"
     argv = ["--preset", "cpu", "--cache", str(cache), "--data", args.data, "--split", args.train_split,
             "--out", str(run), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto",
-            "--set", f"train.warmup_steps={max(1, args.steps // 10)}"]
+            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto"]
     if args.student == "pruned":
         from students.pruned import half_compute_layers
 

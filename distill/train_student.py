@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from distill import dist as D
 from distill.cache import TeacherCache
 from distill.checkpoint import find_resume, load_checkpoint, save_checkpoint, set_rng_state
-from distill.config import presets, resolve_config, save_config
+from distill.config import presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
 from distill.distiller import Distiller, build_distiller, loss_dims
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
@@ -155,7 +155,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                          f"number of optimizer steps ({total})")
 
     optimizer = make_optimizer(distiller, train)
-    warmup, min_ratio = int(train["warmup_steps"]), float(train["min_lr_ratio"])
+    warmup, min_ratio = warmup_steps(train["warmup_steps"], total), float(train["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))
     if train["precision"] == "fp16" and info.device.type != "cuda":
         raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
