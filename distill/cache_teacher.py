@@ -8,6 +8,7 @@ produces the same bytes as an uninterrupted run; under ``torchrun`` rank r write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -31,6 +32,7 @@ from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheE
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from distill.wds import samples_per_shard
 from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, build_teacher
 
@@ -462,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", default=None, help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per teacher forward")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per shard (default: 1024; for webdataset input the samples per tar shard)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for the teacher (CUDA only)")
@@ -485,10 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CacheSettings:
     lo, hi = (float(x) for x in args.view_scale.split(","))
-    if args.views < 1 or args.shard_size < 1 or args.batch_size < 1:
+    shard_size = 1024 if args.shard_size is None else args.shard_size
+    if args.views < 1 or shard_size < 1 or args.batch_size < 1:
         raise ValueError("--views, --shard-size and --batch-size must be >= 1")
     return CacheSettings(parse_token_mode(args.image_tokens), parse_token_mode(args.text_tokens, allow_grid=False),
-                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), args.shard_size)
+                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), shard_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -504,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
         if ds.skipped and info.is_main:
             print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
+        if args.shard_size is None and samples_per_shard(ds):  # webdataset: one cache shard per tar shard
+            settings = dataclasses.replace(settings, shard_size=samples_per_shard(ds))
         source = {"teacher": teacher.config_hash(), "dataset": ds.fingerprint(), "settings": settings.key()}
         if args.overwrite:
             if info.is_main:

@@ -1,4 +1,5 @@
-"""Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON and the Flickr8k layout.
+"""Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON, the Flickr8k layout and
+webdataset ``.tar`` shards (:mod:`distill.wds`).
 
 Every loader returns an :class:`ImageTextDataset` whose captions are grouped by image
 (``offsets[i]:offsets[i+1]`` are the captions of image ``i``), which is the layout of the cache and
@@ -366,8 +367,12 @@ def load_dataset(path: str | Path, split: str | None = None, images_root: str | 
     ``on_bad_sample="skip"`` drops bad rows (and, by default, images that fail to decode) and
     records them in ``dataset.skipped``; ``"error"`` raises on the first one, naming file and row.
     """
-    path = Path(path)
     check = (on_bad_sample == "skip") if check_decode is None else check_decode
+    from distill.wds import is_webdataset, load_webdataset
+
+    if is_webdataset(path):
+        return load_webdataset(path, split, images_root, on_bad_sample, check)
+    path = Path(path)
     root = Path(images_root) if images_root else None
     if path.is_dir():
         if (path / "captions.tsv").is_file() and (path / "splits").is_dir():
