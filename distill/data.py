@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,15 +159,16 @@ class TransformedImages:
 
 
 def _safe_relpath(root: Path, rel: str, where: str) -> str:
-    """Reject absolute paths and paths that escape ``root`` (``..``, symlinks out of it)."""
+    """Reject absolute paths and paths whose text leaves ``root`` through ``..``. Symlinks inside
+    the root (e.g. ``images -> /mnt/big/images``) are the user's own and are followed."""
     if not rel:
         raise BadSampleError(f"{where}: empty image path")
     p = Path(rel)
     if p.is_absolute():
         raise BadSampleError(f"{where}: image path {rel!r} is absolute; paths must be relative to {root}")
-    full = (root / p).resolve()
-    if not full.is_relative_to(root.resolve()):
-        raise BadSampleError(f"{where}: image path {rel!r} escapes the data root {root}")
+    if os.path.normpath(p).split(os.sep)[0] == "..":
+        raise BadSampleError(f"{where}: image path {rel!r} escapes the data root {root} through '..' "
+                             "(symlinks inside the root are followed; '..' paths are refused)")
     return p.as_posix()
 
 
@@ -199,7 +201,8 @@ def _assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: st
                     rel = _safe_relpath(root, image, where)
                     path = root / rel
                     if not path.is_file():
-                        raise BadSampleError(f"{where}: image file not found: {path}")
+                        raise BadSampleError(f"{where}: image file not found: {path} (image paths are relative to "
+                                             f"{root}; pass --images-root DIR if the images are elsewhere)")
                     if check_decode:
                         try:
                             with Image.open(path) as im:
