@@ -30,6 +30,7 @@ from tqdm import tqdm
 from distill.augment import apply_view, sample_view_params
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
+from distill.config import ConfigError
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from distill.wds import samples_per_shard
@@ -312,7 +313,8 @@ def clear_cache(out: Path) -> None:
 
 # -- the writer ----------------------------------------------------------------------------------
 def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batches: Any, settings: CacheSettings,
-                  batch_size: int, amp: bool, progress: tqdm) -> tuple[Arrays, tuple[int, int] | None]:
+                  batch_size: int, amp: bool, progress: tqdm, caption_progress: tqdm | None = None
+                  ) -> tuple[Arrays, tuple[int, int] | None]:
     """Consume this shard's image batches from the loader iterator and encode its captions."""
     parts: dict[str, list[np.ndarray]] = {}
     grid = None
@@ -330,6 +332,8 @@ def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batch
     for start in range(a, b, batch_size):
         for k, arr in text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp).items():
             parts.setdefault(k, []).append(arr)
+        if caption_progress is not None:
+            caption_progress.update(min(start + batch_size, b) - start)
     out = {k: concat_padded(v) for k, v in parts.items()}
     out["view_params"] = np.concatenate(params)
     return out, grid
@@ -355,10 +359,12 @@ def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: Ca
                         num_workers=num_workers if batches else 0, collate_fn=collate_views)
     progress = tqdm(total=sum(p.num_images for p in todo), unit="img", disable=not info.is_main, desc="caching",
                     file=sys.stderr, dynamic_ncols=True)
+    captions = tqdm(total=sum(p.caption_range[1] - p.caption_range[0] for p in todo), unit="caption", position=1,
+                    disable=not info.is_main, desc="captions", file=sys.stderr, dynamic_ncols=True)
     it = iter(loader)
-    with torch.inference_mode(), progress:
+    with torch.inference_mode(), progress, captions:
         for plan in todo:
-            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress)
+            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress, captions)
             write_shard(out, plan, arrays, {"source": source, "image_grid": list(grid) if grid else None}, info.rank)
             stats.computed_shards += 1
             stats.computed_images += plan.num_images
@@ -446,6 +452,46 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
     return worst
 
 
+def _first_bad_layer(run: Callable[[int], Any], bad: int) -> int:
+    """Smallest layer index in [0, bad] that ``run`` rejects (``bad`` is known to fail): the depth."""
+    lo, hi = 0, bad
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            run(mid)
+            lo = mid + 1
+        except (IndexError, ValueError, KeyError, RuntimeError):
+            hi = mid
+    return lo
+
+
+def probe_teacher(teacher: Teacher, settings: CacheSettings) -> None:
+    """One forward on a blank image and a short caption: refuse (:class:`ConfigError`) intermediate
+    layers beyond a tower's depth, naming the valid range, and a ``grid:<g>`` larger than the
+    teacher's token grid (pooling would upsample)."""
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    pixels = torch.zeros(1, 3, teacher.image_size, teacher.image_size, device=device)
+    text = {k: v.to(device) for k, v in teacher.tokenize(["a photo"]).items()}
+    towers = {"image": lambda i: teacher.encode_image(pixels, layers=[i]),
+              "text": lambda i: teacher.encode_text(text, layers=[i])}
+    with torch.inference_mode():
+        for tower, layers in (("image", settings.image_layers), ("text", settings.text_layers)):
+            for i in sorted(layers, reverse=True):
+                try:
+                    towers[tower](i)
+                except (IndexError, ValueError, KeyError, RuntimeError) as e:
+                    depth = _first_bad_layer(towers[tower], i)
+                    valid = f"{tower}.0 .. {tower}.{depth - 1}" if depth else "none"
+                    raise ConfigError(f"--layers {tower}.{i}: the teacher's {tower} tower has {depth} layers "
+                                      f"(valid: {valid}); {type(e).__name__}: {e}") from e
+        mode = settings.image_tokens
+        if mode.kind == "grid":
+            grid = teacher.encode_image(pixels).grid
+            if grid and mode.k > min(grid):
+                raise ConfigError(f"--image-tokens grid:{mode.k} is larger than the teacher's {grid[0]}x{grid[1]} "
+                                  f"token grid; pooling cannot add tokens. Use grid:<g> with g <= {min(grid)} or full")
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
@@ -505,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     try:
         teacher = build_teacher(args.teacher, str(info.device))
+        probe_teacher(teacher, settings)
         ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
         if ds.skipped and info.is_main:
             print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
