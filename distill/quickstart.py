@@ -52,6 +52,8 @@ def _run_teacher(args: argparse.Namespace, out: Path) -> str:
         train_lit.main(["--data", args.data, "--split", args.train_split, "--out", str(folder),
                         "--epochs", str(args.teacher_epochs), "--image-size", str(args.teacher_image_size),
                         "--device", args.device, "--workers", str(args.workers)])
+    else:
+        print(f"reusing the LiT teacher trained earlier in {folder} (delete it to retrain)", flush=True)
     return f"lit:{folder}"
 
 
