@@ -470,7 +470,7 @@ def probe_teacher(teacher: Teacher, settings: CacheSettings) -> None:
     layers beyond a tower's depth, naming the valid range, and a ``grid:<g>`` larger than the
     teacher's token grid (pooling would upsample)."""
     device = next(iter(teacher.parameters()), torch.empty(0)).device
-    pixels = torch.zeros(1, 3, teacher.image_size, teacher.image_size, device=device)
+    pixels = teacher.image_transform()(Image.new("RGB", (teacher.image_size, teacher.image_size)))[None].to(device)
     text = {k: v.to(device) for k, v in teacher.tokenize(["a photo"]).items()}
     towers = {"image": lambda i: teacher.encode_image(pixels, layers=[i]),
               "text": lambda i: teacher.encode_text(text, layers=[i])}
@@ -505,7 +505,8 @@ def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
-    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON or a Flickr8k folder")
+    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON, a Flickr8k folder or "
+                   "webdataset shards ('shards/{000..009}.tar')")
     p.add_argument("--split", default=None, help="split to cache (train/val/test); default: all rows")
     p.add_argument("--images-root", default=None, help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--out", required=True, help="cache directory")

@@ -126,7 +126,8 @@ def format_metrics(name: str, metrics: dict[str, float]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="teacher spec, student checkpoint/folder, or teacher cache folder")
-    p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON); optional for a cache")
+    p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON, webdataset shards); "
+                   "optional for a cache")
     p.add_argument("--split", default=None,
                    help="split to evaluate (default: test; all rows for a dataset without splits, with a note)")
     p.add_argument("--images-root", help="image folder for JSON/CSV datasets")

@@ -90,8 +90,8 @@ def test_symlinked_image_folder_is_followed_and_dotdot_refused(tmp_path: Path):
 
 
 def test_missing_image_hints_at_images_root(data: Path):
-    path = coco_json(data / "annotations" / "captions.json" if (data / "annotations").mkdir() is None else None,
-                     ["img000.jpg"])
+    (data / "annotations").mkdir()  # the COCO layout: captions in annotations/, images elsewhere
+    path = coco_json(data / "annotations" / "captions.json", ["img000.jpg"])
     with pytest.raises(BadSampleError, match=r"image file not found: .*annotations/img000\.jpg \(image paths are "
                                              r"relative to .*annotations; pass --images-root DIR"):
         load_dataset(path)
