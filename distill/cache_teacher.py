@@ -8,6 +8,7 @@ produces the same bytes as an uninterrupted run; under ``torchrun`` rank r write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -29,8 +30,10 @@ from tqdm import tqdm
 from distill.augment import apply_view, sample_view_params
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
+from distill.config import ConfigError
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from distill.wds import samples_per_shard
 from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, build_teacher
 
@@ -310,7 +313,8 @@ def clear_cache(out: Path) -> None:
 
 # -- the writer ----------------------------------------------------------------------------------
 def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batches: Any, settings: CacheSettings,
-                  batch_size: int, amp: bool, progress: tqdm) -> tuple[Arrays, tuple[int, int] | None]:
+                  batch_size: int, amp: bool, progress: tqdm, caption_progress: tqdm | None = None
+                  ) -> tuple[Arrays, tuple[int, int] | None]:
     """Consume this shard's image batches from the loader iterator and encode its captions."""
     parts: dict[str, list[np.ndarray]] = {}
     grid = None
@@ -328,6 +332,8 @@ def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batch
     for start in range(a, b, batch_size):
         for k, arr in text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp).items():
             parts.setdefault(k, []).append(arr)
+        if caption_progress is not None:
+            caption_progress.update(min(start + batch_size, b) - start)
     out = {k: concat_padded(v) for k, v in parts.items()}
     out["view_params"] = np.concatenate(params)
     return out, grid
@@ -353,10 +359,12 @@ def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: Ca
                         num_workers=num_workers if batches else 0, collate_fn=collate_views)
     progress = tqdm(total=sum(p.num_images for p in todo), unit="img", disable=not info.is_main, desc="caching",
                     file=sys.stderr, dynamic_ncols=True)
+    captions = tqdm(total=sum(p.caption_range[1] - p.caption_range[0] for p in todo), unit="caption", position=1,
+                    disable=not info.is_main, desc="captions", file=sys.stderr, dynamic_ncols=True)
     it = iter(loader)
-    with torch.inference_mode(), progress:
+    with torch.inference_mode(), progress, captions:
         for plan in todo:
-            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress)
+            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress, captions)
             write_shard(out, plan, arrays, {"source": source, "image_grid": list(grid) if grid else None}, info.rank)
             stats.computed_shards += 1
             stats.computed_images += plan.num_images
@@ -444,6 +452,46 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
     return worst
 
 
+def _first_bad_layer(run: Callable[[int], Any], bad: int) -> int:
+    """Smallest layer index in [0, bad] that ``run`` rejects (``bad`` is known to fail): the depth."""
+    lo, hi = 0, bad
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            run(mid)
+            lo = mid + 1
+        except (IndexError, ValueError, KeyError, RuntimeError):
+            hi = mid
+    return lo
+
+
+def probe_teacher(teacher: Teacher, settings: CacheSettings) -> None:
+    """One forward on a blank image and a short caption: refuse (:class:`ConfigError`) intermediate
+    layers beyond a tower's depth, naming the valid range, and a ``grid:<g>`` larger than the
+    teacher's token grid (pooling would upsample)."""
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    pixels = teacher.image_transform()(Image.new("RGB", (teacher.image_size, teacher.image_size)))[None].to(device)
+    text = {k: v.to(device) for k, v in teacher.tokenize(["a photo"]).items()}
+    towers = {"image": lambda i: teacher.encode_image(pixels, layers=[i]),
+              "text": lambda i: teacher.encode_text(text, layers=[i])}
+    with torch.inference_mode():
+        for tower, layers in (("image", settings.image_layers), ("text", settings.text_layers)):
+            for i in sorted(layers, reverse=True):
+                try:
+                    towers[tower](i)
+                except (IndexError, ValueError, KeyError, RuntimeError) as e:
+                    depth = _first_bad_layer(towers[tower], i)
+                    valid = f"{tower}.0 .. {tower}.{depth - 1}" if depth else "none"
+                    raise ConfigError(f"--layers {tower}.{i}: the teacher's {tower} tower has {depth} layers "
+                                      f"(valid: {valid}); {type(e).__name__}: {e}") from e
+        mode = settings.image_tokens
+        if mode.kind == "grid":
+            grid = teacher.encode_image(pixels).grid
+            if grid and mode.k > min(grid):
+                raise ConfigError(f"--image-tokens grid:{mode.k} is larger than the teacher's {grid[0]}x{grid[1]} "
+                                  f"token grid; pooling cannot add tokens. Use grid:<g> with g <= {min(grid)} or full")
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
     names = [n.strip() for item in items for n in item.split(",") if n.strip()]
@@ -457,12 +505,14 @@ def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
-    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON or a Flickr8k folder")
+    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON, a Flickr8k folder or "
+                   "webdataset shards ('shards/{000..009}.tar')")
     p.add_argument("--split", default=None, help="split to cache (train/val/test); default: all rows")
     p.add_argument("--images-root", default=None, help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per teacher forward")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per shard (default: 1024; for webdataset input the samples per tar shard)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for the teacher (CUDA only)")
@@ -485,10 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CacheSettings:
     lo, hi = (float(x) for x in args.view_scale.split(","))
-    if args.views < 1 or args.shard_size < 1 or args.batch_size < 1:
+    shard_size = 1024 if args.shard_size is None else args.shard_size
+    if args.views < 1 or shard_size < 1 or args.batch_size < 1:
         raise ValueError("--views, --shard-size and --batch-size must be >= 1")
     return CacheSettings(parse_token_mode(args.image_tokens), parse_token_mode(args.text_tokens, allow_grid=False),
-                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), args.shard_size)
+                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), shard_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,9 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     try:
         teacher = build_teacher(args.teacher, str(info.device))
+        probe_teacher(teacher, settings)
         ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
         if ds.skipped and info.is_main:
             print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
+        if args.shard_size is None and samples_per_shard(ds):  # webdataset: one cache shard per tar shard
+            settings = dataclasses.replace(settings, shard_size=samples_per_shard(ds))
         source = {"teacher": teacher.config_hash(), "dataset": ds.fingerprint(), "settings": settings.key()}
         if args.overwrite:
             if info.is_main:

@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "accum_steps": 1,
         "lr": 5.0e-4,
         "min_lr_ratio": 0.0,
-        "warmup_steps": 100,
+        "warmup_steps": 0.05,  # linear LR warm-up: an int >= 0 is steps, a float in [0, 1) a fraction of train.steps
         "weight_decay": 0.05,
         "betas": [0.9, 0.98],
         "eps": 1.0e-6,
@@ -207,6 +207,11 @@ def validate(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
     if train["embed_projection"] not in ("auto", "linear"):
         raise ConfigError(f"train.embed_projection must be auto or linear, got {train['embed_projection']!r}")
+    warmup = train["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 \
+            or (isinstance(warmup, float) and warmup >= 1):
+        raise ConfigError(f"train.warmup_steps must be a step count >= 0 or a fraction of train.steps in [0, 1), "
+                          f"got {warmup!r}")
     samples = train["init_projections"]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
         raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
@@ -248,6 +253,14 @@ def _check_warmup_stage(train: dict[str, Any]) -> None:
     if not isinstance(weights, dict) or set(weights) - set(names):
         raise ConfigError(f"train.warmup_stage.weights must map stage loss names {names} to numbers, got {weights!r}")
     stage["weights"] = weights
+
+
+def warmup_steps(value: int | float, total: int) -> int:
+    """LR warm-up steps of ``train.warmup_steps`` for a run of ``total`` steps: an int is a step
+    count, a float in [0, 1) a fraction of the run (at least 1 step when positive)."""
+    if isinstance(value, float):
+        return max(1, round(value * total)) if value > 0 else 0
+    return int(value)
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:
