@@ -393,7 +393,7 @@ def estimate_cache_size(teacher: Teacher, ds: ImageTextDataset, settings: CacheS
 def print_size_estimate(sizes: dict[str, float], ds: ImageTextDataset, settings: CacheSettings) -> None:
     """One stderr line per array and the total, printed before any shard is written."""
     total = sum(sizes.values())
-    print(f"estimated cache size: {total / 1e6:.1f} MB for {ds.num_images} images x {settings.total_views} views "
+    print(f"estimated cache size: {total / 1e6:.2f} MB for {ds.num_images} images x {settings.total_views} views "
           f"({settings.views} plain + {settings.mixup_views} mixup), {ds.num_captions} captions "
           f"({total / max(ds.num_images, 1) / 1e3:.1f} kB per image with its captions)", file=sys.stderr)
     for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
@@ -567,19 +567,23 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
 
 
 def verify_pixels(cache: TeacherCache, ids: np.ndarray, view: int, views: list[Image.Image], names: list[str]) -> None:
-    """Cached student pixels of ``view`` must equal the rebuilt crops (raw: exactly; JPEG: mean
-    absolute error <= 8 grey levels after decoding)."""
-    size = cache.pixel_size
-    fresh = np.stack([crop_pixels(img, size) for img in views]).astype(np.int16)
-    if cache.pixel_format == "raw":
-        got = cache.pixels(ids, view).numpy().astype(np.int16)
-        limit = 0.0
-    else:
-        data, lengths = cache.jpeg(ids, view)
-        from distill.pixels import decode_jpeg_batch
+    """Cached student pixels of ``view`` must equal the rebuilt crops (raw: exactly; JPEG: the
+    decoded bytes equal the decoded re-encoding of the rebuilt crop to within 1 grey level on average)."""
+    from distill.pixels import decode_jpeg_batch
 
-        got = decode_jpeg_batch(data, lengths, torch.device("cpu")).permute(0, 2, 3, 1).numpy().astype(np.int16)
-        limit = 8.0
+    size = cache.pixel_size
+    fresh = np.stack([crop_pixels(img, size) for img in views])
+    if cache.pixel_format == "raw":
+        got, limit = cache.pixels(ids, view).numpy(), 0.0
+    else:
+        def decode(data: Tensor, lengths: Tensor) -> np.ndarray:
+            return decode_jpeg_batch(data, lengths, torch.device("cpu")).permute(0, 2, 3, 1).numpy()
+
+        quality = int(cache.storage["pixels"]["quality"])
+        encoded = [torch.from_numpy(encode_jpeg(c, quality).copy()) for c in fresh]
+        got, limit = decode(*cache.jpeg(ids, view)), 1.0
+        fresh = decode(torch.cat(encoded), torch.tensor([len(e) for e in encoded]))
+    got, fresh = got.astype(np.int16), fresh.astype(np.int16)
     err = np.abs(got - fresh).reshape(len(ids), -1).mean(axis=1)
     if err.max() > limit:
         k = int(err.argmax())

@@ -12,6 +12,7 @@ the flip, so nothing random is added here: a distilled sample is exactly what th
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -61,7 +62,7 @@ def crop_pixels(img: Image.Image, size: int) -> np.ndarray:
     from torchvision.transforms import functional as TF
 
     img = TF.resize(img.convert("RGB"), size, interpolation=InterpolationMode.BICUBIC)
-    return np.asarray(TF.center_crop(img, size), dtype=np.uint8)
+    return np.array(TF.center_crop(img, size), dtype=np.uint8)
 
 
 def encode_jpeg(crop: np.ndarray, quality: int) -> np.ndarray:
@@ -87,7 +88,9 @@ def decode_jpeg_batch(data: Tensor, lengths: Tensor, device: torch.device) -> Te
 
     parts = list(torch.split(data.cpu(), [int(n) for n in lengths.cpu()]))
     target = device if device.type == "cuda" else "cpu"
-    images = decode_jpeg(parts, mode=ImageReadMode.RGB, device=target)
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates torchvision.io in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(parts, mode=ImageReadMode.RGB, device=target)
     return torch.stack(images).to(device, non_blocking=True)
 
 
