@@ -81,6 +81,16 @@ def test_mixup_params_deterministic_and_folded(data):
                           ct.image_view_params(7, ct.CacheSettings(views=VIEWS))), "plain views changed"
 
 
+def test_default_settings_keep_the_old_cache_key():
+    """Caches written before views/mixup/pixels existed resume: the default settings hash the same blob."""
+    import hashlib
+
+    old = {"storage": {"image_tokens": "full", "text_tokens": "full", "dtype": "fp16", "intermediate_layers": []},
+           "views": {"count": 1, "seed": 0, "scale": [0.5, 1.0]}, "shard_size": 1024}
+    assert ct.CacheSettings().key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert ct.CacheSettings(views=2, view_tokens="grid:2").key() != ct.CacheSettings(views=2).key()
+
+
 def test_mix_images_is_the_weighted_blend():
     from PIL import Image
 
@@ -106,7 +116,6 @@ def test_student_sees_exactly_what_the_teacher_saw(data):
             assert torch.nn.functional.cosine_similarity(fresh, cached).item() > 0.999
             # pixel cache == rebuilt crop, byte for byte
             assert torch.equal(cache.pixels([i], v)[0], torch.from_numpy(crop_pixels(img, 32)))
-            partner, mix = cache.view_mix([i], v)
             plain = view_image(ds.load_image, i, cache.view_params([i], v)[0].numpy())
             assert not np.array_equal(np.asarray(plain), np.asarray(img)), "mixup view is not mixed"
 
