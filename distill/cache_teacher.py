@@ -38,6 +38,8 @@ from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quanti
 from teachers import Teacher, build_teacher
 
 Arrays = dict[str, np.ndarray]
+#: Estimated shard bytes above which the size report suggests a smaller ``--shard-size``.
+SHARD_MEMORY_WARN = 2e9
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,11 @@ def print_size_estimate(sizes: dict[str, float], ds: ImageTextDataset, settings:
           f"({total / max(ds.num_images, 1) / 1e3:.1f} kB per image with its captions)", file=sys.stderr)
     for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<24} {size / 1e6:10.2f} MB", file=sys.stderr)
+    shard = total / max(ds.num_images, 1) * min(settings.shard_size, ds.num_images)
+    if shard > SHARD_MEMORY_WARN:
+        print(f"warning: a shard ({min(settings.shard_size, ds.num_images)} images) is held in memory while it is "
+              f"computed: ~{shard / 1e6:.0f} MB; pass a smaller --shard-size (e.g. "
+              f"{max(1, int(settings.shard_size * SHARD_MEMORY_WARN / shard))}) to bound it", file=sys.stderr)
 
 
 # -- the writer ----------------------------------------------------------------------------------

@@ -218,6 +218,11 @@ def test_size_estimate_printed_before_writing(data, tmp_path, monkeypatch, capsy
     total = TeacherCache(out).describe()["total_bytes"] / 1e6
     # .npy headers and per-batch caption padding are not in the estimate
     assert est == pytest.approx(total, rel=0.1), (est, total)
+    assert "warning: a shard" not in seen[0]
+    monkeypatch.setattr(ct, "SHARD_MEMORY_WARN", 1e5)
+    monkeypatch.setattr(ct, "SHARD_MEMORY_WARN", 2e6)  # 12 images, 1e6 B each: a 6-image shard holds 6 MB
+    ct.print_size_estimate({"image_pixels": 12e6}, load_dataset(str(data["tsv"])), ct.CacheSettings(shard_size=6))
+    assert "in memory while it is computed: ~6 MB; pass a smaller --shard-size (e.g. 2)" in capsys.readouterr().err
     pixels = next(line for line in seen[0].splitlines() if "image_pixels" in line)
     assert float(pixels.split()[1]) == pytest.approx(12 * 6 * 32 * 32 * 3 / 1e6, abs=0.01)
 
