@@ -39,6 +39,9 @@ DEFAULTS: dict[str, Any] = {
         "cache": None,
         "use_views": True,
         "num_workers": 2,
+        # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
+        # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
+        "pixels": "auto",
     },
     "student": {"name": "vit"},
     "train": {
@@ -199,6 +202,8 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(bal, dict) or "name" not in bal:
         raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
     bal.setdefault("cfg", {})
+    if cfg["data"]["pixels"] not in ("auto", "cache", "decode"):
+        raise ConfigError(f"data.pixels must be auto, cache or decode, not {cfg['data']['pixels']!r}")
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")

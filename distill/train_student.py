@@ -30,6 +30,7 @@ from distill.checkpoint import CheckpointError, find_resume, load_checkpoint, sa
 from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
 from distill.distiller import Distiller, build_distiller, loss_dims
+from distill.pixels import student_pixels
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
 from distill.train_log import TrainLogger, plot_losses, read_log
 
@@ -139,7 +140,10 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                                         find_unused_parameters=bool(train["find_unused_parameters"]),
                                         forward_sync_buffers=False)
 
-    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]))
+    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]),
+                               data["pixels"])
+    if info.is_main and trainset.pixel_source != "decode":
+        print(f"distill: student pixels read from the cache ({trainset.pixel_source}, {cache.pixel_size} px)", flush=True)
     if len(trainset) < train["batch_size"]:
         raise ConfigError(f"train.batch_size {train['batch_size']} is larger than the {len(trainset)} training images; "
                           f"pass --batch-size {len(trainset)} or less (--preset gpu's batch of 256 is meant for GPUs "
@@ -147,7 +151,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     sampler = GlobalBatchSampler(len(trainset), train["batch_size"], cfg["seed"], info.rank, info.world_size)
     workers = int(data["num_workers"])
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=TeacherCollate(cache),
+                        collate_fn=TeacherCollate(cache, "auto" if trainset.num_views > 1 else "full"),
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     total = train["steps"]
@@ -222,7 +226,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
             else contextlib.nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = run.model(batch.pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
+                out = run.model(student_pixels(batch, run.student, device), text, batch.teacher, batch.image_index,
+                                step, run.total_steps)
             run.scaler.scale(out.total / accum).backward()
         total_sum += float(out.total.detach())
         for name, value in out.losses.items():
