@@ -265,6 +265,8 @@ def write_shard(out: Path, plan: ShardPlan, arrays: Arrays, meta: dict[str, Any]
                                             "image_range": list(plan.image_range),
                                             "caption_range": list(plan.caption_range), "arrays": records})
         fsync_dir(tmp)
+        if final.exists():  # a stale/incomplete shard of an earlier run: replaced only now
+            shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as e:
@@ -380,8 +382,7 @@ def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: Ca
                              nonfinite):
             stats.reused_shards += 1
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        todo.append(plan)
+        todo.append(plan)  # an old folder stays until its replacement is complete (write_shard)
     batches = [list(range(s, min(s + batch_size, p.image_range[1]))) for p in todo for s in range(*p.image_range, batch_size)]
     loader = DataLoader(ViewImages(ds, teacher.image_transform(), settings), batch_sampler=batches,
                         num_workers=num_workers if batches else 0, collate_fn=collate_views)

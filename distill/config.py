@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from distill.cache import DEFAULT_VERIFY, VERIFY_MODES
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: Losses of ``train.warmup_stage`` when it gives none.
@@ -35,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
         "cache": None,
         "use_views": True,
         "num_workers": 2,
+        # Integrity check of the teacher cache: none | size | lazy (sha256 of each array file on
+        # its first read) | full (sha256 of everything at start); see distill/cache.py.
+        "verify_cache": DEFAULT_VERIFY,
     },
     "student": {"name": "vit"},
     "train": {
@@ -192,6 +197,8 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(bal, dict) or "name" not in bal:
         raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
     bal.setdefault("cfg", {})
+    if cfg["data"]["verify_cache"] not in VERIFY_MODES:
+        raise ConfigError(f"data.verify_cache must be one of {', '.join(VERIFY_MODES)}, got {cfg['data']['verify_cache']!r}")
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")

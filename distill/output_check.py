@@ -75,7 +75,8 @@ class ShardOutputs:
             return a.astype(np.float32)
         if mode == "bf16":
             return encode_bf16(a)
-        return a.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow is counted above (refused or reported)
+            return a.astype(np.float16)
 
     def check(self) -> dict[str, Any]:
         """Raise for refused counts; returns the shard's ``output_check`` record (counts per array,
