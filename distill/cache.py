@@ -22,9 +22,14 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
 SHARD_JSON = "shard.json"
-VERIFY_MODES = ("none", "size", "lazy", "full")
-#: Default integrity check of :class:`TeacherCache` (see benchmarks/cache_verify_cost.py).
-DEFAULT_VERIFY = "lazy"
+VERIFY_MODES = ("none", "size", "lazy", "full", "auto")
+#: Default integrity check of :class:`TeacherCache`: ``auto`` = ``lazy`` for caches of at most
+#: LAZY_MAX_BYTES_PER_IMAGE stored bytes per image (all views and captions), else ``size``.
+DEFAULT_VERIFY = "auto"
+#: sha256 runs at ~2 GB/s and an epoch decodes each image (~0.7 ms CPU): hashing up to 64 kB per
+#: image stays under 5% of an epoch's data-side time (benchmarks/cache_verify_cost.py measured 49%
+#: for a 700 kB/image ViT-B/16 full-token cache).
+LAZY_MAX_BYTES_PER_IMAGE = 64 * 1024
 _MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "shard_size", "shards", "dims", "offsets")
 #: Rows at least this large are gathered row by row straight into the batch (one copy).
 ROW_COPY_BYTES = 16384
@@ -134,8 +139,10 @@ class TeacherCache:
     """Memory-mapped view of a teacher cache directory.
 
     ``verify``: ``"none"`` (trust the files), ``"size"`` (every file exists with the recorded size
-    and shape), ``"lazy"`` (default: sizes at open, and each array file's sha256 the first time
-    this process reads from it) or ``"full"`` (re-hash every array with sha256 at open).
+    and shape), ``"lazy"`` (sizes at open, and each array file's sha256 the first time this
+    process reads from it), ``"full"`` (re-hash every array with sha256 at open) or ``"auto"``
+    (default: ``lazy`` when the cache stores at most :data:`LAZY_MAX_BYTES_PER_IMAGE` per image,
+    where hashing is cheap next to an epoch, else ``size``); :attr:`verify` holds the mode used.
     """
 
     def __init__(self, path: str | Path, verify: str = DEFAULT_VERIFY) -> None:
@@ -145,6 +152,9 @@ class TeacherCache:
         self.verify = verify
         self.manifest = read_manifest(self.path)
         m = self.manifest
+        if verify == "auto":
+            stored = sum(e["bytes"] for s in m["shards"] for e in s["arrays"].values())
+            verify = self.verify = "lazy" if stored <= LAZY_MAX_BYTES_PER_IMAGE * m["dataset"]["num_images"] else "size"
         self.storage: dict[str, Any] = m["storage"]
         self.dims: dict[str, Any] = m["dims"]
         self.num_images = int(m["dataset"]["num_images"])

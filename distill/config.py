@@ -38,7 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "use_views": True,
         "num_workers": 2,
         # Integrity check of the teacher cache: none | size | lazy (sha256 of each array file on
-        # its first read) | full (sha256 of everything at start); see distill/cache.py.
+        # its first read) | full (sha256 of everything at start) | auto (lazy when cheap, else
+        # size); see distill/cache.py.
         "verify_cache": DEFAULT_VERIFY,
     },
     "student": {"name": "vit"},

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for init, shuffling and caption/view choice (seed)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (data.num_workers)")
     p.add_argument("--verify-cache", choices=VERIFY_MODES,
-                   help="teacher cache integrity check (data.verify_cache; default lazy: sha256 of each array file on "
-                        "first read; full: everything at start; size: sizes only; none: also skips the image check)")
+                   help="teacher cache integrity check (data.verify_cache; lazy: sha256 of each array file on first read; "
+                        "full: everything at start; size: sizes only; auto (default): lazy for caches of <= 64 kB "
+                        "per image, else size; none: also skips the changed-image check)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="resume from OUT/checkpoints/latest.pt (auto) or a checkpoint file")

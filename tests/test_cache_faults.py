@@ -277,21 +277,31 @@ def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
 
 # -- integrity by default (issue 13.4) ------------------------------------------------------------
 def test_default_lazy_verify_catches_bit_flip_on_first_read(tiny_tsv, tmp_path):
-    from distill.cache import DEFAULT_VERIFY
-
     out = tmp_path / "c"
-    build(tiny_tsv, out)
+    build(tiny_tsv, out)  # ~2 kB per image: "auto" (the default) picks lazy
     target = out / "shards" / "00001" / "image_embed.npy"
     data = bytearray(target.read_bytes())
     data[-3] ^= 0x10
     target.write_bytes(bytes(data))
-    assert DEFAULT_VERIFY == "lazy"
     cache = TeacherCache(out)  # opening only checks sizes ...
+    assert cache.verify == "lazy"
     cache.images([0, 1])  # ... shard 0 is intact ...
     with pytest.raises(CacheCorruptError, match=r"shards/00001/image_embed\.npy: sha256 mismatch"):
         cache.images([6])  # ... the first read of shard 1's image_embed hashes it
     cache.texts([12])  # other arrays of shard 1 are fine
     TeacherCache(out, verify="size").images([6])  # the explicit cheap mode still returns the flipped bytes
+
+
+def test_auto_verify_is_size_for_large_caches(tiny_tsv, tmp_path, monkeypatch):
+    import distill.cache as cache_mod
+
+    out = tmp_path / "c"
+    build(tiny_tsv, out)
+    per_image = sum(e["bytes"] for s in TeacherCache(out).manifest["shards"] for e in s["arrays"].values()) / 12
+    monkeypatch.setattr(cache_mod, "LAZY_MAX_BYTES_PER_IMAGE", int(per_image) - 1)
+    assert TeacherCache(out).verify == "size"
+    monkeypatch.setattr(cache_mod, "LAZY_MAX_BYTES_PER_IMAGE", int(per_image) + 1)
+    assert TeacherCache(out).verify == "lazy"
 
 
 def test_train_student_verify_cache_flag_and_config():
@@ -300,8 +310,8 @@ def test_train_student_verify_cache_flag_and_config():
 
     args = build_parser().parse_args(["--cache", "c", "--data", "d", "--verify-cache", "full"])
     assert config_from_args(args)["data"]["verify_cache"] == "full"
-    assert resolve_config()["data"]["verify_cache"] == "lazy"
-    with pytest.raises(ConfigError, match="data.verify_cache must be one of none, size, lazy, full"):
+    assert resolve_config()["data"]["verify_cache"] == "auto"
+    with pytest.raises(ConfigError, match="data.verify_cache must be one of none, size, lazy, full, auto"):
         resolve_config(overrides=["data.verify_cache=sha"])
 
 
