@@ -400,3 +400,18 @@ def test_stat_cost_over_flickr8k_is_small(flickr8k):
     t0 = time.perf_counter()
     ds.stats_digest()
     assert time.perf_counter() - t0 < 2.0  # ~8k stat() calls
+
+
+def test_train_student_refuses_a_cache_older_than_its_images(tiny_tsv, tmp_path):
+    from distill import train_student as ts
+    from distill.cache import StaleCacheError
+    from tests.test_train import build_cache as train_cache, train_args
+
+    cache = train_cache(tiny_tsv, tmp_path / "c")
+    img = tiny_tsv.parent / "images" / "img002.jpg"
+    img.write_bytes((tiny_tsv.parent / "images" / "img009.jpg").read_bytes())  # replaced under the same name
+    with pytest.raises(StaleCacheError, match=r"changed size or modification time after the cache was built.*rerun"):
+        ts.main(train_args(cache, tiny_tsv, tmp_path / "run", 1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    summary = ts.main(train_args(cache, tiny_tsv, tmp_path / "run2", 1, "--verify-cache", "none"))  # explicit opt-out
+    assert summary["steps"] == 1
