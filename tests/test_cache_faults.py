@@ -332,20 +332,34 @@ def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
     assert not (out / LOCK_NAME).exists()  # released after a run
 
 
+def _unused_pid() -> int:
+    """A pid no process has right now (counting down from the kernel's maximum)."""
+    from pathlib import Path
+
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
 def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     import socket
 
     from distill.cache_lock import LOCK_NAME
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = _unused_pid()
     out = tmp_path / "c"
     out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
     build(tiny_tsv, out)
-    assert f"taking over stale lock {out / LOCK_NAME} of process {dead.pid}" in capsys.readouterr().err
+    assert f"taking over stale lock {out / LOCK_NAME} of process {dead}" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": "some-other-host", "started": "x"}))
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": "some-other-host", "started": "x"}))
     from distill.cache_lock import CacheLockedError
     with pytest.raises(CacheLockedError, match="some-other-host"):  # another host's pid cannot be checked
         build(tiny_tsv, out)
