@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -252,7 +252,7 @@ class TeacherCache:
                 check_file(self.path / s["dir"] / f"{n}.npy", s["arrays"][n], "full")
                 self._hashed.add((shard, n))
 
-    def check_images(self, stats_digest: Any) -> None:
+    def check_images(self, stats_digest: Callable[[int, int], str]) -> None:
         """Raise :class:`StaleCacheError` when the images of a shard changed (size or mtime) since
         the shard was written. ``stats_digest(start, end)`` is the dataset's digest of those images
         (:meth:`distill.data.ImageTextDataset.stats_digest`); shards written before the digest was

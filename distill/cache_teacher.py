@@ -31,9 +31,9 @@ from tqdm import tqdm
 from distill.augment import apply_view, sample_view_params
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
+from distill.cache_lock import writer_lock
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from distill.cache_lock import writer_lock
 from distill.output_check import NONFINITE_MODES, OVERFLOW_MODES, ShardOutputs
 from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, build_teacher

@@ -150,6 +150,10 @@ def validate_manifest(m: dict[str, Any], root: Path, path: Path) -> None:
             raise ManifestError(f"{path}: field {f}.image_range {s['image_range']} is empty")
         if s.get("image_grid") is not None:
             c.ints(s["image_grid"], f"{f}.image_grid", 2, 1)
+        if s.get("image_stats") is not None:
+            c.str(s["image_stats"], f"{f}.image_stats")
+        if s.get("output_check") is not None:
+            c.dict(s["output_check"], f"{f}.output_check")
         arrays = c.dict(c.get(s, "arrays", f"{f}.arrays"), f"{f}.arrays")
         missing = sorted(need - set(arrays))
         if missing:

@@ -76,6 +76,7 @@ CASES = [
     ("offsets", {"shape": [13]}, r"missing field offsets\.dtype"),
     ("teacher", "toy:0", r"field teacher must be an object"),
     ("format_version", 2, r"format_version 2 is not supported"),
+    ("shards.1.image_stats", 7, r"field shards\[1\]\.image_stats must be a non-empty string"),
     ("dataset.num_images", 13, r"field shards covers 12 images / 24 captions, but dataset says 13 / 24"),
     (_reversed, None, r"field shards\[0\]\.image_range is \[10, 12\]; shards must cover the rows in order"),
     (_overlap, None, r"field shards\[1\]\.image_range is \[4, 10\]; shards must cover the rows in order"),
