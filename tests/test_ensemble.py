@@ -148,3 +148,28 @@ def test_cache_teacher_with_ensemble(tiny_tsv, tmp_path):
     tref = ens.encode_text(ens.tokenize([ds.captions[c] for c in caps]))
     torch.testing.assert_close(t["embed"], tref.embed, atol=2e-3, rtol=2e-3)
     assert torch.equal(t["mask"], tref.mask)
+
+
+@pytest.mark.slow
+def test_ensemble_of_real_lit_towers_prunes_first_member(tmp_path):
+    """MobileNetV2 LiT (ImageNet normalisation) + EfficientNet-Lite0 LiT ([-1, 1]): mixed preprocessing;
+    the pruned student starts from the first member's blocks, fed normalised pixels."""
+    from students.pruned import PrunedStudent
+    from teachers.lit import LiTConfig, LiTTeacher
+
+    LiTTeacher(LiTConfig(image_size=64, embed_dim=16)).save(tmp_path / "mnv2")
+    LiTTeacher(LiTConfig(backbone="efficientnet_lite0", image_size=96, embed_dim=8)).save(tmp_path / "eff")
+    spec = f"ensemble:lit:{tmp_path / 'mnv2'}+lit:{tmp_path / 'eff'}"
+    ens, a = build_teacher(spec), build_teacher(f"lit:{tmp_path / 'mnv2'}")
+    assert not ens.shared_pixels and ens.image_size == 64 and ens.embed_dim == 24
+    img = Image.fromarray((torch.rand(70, 90, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    px = ens.image_transform()(img)[None]
+    torch.testing.assert_close(ens.encode_image(px).embed[:, :16] * 2 ** 0.5,
+                               a.encode_image(a.image_transform()(img)[None]).embed, atol=1e-5, rtol=1e-4)
+    towers, ref = ens.pruned_towers(4, 1), a.pruned_towers(4, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(towers.image(px)[0], ref.image(a.image_transform()(img)[None])[0], atol=1e-5, rtol=1e-4)
+    student = PrunedStudent(spec, image_layers=4, text_layers=1, embed_dim=8, frozen_image_layers=2)
+    batch = student.tokenize(CAPTIONS)
+    assert "m1.input_ids" in batch and student.preprocess_info()["mean"] == [0.0, 0.0, 0.0]
+    assert student.encode_image(px).embed.shape == (1, 8) and student.encode_text(batch).embed.shape == (3, 8)
