@@ -68,7 +68,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {
         "steps": 600, "batch_size": 256, "seeds": "0,1", "workers": 12, "image_size": 160,
         "probe_epochs": 30, "teacher_epochs": 10, "teacher_batch_size": 256, "teacher_lr": 1e-3,
-        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 0, "teacher_text_layers": 0,
+        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 19, "teacher_text_layers": 6,
         "views": 24, "mixup_views": 8, "pixels": 160, "cache_batch_size": 512,
         "pruned_lr": 1e-3, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 2048,
         "trainable_image_blocks": 0, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 512,
@@ -125,10 +125,11 @@ class Bench:
         return self._lit("teacher_probe", ["--mode", "probe", "--epochs", str(self.args.probe_epochs)])
 
     def teacher(self) -> str:
-        """The teacher of record: both towers fine-tuned (last blocks/layers, or all with 0)."""
+        """The teacher of record: the probe teacher's towers fine-tuned (their last blocks/layers)."""
         a = self.args
+        probe = self.probe_teacher().split(":", 1)[1]
         return self._lit("teacher_finetuned", [
-            "--mode", "finetune", "--epochs", str(a.teacher_epochs), "--batch-size", str(a.teacher_batch_size),
+            "--mode", "finetune", "--init", probe, "--epochs", str(a.teacher_epochs), "--batch-size", str(a.teacher_batch_size),
             "--lr", str(a.teacher_lr), "--backbone-lr", str(a.teacher_backbone_lr),
             "--trainable-image-blocks", str(a.teacher_image_blocks), "--trainable-text-layers",
             str(a.teacher_text_layers), "--seed", "0"])
