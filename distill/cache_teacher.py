@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from distill.augment import apply_view, sample_view_params
+from distill.cli import ArgumentParser, cli_main, import_plugins
+from distill.config import ConfigError, Setting, check_args
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
@@ -455,7 +456,7 @@ def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
     p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON or a Flickr8k folder")
     p.add_argument("--split", default=None, help="split to cache (train/val/test); default: all rows")
@@ -483,10 +484,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Value checks of the numeric flags (distill.config.check_args).
+ARG_RULES = (Setting("views", "int", lambda v: v >= 1, "an integer >= 1", "--views"),
+             Setting("shard_size", "int", lambda v: v >= 1, "an integer >= 1", "--shard-size"),
+             Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+             Setting("num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"),
+             Setting("verify", "int", lambda v: v >= 0, "a number of samples >= 0 (0: no check)", "--verify"))
+
+
+def parse_view_scale(text: str) -> tuple[float, float]:
+    """``"min,max"`` crop area fractions with 0 < min <= max <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--view-scale must be two numbers min,max, got {text!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"--view-scale must be min,max with 0 < min <= max <= 1, got {text!r}")
+    return lo, hi
+
+
 def settings_from_args(args: argparse.Namespace) -> CacheSettings:
-    lo, hi = (float(x) for x in args.view_scale.split(","))
-    if args.views < 1 or args.shard_size < 1 or args.batch_size < 1:
-        raise ValueError("--views, --shard-size and --batch-size must be >= 1")
+    check_args(args, ARG_RULES)
+    lo, hi = parse_view_scale(args.view_scale)
     return CacheSettings(parse_token_mode(args.image_tokens), parse_token_mode(args.text_tokens, allow_grid=False),
                          args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), args.shard_size)
 
@@ -495,8 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     info = init_distributed(args.device)
     out = Path(args.out)
     try:
@@ -534,4 +552,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

@@ -218,6 +218,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint with ``weights_only=True`` and verify its checksum; anything that needs
     unpickling arbitrary objects is refused with :class:`CheckpointError` (and never executed), a
     damaged file with :class:`CheckpointCorruptError`."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants

@@ -36,6 +36,9 @@ class ArgumentParser(argparse.ArgumentParser):
     and which accepts ``--debug`` (read by :func:`run_cli`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if not args and "prog" not in kwargs and spec is not None:
+            kwargs["prog"] = f"python -m {spec.name}"
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 

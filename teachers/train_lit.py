@@ -10,7 +10,6 @@ holds the same image twice. The result (``lit.json`` + ``projections.safetensors
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import time
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from distill.cli import ArgumentParser, cli_main, import_plugins
 from distill.data import ImageTextDataset, TransformedImages, load_dataset
 from teachers.lit import LiTConfig, LiTTeacher
 
@@ -146,7 +146,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="dataset path (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON)")
     p.add_argument("--split", default="train")
     p.add_argument("--val-split", default=None, help="also report Recall@1 on this split")
@@ -171,8 +171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     report = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,
                        args.embed_dim, args.image_size, args.backbone, args.backbone_weights, args.text_model,
                        args.device, args.seed, args.feature_batch_size, args.workers, args.max_images, args.max_length)
@@ -184,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)
