@@ -225,12 +225,6 @@ class Setting:
     flag: str | None = None
     nullable: bool = False
 
-    @property
-    def name(self) -> str:
-        """How the error message names the setting: the key, the flag, or both."""
-        if not self.flag or self.flag.lstrip("-").replace("-", "_") == self.key:
-            return self.flag or self.key
-        return f"{self.key} ({self.flag})"
 
 
 def _betas(v: Any) -> bool:
@@ -291,8 +285,9 @@ def check_value(name: str, value: Any, kind: str, ok: Callable[[Any], bool], nee
     return value
 
 
-def check_settings(cfg: dict[str, Any], rules: Iterable[Setting] = SETTINGS) -> None:
-    """Check (and coerce in place) every setting of ``rules`` present in ``cfg``."""
+def check_settings(cfg: dict[str, Any], rules: Iterable[Setting] = SETTINGS, by_flag: bool = False) -> None:
+    """Check (and coerce in place) every setting of ``rules`` present in ``cfg``; errors name
+    ``key (flag)``, or only the flag with ``by_flag``."""
     for rule in rules:
         *parents, leaf = rule.key.split(".")
         node = cfg
@@ -300,12 +295,13 @@ def check_settings(cfg: dict[str, Any], rules: Iterable[Setting] = SETTINGS) -> 
             node = node[part]
         if leaf not in node or (rule.nullable and node[leaf] is None):
             continue
-        node[leaf] = check_value(rule.name, node[leaf], rule.kind, rule.ok, rule.need)
+        name = (rule.flag if by_flag else f"{rule.key} ({rule.flag})") if rule.flag else rule.key
+        node[leaf] = check_value(name, node[leaf], rule.kind, rule.ok, rule.need)
 
 
 def check_args(args: Any, rules: Iterable[Setting]) -> None:
     """:func:`check_settings` for an ``argparse.Namespace`` (rule keys are attribute names)."""
-    check_settings(vars(args), rules)
+    check_settings(vars(args), rules, by_flag=True)
 
 
 def _check_losses(losses: Any, where: str) -> None:
