@@ -86,6 +86,21 @@ def error_line(e: BaseException) -> str:
     return msg if msg.startswith("error:") else f"error: {msg}"
 
 
+def _close_progress_bars() -> None:
+    """Close open tqdm bars so that the error line starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
+def _report(e: BaseException, debug: bool) -> int:
+    _close_progress_bars()
+    if debug:
+        traceback.print_exc()
+    print(error_line(e), file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
 def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)`` as a command: 0 on success (or ``main``'s int result), 2 with one
     ``error: ...`` line for user errors, the traceback instead with ``--debug``."""
@@ -95,17 +110,9 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
         check_device(_flag_value(argv, "--device"))
         result = main(argv)
     except SystemExit as e:  # argparse (already printed) or a legacy ``SystemExit("error: ...")``
-        if isinstance(e.code, str):
-            if debug:
-                traceback.print_exc()
-            print(error_line(e), file=sys.stderr)
-            return EXIT_ERROR
-        return int(e.code or 0)
+        return _report(e, debug) if isinstance(e.code, str) else int(e.code or 0)
     except USER_ERRORS as e:
-        if debug:
-            traceback.print_exc()
-        print(error_line(e), file=sys.stderr)
-        return EXIT_ERROR
+        return _report(e, debug)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
