@@ -32,6 +32,7 @@ from distill.checkpoint import (CheckpointCorruptError, CheckpointError, ResumeM
                                 load_checkpoint)
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
 from distill.target_check import NonFiniteTargetError
+from distill.train_data import GlobalBatchSampler
 from distill.train_log import LOG_NAME, read_log
 from tests.conftest import REPO
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
@@ -269,12 +270,9 @@ def test_stray_tmp_checkpoint_files_are_cleaned_at_start(tiny, tmp_path):  # noq
 BAD_IMAGES = (1, 5)
 
 
-def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "img_embed") -> None:
-    """Make the teacher targets of BAD_IMAGES NaN (``img_embed``) or +Inf (``txt_tokens``), as a
-    cache written with NaN/overflowing teacher outputs would deliver them."""
-    import distill.train_data as td
-
-    real = td.fetch_teacher
+def _poisoned(real, field: str = "img_embed"):
+    """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``img_embed``) or +Inf (``txt_tokens``),
+    as a cache written with NaN/overflowing teacher outputs would deliver them."""
 
     def poisoned(cache, image_index, caption_index, view, keep_fp16=False):
         t = real(cache, image_index, caption_index, view, keep_fp16)
@@ -282,7 +280,19 @@ def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "img_embed") -
         getattr(t, field)[rows] = float("nan") if field == "img_embed" else float("inf")
         return t
 
-    monkeypatch.setattr(td, "fetch_teacher", poisoned)
+    return poisoned
+
+
+def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "img_embed") -> None:
+    import distill.train_data as td
+
+    monkeypatch.setattr(td, "fetch_teacher", _poisoned(td.fetch_teacher, field))
+
+
+if os.environ.get("MMDISTILL_TEST_POISON"):  # a torchrun child importing this module as --plugin
+    import distill.train_data as _td
+
+    _td.fetch_teacher = _poisoned(_td.fetch_teacher)
 
 
 @pytest.mark.parametrize("field,array", [("img_embed", "image_embed"), ("txt_tokens", "text_tokens")])
@@ -302,8 +312,6 @@ def test_nonfinite_teacher_target_stops_training_naming_cache_shard_and_sample(t
 
 
 def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_path, monkeypatch):  # noqa: F811
-    from distill.train_data import GlobalBatchSampler
-
     tsv, cache = tiny
     _poison_targets(monkeypatch)
     out = tmp_path / "run"
@@ -316,6 +324,31 @@ def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_
     assert summary["skipped_nonfinite"] == 0 and all(np.isfinite(r["total"]) for r in recs)
     assert all(np.isfinite(r[k]) for r in recs for k in r if k.startswith("loss/"))
     assert load_checkpoint(out / "checkpoints" / "latest.pt")["skipped_samples"] == expected
+
+
+@pytest.mark.slow
+def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error_stops_every_rank(tiny, tmp_path):  # noqa: F811
+    from tests.test_train_ddp import _free_port
+
+    tsv, cache = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MMDISTILL_TEST_POISON": "1"}
+
+    def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "distill.train_student",
+               *train_args(cache, tsv, out, 4, *extra), "--plugin", "tests.test_faults_train"]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = torchrun(tmp_path / "skip", "--set", "data.on_nonfinite=skip")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sampler_seen = [int(i) for e in range(2) for i in GlobalBatchSampler(12, 4, seed=0).order(e)[:12 if e < 1 else 4]]
+    expected = sum(i in BAD_IMAGES for i in sampler_seen)
+    recs = read_log(tmp_path / "skip")
+    assert recs[-1]["skipped_samples"] == expected and all(np.isfinite(r["total"]) for r in recs)
+    proc = torchrun(tmp_path / "error")
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]  # torchrun adds its own summary
+    assert len(errors) == 2 and all("non-finite (NaN/Inf) teacher targets" in x for x in errors), errors
 
 
 class NanValueLoss(DistillLoss):
