@@ -22,7 +22,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
 WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
 
-#: The paper's full multiscale loss set.
+#: The paper's full multiscale loss set. The recipe lives in each loss's defaults: contrastive_distill
+#: with the caption-mean target for image->text (text_target: both), multi-positive terms and the
+#: shared 8192-row teacher queue; relation_kl at its own temperature 0.07 with tau^2 scaling and the
+#: queue as extra columns; student_clip multi-positive; one shared, least-squares-startable projection
+#: per modality (train.embed_projection, train.init_projections). See docs of distill/losses/*.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
 DEFAULTS: dict[str, Any] = {
@@ -64,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
         # Least-squares start of the student's projection heads on this many training samples
         # (0: off); see distill/projection_init.py.
         "init_projections": 0,
+        # The Distiller's shared student->teacher embedding projections: auto (identity when the
+        # widths match) | linear (always a learned map); see distill/losses/projection.py.
+        "embed_projection": "auto",
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -255,6 +262,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train.log_every", "int", lambda v: v >= 1, "an integer >= 1"),
     Setting("train.checkpoint_every", "int", lambda v: v >= 1, "an integer >= 1"),
     Setting("train.keep_checkpoints", "int", lambda v: v >= 0, "an integer >= 0 (0 keeps every checkpoint)"),
+    Setting("train.embed_projection", "choice", lambda v: v in ("auto", "linear"), "auto or linear"),
     Setting("train.init_projections", "int", lambda v: v >= 0, "a number of samples >= 0"),
     Setting("eval.every", "int", lambda v: v >= 0, "an integer >= 0 (0: evaluate once at the end)"),
     Setting("eval.batch_size", "int", lambda v: v >= 1, "an integer >= 1"),

@@ -140,7 +140,7 @@ class TrainBatch:
         t = self.teacher
         f = lambda x: None if x is None else fn(x)  # noqa: E731
         teacher = replace(t, img_embed=f(t.img_embed), txt_embed=f(t.txt_embed), img_tokens=f(t.img_tokens),
-                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask),
+                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask), txt_embed_mean=f(t.txt_embed_mean),
                           intermediates={k: f(v) for k, v in (t.intermediates or {}).items()})
         return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher)
 
@@ -167,7 +167,19 @@ def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: n
     grid = cache.image_grid if "tokens" in img else None
     return TeacherBatch(img_embed=img["embed"], txt_embed=txt["embed"], img_tokens=img.get("tokens"), img_grid=grid,
                         txt_tokens=txt.get("tokens"), txt_mask=txt.get("mask"), intermediates=inter,
-                        logit_scale=cache.logit_scale)
+                        logit_scale=cache.logit_scale, txt_embed_mean=caption_mean_embed(cache, image_index))
+
+
+def caption_mean_embed(cache: TeacherCache, image_index: np.ndarray) -> Tensor:
+    """[B, D] float32: the L2-normalised mean of the cached teacher embeddings of ALL captions of each
+    image (``cache.offsets``); only the embedding rows are read, never the caption tokens."""
+    image_index = np.asarray(image_index, dtype=np.int64)
+    starts, counts = cache.offsets[image_index], np.diff(cache.offsets)[image_index]
+    rows = np.repeat(np.arange(len(image_index)), counts)
+    captions = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    embeds = cache._gather(captions, None, cache._caption_starts, {"embed": "text_embed"})["embed"]
+    sums = torch.zeros(len(image_index), embeds.shape[1]).index_add_(0, torch.from_numpy(rows), embeds)
+    return torch.nn.functional.normalize(sums, dim=-1)
 
 
 class TeacherCollate:

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from distill import dist as D
 from distill.cache import TeacherCache
-from distill.checkpoint import ResumeMismatchError, load_resume, prepare_run_dir, save_checkpoint, set_rng_state
+from distill.checkpoint import (CheckpointError, ResumeMismatchError, load_resume, prepare_run_dir, save_checkpoint,
+                                set_rng_state)
 from distill.cli import ArgumentParser, check_device, cli_main, import_plugins
 from distill.config import presets, resolve_config, save_config
 from distill.data import load_dataset
@@ -137,7 +138,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     student_kw = {k: v for k, v in cfg["student"].items() if k != "name"}
     student = build_student(cfg["student"]["name"], **student_kw)
     distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"],
-                                train["warmup_stage"]).to(info.device)
+                                train["warmup_stage"], train["embed_projection"]).to(info.device)
     model: nn.Module = distiller
     if info.enabled:
         model = DistributedDataParallel(distiller, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -179,14 +180,14 @@ def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, in
 
 
 def _state_snapshot(distiller: Distiller) -> dict[str, Tensor]:
-    """Copy of every buffer (the student's normalisation statistics, loss queues, balancer
+    """Copy of the buffers a forward changes (the student's normalisation statistics, balancer
     statistics) to undo a skipped step; parameters need no copy, since a skipped step never reaches
-    the optimizer."""
-    return {name: b.clone() for name, b in distiller.named_buffers()}
+    the optimizer, nor the teacher queue, which only changes at ``commit_queues`` after the step."""
+    return {name: b.clone() for name, b in distiller.rollback_buffers().items()}
 
 
 def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
-    buffers = dict(distiller.named_buffers())
+    buffers = distiller.rollback_buffers()
     with torch.no_grad():
         for name, value in snap.items():
             buffers[name].copy_(value)
@@ -237,8 +238,10 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     applied = _all_finite(finite, device)  # a non-finite term counts even when the balancer gave it weight 0
     if applied:
         run.scaler.step(run.optimizer)
+        run.distiller.commit_queues()
     else:
         run.optimizer.zero_grad(set_to_none=True)
+        run.distiller.discard_pending()
         _restore_snapshot(run.distiller, snap)
     if run.scaler.is_enabled():
         run.scaler.update()
@@ -283,7 +286,8 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
 def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:
     return {"student": run.student.state_dict(), "student_config": run.student.config(),
             "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(),
-            "warmup_losses": run.distiller.warmup_losses.state_dict(), "config": run.cfg,
+            "warmup_losses": run.distiller.warmup_losses.state_dict(), "shared": run.distiller.shared_state_dict(),
+            "config": run.cfg,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "sampler": {"epoch": epoch, "position": position},
             "skipped_nonfinite": skipped, "skipped_samples": run.skipped_samples, "source": _source(run)}
@@ -307,9 +311,17 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
                                       "resume with the original cache or start over with --overwrite")
     run.skipped_samples = int(ckpt.get("skipped_samples", 0))
     run.student.load_state_dict(ckpt["student"])
-    run.distiller.losses.load_state_dict(ckpt["losses"])
+    if "shared" not in ckpt:
+        raise CheckpointError("the checkpoint predates the distiller's shared embedding projections and teacher "
+                              "queue (loss-owned projections/queues); it cannot be resumed by this version: start "
+                              "a new run (the saved student/ weights remain usable)")
+    try:
+        run.distiller.losses.load_state_dict(ckpt["losses"])
+        run.distiller.warmup_losses.load_state_dict(ckpt.get("warmup_losses", {}))
+        run.distiller.load_shared_state_dict(ckpt["shared"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's loss state does not match the configured losses: {e}") from e
     run.distiller.balancer.load_state_dict(ckpt["balancer"])
-    run.distiller.warmup_losses.load_state_dict(ckpt.get("warmup_losses", {}))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
@@ -322,7 +334,7 @@ def _init_projections(run: Run, samples: int) -> None:
     from distill.projection_init import init_projections
 
     run.sampler.set_epoch(0, 0)
-    report = init_projections(run.student, run.loader, samples, run.info.device)
+    report = init_projections(run.student, run.loader, samples, run.info.device, projections=run.distiller.projections)
     if run.info.is_main:
         fits = ", ".join(f"{m} cos {r['cos_before']:.3f} -> {r['cos_after']:.3f}"
                          for m, r in report.items() if isinstance(r, dict))
