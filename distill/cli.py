@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from distill.cache import CacheError
 from distill.checkpoint import CheckpointError
+from distill.config import ConfigError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
 EXIT_ERROR = 2
@@ -53,7 +54,7 @@ def import_plugins(modules: Iterable[str]) -> None:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name and module.startswith(e.name):  # the plugin itself, not one of its imports
-                raise ValueError(f"--plugin {module}: no such module") from e
+                raise ConfigError(f"--plugin {module}: no such module") from e
             raise
 
 
