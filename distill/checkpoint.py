@@ -246,10 +246,9 @@ class RunFolderError(CheckpointError):
     """The output folder already holds a training run and neither ``--resume`` nor ``--overwrite`` was given."""
 
 
-def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool, is_main: bool = True) -> None:
-    """Refuse to train into a folder holding an earlier run unless resuming (``resume``) or replacing it
-    (``overwrite``: the main rank deletes the earlier run's outputs); the main rank then deletes
-    stale ``.tmp-*`` checkpoint files."""
+def check_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> list[str]:
+    """Raise :class:`RunFolderError` if ``out`` holds an earlier run and neither ``resume`` nor
+    ``overwrite`` is given (or both are); returns the run outputs present in ``out``."""
     out = Path(out)
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other")
@@ -257,8 +256,14 @@ def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool, is_mai
     if existing and not resume and not overwrite:
         raise RunFolderError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume auto to "
                              "continue it or --overwrite to replace it")
-    if not is_main:
-        return
+    return existing
+
+
+def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
+    """On the main rank before training: :func:`check_run_dir`, delete the earlier run's outputs
+    with ``overwrite``, and delete stale ``.tmp-*`` checkpoint files."""
+    out = Path(out)
+    existing = check_run_dir(out, resume, overwrite)
     if overwrite:
         for name in existing:
             p = out / name

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from distill import dist as D
 from distill.cache import TeacherCache
-from distill.checkpoint import (CheckpointError, ResumeMismatchError, load_resume, prepare_run_dir, save_checkpoint,
-                                set_rng_state)
+from distill.checkpoint import (CheckpointError, ResumeMismatchError, check_run_dir, load_resume, prepare_run_dir,
+                                save_checkpoint, set_rng_state)
 from distill.cli import ArgumentParser, check_device, cli_main, import_plugins
 from distill.config import presets, resolve_config, save_config
 from distill.data import load_dataset
@@ -348,13 +348,15 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
     check_device(cfg["device"], "device")
     info = D.init_distributed(cfg["device"])
     out = Path(cfg["out"])
-    prepare_run_dir(out, resume, overwrite, info.is_main)
-    D.barrier()
+    check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     if cfg["train"]["deterministic"]:
         torch.use_deterministic_algorithms(True)
     run = setup(cfg, info)
+    if info.is_main:
+        prepare_run_dir(out, resume, overwrite)
+    D.barrier()
     found = load_resume(out, resume)
     step = epoch = position = skipped = 0
     ckpt = found[1] if found else None

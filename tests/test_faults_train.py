@@ -27,7 +27,7 @@ import torch
 
 from distill import checkpoint as ck
 from distill import train_student as ts
-from distill.cache import CacheCorruptError
+from distill.cache import CacheCorruptError, ManifestError
 from distill.checkpoint import (CheckpointCorruptError, CheckpointError, ResumeMismatchError, RunFolderError,
                                 load_checkpoint)
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
@@ -231,6 +231,9 @@ def test_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(tiny, t
     assert len(read_log(out)) == 7 and sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     with pytest.raises(RunFolderError, match="exclude each other"):
         ts.main(train_args(cache, tsv, out, 2, *EXTRA, "--resume", "auto", "--overwrite"))
+    with pytest.raises(ManifestError):  # --overwrite with an input that does not load deletes nothing
+        ts.main(train_args(tmp_path / "no_cache", tsv, out, 2, *EXTRA, "--overwrite"))
+    assert len(read_log(out)) == 7 and sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     summary = ts.main(train_args(cache, tsv, out, 2, *EXTRA, "--overwrite"))
     assert summary["steps"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step_000002.pt"]
