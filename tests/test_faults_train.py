@@ -399,3 +399,20 @@ def test_truncated_cache_shard_is_named_before_training(tmp_path):
     with pytest.raises(CacheCorruptError, match=r"shards/00000/image_tokens\.npy"):
         ts.main(train_args(cache, tsv, tmp_path / "run", 2))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  # noqa: F811
+    from distill.cli import run_cli
+    from students import export
+
+    tsv, cache = tiny
+    out = tmp_path / "run"
+    ts.main(train_args(cache, tsv, out, 3, *EXTRA))
+    step = out / "checkpoints" / "step_000003.pt"
+    state = load_checkpoint(step)
+    state["student"][next(iter(state["student"]))].view(-1)[0] += 1.0  # a changed weight, old checksum
+    torch.save(state, step)
+    capsys.readouterr()
+    assert run_cli(export.main, ["--checkpoint", str(step), "--out", str(tmp_path / "exp")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {step} is corrupt: its content does not match its sha256 checksum"
+    assert not (tmp_path / "exp").exists()
