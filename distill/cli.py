@@ -1,6 +1,6 @@
 """One top-level error handler for every command-line entry point.
 
-``sys.exit(run_cli(main, argv))`` in a module's ``__main__`` block: the project's typed errors
+``cli_main(main)`` in a module's ``__main__`` block (``sys.exit(run_cli(main))``): the project's typed errors
 (``ConfigError``, the ``CacheError`` family, ``BadSampleError``, ``CheckpointError``, ...), other
 ``ValueError``\\s, missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr
 and exit 2; ``--debug`` anywhere on the command line shows the full traceback instead. ``main(argv)``
