@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "use_views": True,
         "num_workers": 2,
         "on_nonfinite": "error",  # error | skip: a teacher target with NaN/Inf stops training, or its sample is dropped
+        # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
+        # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
+        "pixels": "auto",
     },
     "student": {"name": "vit"},
     "train": {
@@ -51,7 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "accum_steps": 1,
         "lr": 5.0e-4,
         "min_lr_ratio": 0.0,
-        "warmup_steps": 100,
+        "warmup_steps": 0.05,  # linear LR warm-up: an int >= 0 is steps, a float in [0, 1) a fraction of train.steps
         "weight_decay": 0.05,
         "betas": [0.9, 0.98],
         "eps": 1.0e-6,
@@ -202,6 +205,8 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(bal, dict) or "name" not in bal:
         raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
     bal.setdefault("cfg", {})
+    if cfg["data"]["pixels"] not in ("auto", "cache", "decode"):
+        raise ConfigError(f"data.pixels must be auto, cache or decode, not {cfg['data']['pixels']!r}")
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")
@@ -252,7 +257,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train.accum_steps", "int", lambda v: v >= 1, "an integer >= 1"),
     Setting("train.lr", "float", lambda v: v > 0, "a number > 0", "--lr"),
     Setting("train.min_lr_ratio", "float", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    Setting("train.warmup_steps", "int", lambda v: v >= 0, "an integer >= 0"),
+    Setting("train.warmup_steps", "float", lambda v: v >= 0 if _is_int(v) else 0 <= v < 1,
+            "a step count >= 0 or a fraction of train.steps in [0, 1)"),
     Setting("train.weight_decay", "float", lambda v: v >= 0, "a number >= 0"),
     Setting("train.betas", "betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.98]"),
     Setting("train.eps", "float", lambda v: v > 0, "a number > 0"),
@@ -346,6 +352,14 @@ def _check_warmup_stage(train: dict[str, Any]) -> None:
     if not isinstance(weights, dict) or set(weights) - set(names):
         raise ConfigError(f"train.warmup_stage.weights must map stage loss names {names} to numbers, got {weights!r}")
     stage["weights"] = weights
+
+
+def warmup_steps(value: int | float, total: int) -> int:
+    """LR warm-up steps of ``train.warmup_steps`` for a run of ``total`` steps: an int is a step
+    count, a float in [0, 1) a fraction of the run (at least 1 step when positive)."""
+    if isinstance(value, float):
+        return max(1, round(value * total)) if value > 0 else 0
+    return int(value)
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from distill.dist import all_reduce_mean
 from distill.losses.projection import EmbedProjections
+from distill.pixels import student_pixels
 from distill.train_data import TrainBatch
 from students.base import Student
 
@@ -47,12 +48,12 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
     for batch in batches:
         batch = batch.to(device)
         text = {k: v.to(device) for k, v in student.tokenize(batch.texts).items()}
-        inputs = {"image": batch.pixels, "text": text}
+        inputs = {"image": student_pixels(batch, student, device), "text": text}
         embeds = {"image": batch.teacher.img_embed, "text": batch.teacher.txt_embed}
         for m, (features, _) in heads.items():
             feats[m].append(features(inputs[m]).float())
             targets[m].append(embeds[m].float())
-        seen += batch.pixels.shape[0]
+        seen += len(batch.texts)
         if seen >= samples:
             break
     student.train(was_training)

@@ -33,7 +33,8 @@ def _bad(x: Tensor | None, n: int) -> Tensor | None:
 def nonfinite_fields(t: TeacherBatch, n: int) -> dict[str, Tensor]:
     """``{cache array name: [n] bool (row holds NaN/Inf)}`` for every floating teacher field."""
     fields = {"image_embed": t.img_embed, "image_tokens": t.img_tokens, "text_embed": t.txt_embed,
-              "text_tokens": t.txt_tokens, **{f"inter_{k}": v for k, v in (t.intermediates or {}).items()}}
+              "text_tokens": t.txt_tokens, "text_embed_mean": t.txt_embed_mean,
+              **{f"inter_{k}": v for k, v in (t.intermediates or {}).items()}}
     return {name: m for name, x in fields.items() if (m := _bad(x, n)) is not None}
 
 
@@ -93,7 +94,15 @@ def screen_batch(batch: TrainBatch, cache: TeacherCache, mode: str) -> tuple[Tra
                                    "data.on_nonfinite=skip to drop such samples")
     keep = torch.nonzero(~bad).flatten()
     (kept,) = _all_reduce([int(keep.numel())], torch.distributed.ReduceOp.MIN if distributed else None, device)
-    keep = keep[:kept]
-    out = batch.apply(lambda x: x[keep])
+    return keep_rows(batch, keep[:kept]), total_bad
+
+
+def keep_rows(batch: TrainBatch, keep: Tensor) -> TrainBatch:
+    """``batch`` restricted to rows ``keep`` (JPEG pixels: their byte ranges of the concatenation)."""
+    out = batch.apply(lambda x: x[keep.to(x.device)])
     out.texts = [batch.texts[int(i)] for i in keep.tolist()]
-    return out, total_bad
+    if batch.pixel_format == "jpeg":
+        parts = torch.split(batch.pixels, [int(n) for n in batch.pixel_lengths.cpu()])
+        rows = keep.cpu().tolist()
+        out.pixels = torch.cat([parts[i] for i in rows]) if rows else batch.pixels[:0]
+    return out

@@ -1,6 +1,6 @@
 """Training logs: one JSON object per line (``OUT/train_log.jsonl``), TensorBoard scalars
-(``OUT/tb``) and final PNGs: raw losses and balancer weights (``OUT/plots/losses.png``) and the
-per-term balancer weights alone (``OUT/plots/weights.png``).
+(``OUT/tb``) and final PNGs: the raw losses, the total loss, the validation RSUM and the balancer
+weights (``OUT/plots/losses.png``), and the per-term balancer weights alone (``OUT/plots/weights.png``).
 
 Records have ``kind`` ``"train"`` (step, epoch, lr, ``loss/<name>``, ``weight/<name>``, total,
 samples_per_s, skipped_nonfinite) or ``"eval"`` (step + ``eval/<metric>``).
@@ -119,6 +119,14 @@ def plot_losses(out: str | Path) -> Path | None:
             if prefix == "loss/":
                 ys = [y if y is not None and y > 0 else math.nan for y in ys]
             ax.plot(steps, ys, label=key[len(prefix):], linewidth=1)
+    ax_l.plot(steps, [r.get("total", math.nan) for r in recs], label="total (weighted)", color="black", linewidth=1.5)
+    evals = [r for r in read_log(out, "eval") if "eval/rsum" in r]
+    if evals:  # validation RSUM on a second axis of the loss panel
+        ax_v = ax_l.twinx()
+        ax_v.plot([r["step"] for r in evals], [r["eval/rsum"] for r in evals], "o-", color="tab:red",
+                  label="validation RSUM")
+        ax_v.set_ylabel("validation RSUM", color="tab:red")
+        ax_v.legend(fontsize=7, loc="upper right")
     ax_l.set_yscale("log")
     ax_l.set_ylabel("raw loss")
     ax_w.set_ylabel("balancer weight")

@@ -28,12 +28,13 @@ from distill.cache import TeacherCache
 from distill.checkpoint import (CheckpointError, ResumeMismatchError, check_run_dir, load_resume, prepare_run_dir,
                                 save_checkpoint, set_rng_state)
 from distill.cli import ArgumentParser, check_device, cli_main, import_plugins
-from distill.config import presets, resolve_config, save_config
+from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
 from distill.distiller import Distiller, build_distiller, loss_dims
+from distill.pixels import student_pixels
 from distill.target_check import NonFiniteTargetError, screen_batch
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
-from distill.train_log import TrainLogger, plot_losses
+from distill.train_log import TrainLogger, plot_losses, read_log
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,11 +146,18 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                                         find_unused_parameters=bool(train["find_unused_parameters"]),
                                         forward_sync_buffers=False)
 
-    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]))
+    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]),
+                               data["pixels"])
+    if info.is_main and trainset.pixel_source != "decode":
+        print(f"distill: student pixels read from the cache ({trainset.pixel_source}, {cache.pixel_size} px)", flush=True)
+    if len(trainset) < train["batch_size"]:
+        raise ConfigError(f"train.batch_size {train['batch_size']} is larger than the {len(trainset)} training images; "
+                          f"pass --batch-size {len(trainset)} or less (--preset gpu's batch of 256 is meant for GPUs "
+                          "and large datasets; use --preset cpu on small data)")
     sampler = GlobalBatchSampler(len(trainset), train["batch_size"], cfg["seed"], info.rank, info.world_size)
     workers = int(data["num_workers"])
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=TeacherCollate(cache),
+                        collate_fn=TeacherCollate(cache, "auto" if trainset.num_views > 1 else "full"),
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     total = train["steps"]
@@ -161,7 +169,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                          f"number of optimizer steps ({total})")
 
     optimizer = make_optimizer(distiller, train)
-    warmup, min_ratio = int(train["warmup_steps"]), float(train["min_lr_ratio"])
+    warmup, min_ratio = warmup_steps(train["warmup_steps"], total), float(train["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))
     if train["precision"] == "fp16" and info.device.type != "cuda":
         raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
@@ -223,7 +231,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
             else contextlib.nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = run.model(batch.pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
+                out = run.model(student_pixels(batch, run.student, device), text, batch.teacher, batch.image_index,
+                                step, run.total_steps)
             run.scaler.scale(out.total / accum).backward()
         total_sum += float(out.total.detach())
         for name, value in out.losses.items():
@@ -283,6 +292,13 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
     return metrics
 
 
+def format_eval(step: int, metrics: dict[str, float], total: float | None) -> str:
+    """The console line of one validation: step, RSUM, R@1 both ways and the step's total loss."""
+    loss = f", total loss {total:.4f}" if total is not None else ""
+    return (f"eval step {step}: rsum {metrics['rsum']:.2f} (i2t R@1 {metrics['i2t_R@1']:.2f}, "
+            f"t2i R@1 {metrics['t2i_R@1']:.2f}){loss}")
+
+
 def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:
     return {"student": run.student.state_dict(), "student_config": run.student.config(),
             "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(),
@@ -338,7 +354,10 @@ def _init_projections(run: Run, samples: int) -> None:
     if run.info.is_main:
         fits = ", ".join(f"{m} cos {r['cos_before']:.3f} -> {r['cos_after']:.3f}"
                          for m, r in report.items() if isinstance(r, dict))
-        print(f"distill: projection heads fitted to the teacher on {report['samples']} samples ({fits})", flush=True)
+        short = (f"; asked for {samples}, but one pass over the training batches holds only {report['samples']}"
+                 if report["samples"] < samples else "")
+        print(f"distill: projection heads fitted to the teacher on {report['samples']} samples ({fits}){short}",
+              flush=True)
 
 
 def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -358,6 +377,7 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
         prepare_run_dir(out, resume, overwrite)
     D.barrier()
     found = load_resume(out, resume)
+    resume_path = found[0] if found else None
     step = epoch = position = skipped = 0
     ckpt = found[1] if found else None
     if ckpt is not None:
@@ -401,6 +421,7 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
             metrics = evaluate(run, eval_ds)
             if logger:
                 logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                bar.write(format_eval(step, metrics, fields["total"]))
         if step % train_cfg["checkpoint_every"] == 0 or step == run.total_steps:
             if info.is_main:
                 save_checkpoint(out, step, _checkpoint_state(run, epoch, position, skipped), train_cfg["keep_checkpoints"])
@@ -410,6 +431,10 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
         metrics = evaluate(run, eval_ds)
         if logger:
             logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            print(format_eval(step, metrics, last.get("total")), flush=True)
+    reused = not last and step >= run.total_steps
+    if reused:  # resumed a finished run: nothing trained now; report the run's logged final loss
+        last = (read_log(out) or [{}])[-1]
     summary = {"steps": step, "final_total": last.get("total"), "skipped_nonfinite": skipped,
                "skipped_samples": run.skipped_samples,
                "seconds": time.time() - started, "student": str(out / "student"), "eval": metrics}
@@ -422,6 +447,9 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
         rsum = f", eval rsum {metrics['rsum']:.2f}" if "rsum" in metrics else ""
         final = f"{summary['final_total']:.4f}" if summary["final_total"] is not None else "n/a"
         dropped = f", {run.skipped_samples} samples with non-finite teacher targets dropped" if run.skipped_samples else ""
+        if reused:
+            print(f"distill: {out} already holds a finished run of {step} steps (checkpoint {resume_path}); reused it "
+                  "without training (pass another --out, or a larger --steps, to train more)", flush=True)
         print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{dropped}{rsum}; "
               f"student saved to {out / 'student'}", flush=True)
     D.barrier()
@@ -433,7 +461,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` and train; returns the summary dict and raises typed errors (the command line
     goes through :func:`distill.cli.run_cli`, which turns them into one line and exit status 2)."""
     args = build_parser().parse_args(argv)
-    return train(config_from_args(args), args.resume, args.overwrite)
+    cfg = config_from_args(args)
+    cuda = torch.cuda.is_available() if cfg["device"] is None else str(cfg["device"]).startswith("cuda")
+    if args.preset == "gpu" and not cuda:
+        print("warning: --preset gpu is meant for a CUDA GPU (ViT-S/16 at 224 px, batch 256, bf16); on CPU use "
+              "--preset cpu (or lower --batch-size and the student size)", file=sys.stderr)
+    return train(cfg, args.resume, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -277,8 +277,8 @@ def _poisoned(real, field: str = "img_embed"):
     """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``img_embed``) or +Inf (``txt_tokens``),
     as a cache written with NaN/overflowing teacher outputs would deliver them."""
 
-    def poisoned(cache, image_index, caption_index, view, keep_fp16=False):
-        t = real(cache, image_index, caption_index, view, keep_fp16)
+    def poisoned(cache, image_index, *args, **kwargs):
+        t = real(cache, image_index, *args, **kwargs)
         rows = torch.from_numpy(np.isin(image_index, BAD_IMAGES))
         getattr(t, field)[rows] = float("nan") if field == "img_embed" else float("inf")
         return t
