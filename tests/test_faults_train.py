@@ -416,3 +416,26 @@ def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  
     assert run_cli(export.main, ["--checkpoint", str(step), "--out", str(tmp_path / "exp")]) == 2
     assert capsys.readouterr().err.strip() == f"error: checkpoint {step} is corrupt: its content does not match its sha256 checksum"
     assert not (tmp_path / "exp").exists()
+
+
+def test_skip_drops_exactly_the_nonfinite_rows_of_every_field_jpeg_pixels_included():
+    from distill.losses.base import TeacherBatch
+    from distill.target_check import screen_batch
+    from distill.train_data import TrainBatch
+
+    n = 4
+    parts = [torch.full((k + 2,), k, dtype=torch.uint8) for k in range(n)]  # row k: k+2 bytes of value k
+    img = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+    tokens = torch.zeros(n, 2, 3)
+    tokens[2, 1, 0] = float("inf")  # row 2: an overflowed token
+    img[0, 1] = float("nan")  # row 0: a NaN embedding
+    teacher = TeacherBatch(img_embed=img, txt_embed=torch.ones(n, 3), img_tokens=tokens, img_grid=None,
+                           txt_tokens=None, txt_mask=None, intermediates={}, logit_scale=1.0)
+    batch = TrainBatch(torch.cat(parts), [f"t{k}" for k in range(n)], torch.arange(n), torch.arange(n) * 2,
+                       torch.zeros(n, dtype=torch.long), teacher, "jpeg", torch.tensor([len(p) for p in parts]))
+    kept, dropped = screen_batch(batch, cache=None, mode="skip")
+    assert dropped == 2 and kept.texts == ["t1", "t3"] and kept.image_index.tolist() == [1, 3]
+    assert kept.caption_index.tolist() == [2, 6] and torch.equal(kept.teacher.img_embed, img[[1, 3]])
+    assert kept.pixel_lengths.tolist() == [3, 5] and torch.equal(kept.pixels, torch.cat([parts[1], parts[3]]))
+    same, none = screen_batch(kept, cache=None, mode="error")
+    assert same is kept and none == 0
