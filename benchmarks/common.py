@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import importlib
 import io
 import json
 import os
@@ -29,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from distill.cli import import_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -75,8 +76,7 @@ def setup(args: argparse.Namespace) -> torch.device:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     device = torch.device(args.device)
     if getattr(args, "clock", None) == "auto":
         args.clock = "cpu" if device.type == "cpu" else "wall"

@@ -103,4 +103,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from distill.cli import cli_main
+
+    cli_main(main)

@@ -285,4 +285,6 @@ def summary_text(results: dict[str, Any], modes: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from distill.cli import cli_main
+
+    cli_main(main)

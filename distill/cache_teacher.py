@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import functools
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -31,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from distill.augment import sample_view_params
+from distill.cli import ArgumentParser, cli_main, import_plugins
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
-from distill.config import ConfigError
+from distill.config import ConfigError, Setting, check_args
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from distill.mixup import NO_MIX, sample_mix_params, view_image
@@ -718,7 +718,7 @@ def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
     p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON, a Flickr8k folder or "
                    "webdataset shards ('shards/{000..009}.tar')")
@@ -766,13 +766,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Value checks of the numeric flags (distill.config.check_args).
+ARG_RULES = (Setting("views", "int", lambda v: v >= 1, "an integer >= 1", "--views"),
+             Setting("shard_size", "int", lambda v: v >= 1, "an integer >= 1", "--shard-size", nullable=True),
+             Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+             Setting("num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"),
+             Setting("verify", "int", lambda v: v >= 0, "a number of samples >= 0 (0: no check)", "--verify"),
+             Setting("mixup_views", "int", lambda v: v >= 0, "an integer >= 0", "--mixup-views"),
+             Setting("mixup_alpha", "float", lambda v: v > 0, "a number > 0", "--mixup-alpha"))
+
+
+def parse_view_scale(text: str) -> tuple[float, float]:
+    """``"min,max"`` crop area fractions with 0 < min <= max <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--view-scale must be two numbers min,max, got {text!r}") from None
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"--view-scale must be min,max with 0 < min <= max <= 1, got {text!r}")
+    return lo, hi
+
+
 def settings_from_args(args: argparse.Namespace) -> CacheSettings:
-    lo, hi = (float(x) for x in args.view_scale.split(","))
+    check_args(args, ARG_RULES)
+    lo, hi = parse_view_scale(args.view_scale)
     shard_size = 1024 if args.shard_size is None else args.shard_size
-    if args.views < 1 or shard_size < 1 or args.batch_size < 1:
-        raise ValueError("--views, --shard-size and --batch-size must be >= 1")
-    if args.mixup_views < 0 or args.mixup_alpha <= 0:
-        raise ValueError(f"--mixup-views must be >= 0 and --mixup-alpha > 0 (got {args.mixup_views}, {args.mixup_alpha})")
     image_tokens = parse_token_mode(args.image_tokens)
     view_tokens = resolve_view_tokens(args.view_tokens, image_tokens, args.views + args.mixup_views)
     pixels = PixelSettings(args.pixels, args.pixel_format, args.pixel_quality) if args.pixels else None
@@ -800,8 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     info = init_distributed(args.device)
     out = Path(args.out)
     lock = contextlib.ExitStack()
@@ -850,4 +867,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

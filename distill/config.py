@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -41,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "cache": None,
         "use_views": True,
         "num_workers": 2,
+        "on_nonfinite": "error",  # error | skip: a teacher target with NaN/Inf stops training, or its sample is dropped
         # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
         # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
         "pixels": "auto",
@@ -215,21 +218,112 @@ def validate(cfg: dict[str, Any]) -> None:
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")
-    for key in ("batch_size", "accum_steps"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    if train["embed_projection"] not in ("auto", "linear"):
-        raise ConfigError(f"train.embed_projection must be auto or linear, got {train['embed_projection']!r}")
-    warmup = train["warmup_steps"]
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 \
-            or (isinstance(warmup, float) and warmup >= 1):
-        raise ConfigError(f"train.warmup_steps must be a step count >= 0 or a fraction of train.steps in [0, 1), "
-                          f"got {warmup!r}")
-    samples = train["init_projections"]
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
-        raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
+    check_settings(cfg)
     if train["warmup_stage"] is not None:
         _check_warmup_stage(train)
+
+
+# -- value checks -------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value rule: ``key`` (dotted), ``ok(value)`` after coercion, the ``need`` text of the error
+    message, ``kind`` (``"int"``, ``"float"``, ``"bool"`` or ``"choice"``), the CLI ``flag`` that
+    sets it (named in the error), and whether ``None`` is allowed."""
+
+    key: str
+    kind: str
+    ok: Callable[[Any], bool]
+    need: str
+    flag: str | None = None
+    nullable: bool = False
+
+
+
+def _betas(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
+
+
+#: Every numeric/enumerated setting of the config, checked by :func:`check_settings` when the
+#: config is resolved (so a bad value fails before any data is loaded).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("seed", "int", lambda v: v >= 0, "an integer >= 0", "--seed"),
+    Setting("data.num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"),
+    Setting("data.use_views", "bool", lambda v: True, "true or false"),
+    Setting("data.on_nonfinite", "choice", lambda v: v in ("error", "skip"), "error or skip"),
+    Setting("train.steps", "int", lambda v: v >= 1, "an integer >= 1 (or null: derived from train.epochs)", "--steps",
+            nullable=True),
+    Setting("train.epochs", "float", lambda v: v > 0, "a number > 0", "--epochs"),
+    Setting("train.batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+    Setting("train.accum_steps", "int", lambda v: v >= 1, "an integer >= 1"),
+    Setting("train.lr", "float", lambda v: v > 0, "a number > 0", "--lr"),
+    Setting("train.min_lr_ratio", "float", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    Setting("train.warmup_steps", "float", lambda v: v >= 0 if _is_int(v) else 0 <= v < 1,
+            "a step count >= 0 or a fraction of train.steps in [0, 1)"),
+    Setting("train.weight_decay", "float", lambda v: v >= 0, "a number >= 0"),
+    Setting("train.betas", "betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.98]"),
+    Setting("train.eps", "float", lambda v: v > 0, "a number > 0"),
+    Setting("train.grad_clip", "float", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    Setting("train.deterministic", "bool", lambda v: True, "true or false"),
+    Setting("train.find_unused_parameters", "bool", lambda v: True, "true or false"),
+    Setting("train.log_every", "int", lambda v: v >= 1, "an integer >= 1"),
+    Setting("train.checkpoint_every", "int", lambda v: v >= 1, "an integer >= 1"),
+    Setting("train.keep_checkpoints", "int", lambda v: v >= 0, "an integer >= 0 (0 keeps every checkpoint)"),
+    Setting("train.embed_projection", "choice", lambda v: v in ("auto", "linear"), "auto or linear"),
+    Setting("train.init_projections", "int", lambda v: v >= 0, "a number of samples >= 0"),
+    Setting("eval.every", "int", lambda v: v >= 0, "an integer >= 0 (0: evaluate once at the end)"),
+    Setting("eval.batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
+)
+
+
+def coerce_value(value: Any, kind: str) -> Any:
+    """``value`` as ``kind`` (a numeric string such as YAML's ``1e-3`` becomes a float, an integral
+    float an int); returns ``value`` unchanged when it does not convert (the rule then fails)."""
+    if kind in ("float", "int") and isinstance(value, str) and _looks_like_float(value):
+        value = float(value)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value
+
+
+def check_value(name: str, value: Any, kind: str, ok: Callable[[Any], bool], need: str) -> Any:
+    """The coerced ``value`` if it is a ``kind`` satisfying ``ok``; else :class:`ConfigError`
+    ``"<name> must be <need>, got <value>"``."""
+    value = coerce_value(value, kind)
+    typed = {"int": _is_int, "float": _is_num, "bool": lambda v: isinstance(v, bool)}.get(kind, lambda v: True)
+    try:
+        good = typed(value) and bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(f"{name} must be {need}, got {value!r}")
+    return value
+
+
+def check_settings(cfg: dict[str, Any], rules: Iterable[Setting] = SETTINGS, by_flag: bool = False) -> None:
+    """Check (and coerce in place) every setting of ``rules`` present in ``cfg``; errors name
+    ``key (flag)``, or only the flag with ``by_flag``."""
+    for rule in rules:
+        *parents, leaf = rule.key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        if leaf not in node or (rule.nullable and node[leaf] is None):
+            continue
+        name = (rule.flag if by_flag else f"{rule.key} ({rule.flag})") if rule.flag else rule.key
+        node[leaf] = check_value(name, node[leaf], rule.kind, rule.ok, rule.need)
+
+
+def check_args(args: Any, rules: Iterable[Setting]) -> None:
+    """:func:`check_settings` for an ``argparse.Namespace`` (rule keys are attribute names)."""
+    check_settings(vars(args), rules, by_flag=True)
 
 
 def _check_losses(losses: Any, where: str) -> None:

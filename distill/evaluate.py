@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 import time
@@ -28,6 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.cache import MANIFEST, TeacherCache
+from distill.cli import ArgumentParser, cli_main, import_plugins
+from distill.config import Setting, check_args
 from distill.data import ImageTextDataset, NoSplitsError, TransformedImages, load_dataset
 from distill.metrics import retrieval_metrics
 
@@ -124,7 +125,7 @@ def format_metrics(name: str, metrics: dict[str, float]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="teacher spec, student checkpoint/folder, or teacher cache folder")
     p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON, webdataset shards); "
                    "optional for a cache")
@@ -139,13 +140,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="JSON result path (default: print only)")
     p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, ARG_RULES)
+    return args
+
+
+#: Value checks of the numeric flags (distill.config.check_args).
+ARG_RULES = (Setting("max_captions", "int", lambda v: v >= 1, "an integer >= 1", "--max-captions", nullable=True),
+             Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+             Setting("num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     kind, model = load_model(args.model, args.device)
     data = None
     if args.data:
@@ -159,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if data.skipped:
             print(f"skipped {len(data.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in data.skipped),
                   file=sys.stderr)
-        if args.max_captions:
+        if args.max_captions is not None:
             if kind == "cache":
                 raise SystemExit("error: --max-captions applies to a teacher or a student, not to a cache")
             data = first_captions(data, args.max_captions)
@@ -188,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from distill.cli import ArgumentParser
 from distill.profile import count_params, images_per_second
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ SAMPLE = REPO / "examples" / "sample_flickr8k"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SAMPLE), help="Flickr8k-layout folder or dataset file (default: bundled sample)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
@@ -138,4 +139,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    from distill.cli import cli_main
+
+    cli_main(main)

@@ -6,6 +6,11 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError, ValueError):
+    """A name that is not registered (a ``KeyError`` for lookups, a ``ValueError`` for the CLI's
+    one-line error report)."""
+
+
 class Registry(Generic[T]):
     """Maps a short name to a factory; ``register`` is used as a class/function decorator."""
 
@@ -24,7 +29,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def build(self, name: str, *args, **kwargs) -> T:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import random
 import sys
@@ -26,17 +25,20 @@ from torch.utils.data import DataLoader
 
 from distill import dist as D
 from distill.cache import VERIFY_MODES, TeacherCache
-from distill.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint, set_rng_state
+from distill.checkpoint import (CheckpointError, ResumeMismatchError, check_run_dir, load_resume, prepare_run_dir,
+                                save_checkpoint, set_rng_state)
+from distill.cli import ArgumentParser, check_device, cli_main, import_plugins
 from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
 from distill.distiller import Distiller, build_distiller, loss_dims
 from distill.pixels import student_pixels
+from distill.target_check import NonFiniteTargetError, screen_batch
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
 from distill.train_log import TrainLogger, plot_losses, read_log
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.train_student", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m distill.train_student", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", default=[], help="YAML/JSON config file (repeatable, later wins)")
     p.add_argument("--preset", choices=presets(), help="built-in preset applied before --config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per image, else size; none: also skips the changed-image check)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="resume from OUT/checkpoints/latest.pt (auto) or a checkpoint file")
+                   help="resume from the newest intact checkpoint of OUT/checkpoints (auto) or a checkpoint file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (without --resume or --overwrite such a folder is refused)")
     p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers/students/losses)")
     return p
 
@@ -118,6 +122,8 @@ class Run:
     sampler: GlobalBatchSampler
     loader: DataLoader
     total_steps: int
+    cache: TeacherCache | None = None
+    skipped_samples: int = 0  # samples dropped for non-finite teacher targets (data.on_nonfinite=skip)
 
 
 def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
@@ -175,7 +181,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     if train["precision"] == "fp16" and info.device.type != "cuda":
         raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     scaler = torch.amp.GradScaler(info.device.type, enabled=train["precision"] == "fp16")
-    return Run(cfg, info, student, distiller, model, optimizer, scheduler, scaler, sampler, loader, total)
+    return Run(cfg, info, student, distiller, model, optimizer, scheduler, scaler, sampler, loader, total, cache)
 
 
 def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, int, TrainBatch]]:
@@ -226,8 +232,7 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     total_sum = 0.0
     epoch = position = 0
     for micro in range(accum):
-        epoch, position, batch = next(batches)
-        batch = batch.to(device)
+        epoch, position, batch = _next_finite_batch(run, batches)
         text = {k: v.to(device) for k, v in run.student.tokenize(batch.texts).items()}
         sync = run.model.no_sync() if isinstance(run.model, DistributedDataParallel) and micro < accum - 1 \
             else contextlib.nullcontext()
@@ -245,7 +250,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     params = [p for p in run.distiller.parameters() if p.grad is not None]
     clip = float(train["grad_clip"]) or math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-    applied = _all_finite(math.isfinite(total_sum) and math.isfinite(grad_norm), device)
+    finite = math.isfinite(total_sum) and math.isfinite(grad_norm) and all(map(math.isfinite, sums.values()))
+    applied = _all_finite(finite, device)  # a non-finite term counts even when the balancer gave it weight 0
     if applied:
         run.scaler.step(run.optimizer)
         run.distiller.commit_queues()
@@ -258,8 +264,22 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     fields = {"lr": lr, "stage": run.distiller.stage(step), **{f"loss/{k}": v / accum for k, v in sums.items()},
-              **{f"weight/{k}": float(v) for k, v in weights.items()}, "total": total_sum / accum, "grad_norm": grad_norm}
+              **{f"weight/{k}": float(v) for k, v in weights.items()}, "total": total_sum / accum, "grad_norm": grad_norm,
+              "skipped_samples": run.skipped_samples}
     return fields, epoch, position, applied
+
+
+def _next_finite_batch(run: Run, batches: Iterator[tuple[int, int, TrainBatch]]) -> tuple[int, int, TrainBatch]:
+    """The next batch on the device with its non-finite teacher targets handled per
+    ``data.on_nonfinite`` (error: raise; skip: drop those rows, counted in ``run.skipped_samples``)."""
+    for _ in range(max(1, run.sampler.batches_per_epoch()) + 1):
+        epoch, position, batch = next(batches)
+        batch, dropped = screen_batch(batch.to(run.info.device), run.cache, run.cfg["data"]["on_nonfinite"])
+        run.skipped_samples += dropped
+        if len(batch.texts):
+            return epoch, position, batch
+    raise NonFiniteTargetError(f"teacher cache {run.cache.path}: a whole epoch of batches had only non-finite "
+                               "teacher targets; rebuild the cache")
 
 
 def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
@@ -293,14 +313,26 @@ def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict
             "config": run.cfg,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "sampler": {"epoch": epoch, "position": position},
-            "skipped_nonfinite": skipped}
+            "skipped_nonfinite": skipped, "skipped_samples": run.skipped_samples, "source": _source(run)}
+
+
+def _source(run: Run) -> dict[str, str]:
+    """The teacher and dataset the run's cache was built from (a resume must use the same)."""
+    return {"teacher_hash": run.cache.teacher_hash, "dataset_fingerprint": run.cache.dataset_fingerprint}
 
 
 def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
     """Load a checkpoint into the run; returns (step, epoch, position, skipped)."""
     if ckpt["student_config"] != run.student.config():
-        raise SystemExit(f"error: the checkpoint's student {ckpt['student_config']} differs from the configured "
-                         f"student {run.student.config()}")
+        raise ResumeMismatchError(f"the checkpoint's student {ckpt['student_config']} differs from the configured "
+                                  f"student {run.student.config()}")
+    for key, now in _source(run).items():
+        then = ckpt.get("source", {}).get(key, now)
+        if then != now:
+            raise ResumeMismatchError(f"the checkpoint was trained on a cache with {key} {then[:12]}, but "
+                                      f"{run.cache.path} has {now[:12]} (rebuilt with another teacher or dataset); "
+                                      "resume with the original cache or start over with --overwrite")
+    run.skipped_samples = int(ckpt.get("skipped_samples", 0))
     run.student.load_state_dict(ckpt["student"])
     if "shared" not in ckpt:
         raise CheckpointError("the checkpoint predates the distiller's shared embedding projections and teacher "
@@ -335,21 +367,26 @@ def _init_projections(run: Run, samples: int) -> None:
               flush=True)
 
 
-def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
-    """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path); returns a
-    summary dict (also printed as one line by rank 0)."""
-    for module in cfg["plugins"]:
-        importlib.import_module(module)
+def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path) or replacing
+    an earlier run in ``out`` (``overwrite``); returns a summary dict (also printed as one line by rank 0)."""
+    import_plugins(cfg["plugins"])
+    check_device(cfg["device"], "device")
     info = D.init_distributed(cfg["device"])
     out = Path(cfg["out"])
+    check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     if cfg["train"]["deterministic"]:
         torch.use_deterministic_algorithms(True)
     run = setup(cfg, info)
-    resume_path = find_resume(out, resume)
+    if info.is_main:
+        prepare_run_dir(out, resume, overwrite)
+    D.barrier()
+    found = load_resume(out, resume)
+    resume_path = found[0] if found else None
     step = epoch = position = skipped = 0
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    ckpt = found[1] if found else None
     if ckpt is not None:
         step, epoch, position, skipped = _restore(run, ckpt)
     elif cfg["train"]["init_projections"]:
@@ -406,6 +443,7 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
     if reused:  # resumed a finished run: nothing trained now; report the run's logged final loss
         last = (read_log(out) or [{}])[-1]
     summary = {"steps": step, "final_total": last.get("total"), "skipped_nonfinite": skipped,
+               "skipped_samples": run.skipped_samples,
                "seconds": time.time() - started, "student": str(out / "student"), "eval": metrics}
     if info.is_main:
         logger.close()
@@ -415,10 +453,11 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
         save_student(run.student, out / "student")
         rsum = f", eval rsum {metrics['rsum']:.2f}" if "rsum" in metrics else ""
         final = f"{summary['final_total']:.4f}" if summary["final_total"] is not None else "n/a"
+        dropped = f", {run.skipped_samples} samples with non-finite teacher targets dropped" if run.skipped_samples else ""
         if reused:
             print(f"distill: {out} already holds a finished run of {step} steps (checkpoint {resume_path}); reused it "
                   "without training (pass another --out, or a larger --steps, to train more)", flush=True)
-        print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{rsum}; "
+        print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{dropped}{rsum}; "
               f"student saved to {out / 'student'}", flush=True)
     D.barrier()
     D.cleanup()
@@ -426,14 +465,16 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` and train; returns the summary dict and raises typed errors (the command line
+    goes through :func:`distill.cli.run_cli`, which turns them into one line and exit status 2)."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     cuda = torch.cuda.is_available() if cfg["device"] is None else str(cfg["device"]).startswith("cuda")
     if args.preset == "gpu" and not cuda:
         print("warning: --preset gpu is meant for a CUDA GPU (ViT-S/16 at 224 px, batch 256, bf16); on CPU use "
               "--preset cpu (or lower --batch-size and the student size)", file=sys.stderr)
-    return train(cfg, args.resume)
+    return train(cfg, args.resume, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -14,13 +14,12 @@ CLI: ``python -m students.export --checkpoint CKPT_OR_DIR --out DIR [--format op
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from distill.cli import ArgumentParser, cli_main, import_plugins
 from students.base import Student
 from students.io import load_student, save_student
 
@@ -46,7 +45,7 @@ def export_open_clip(student: Student, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m students.export", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m students.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or save_student folder")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--format", choices=("open_clip", "onnx", "hf", "safetensors"), default="open_clip",
@@ -56,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="module to import first (e.g. one that registers a teacher); repeatable")
     args = ap.parse_args(argv)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     student = load_student(args.checkpoint)
     try:
         out, parity = export(student, args.format, args.out)
@@ -94,4 +92,4 @@ def export(student: Student, fmt: str, out_dir: str | Path) -> tuple[Path, dict[
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

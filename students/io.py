@@ -90,6 +90,10 @@ def _load_checkpoint(path: Path) -> Student:
     if not isinstance(ckpt, dict) or "student_config" not in ckpt or "student" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a checkpoint with 'student_config' and 'student', found {keys}")
+    from distill.checkpoint import CHECKSUM_KEY, checksum
+
+    if CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != checksum(ckpt):
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum")
     student = _build(ckpt["student_config"], path)
     try:
         student.load_state_dict(ckpt["student"])

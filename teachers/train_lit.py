@@ -14,7 +14,6 @@ are saved in ``towers.safetensors`` beside the projections. Recall@1 is reported
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from distill.cli import ArgumentParser, cli_main, import_plugins
 from distill.data import BadSampleError, ImageTextDataset, TransformedImages, load_dataset
 from teachers.common import trim_padding
 from teachers.lit import LiTConfig, LiTTeacher
@@ -231,7 +231,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="dataset path (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON)")
     p.add_argument("--images-root", default=None,
                    help="folder the dataset's image paths are relative to (default: beside the captions file; for "
@@ -274,8 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    for module in args.plugin:
-        importlib.import_module(module)
+    import_plugins(args.plugin)
     try:
         report = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,
                            args.embed_dim, args.image_size, args.backbone, args.backbone_weights, args.text_model,
@@ -297,4 +296,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

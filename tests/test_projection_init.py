@@ -178,7 +178,7 @@ def test_projection_fit_is_identical_across_two_gloo_ranks(tmp_path):
 
 
 def test_resume_needs_the_shared_state_and_refuses_an_old_checkpoint(tiny, tmp_path):
-    from distill.checkpoint import CheckpointError, load_checkpoint
+    from distill.checkpoint import CheckpointError, checksum, load_checkpoint
 
     tsv, cache = tiny
     out = tmp_path / "run"
@@ -191,6 +191,7 @@ def test_resume_needs_the_shared_state_and_refuses_an_old_checkpoint(tiny, tmp_p
     ts.main([*train_args(cache, tsv, out, 3, "--set", "train.embed_projection=linear"), "--resume"])  # a new run resumes
     old = {k: v for k, v in ckpt.items() if k != "shared"}
     old["losses"] = {"contrastive_distill.proj.linear.weight": torch.zeros(2, 2), **old["losses"]}
+    old["checksum"] = checksum(old)  # an intact file of the old layout
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="predates the distiller's shared embedding projections"):
         ts.main([*train_args(cache, tsv, tmp_path / "other", 3, "--set", "train.embed_projection=linear"),

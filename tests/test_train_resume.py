@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill import train_student as ts
-from distill.checkpoint import load_checkpoint
+from distill.checkpoint import ResumeMismatchError, load_checkpoint
 from distill.train_log import read_log
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 
@@ -63,5 +63,5 @@ def test_resume_auto_without_checkpoint_starts_fresh(tiny, tmp_path):
 def test_resume_with_another_student_is_refused(tiny, tmp_path):
     tsv, cache = tiny
     ts.main(train_args(cache, tsv, tmp_path / "run", 2))
-    with pytest.raises(SystemExit, match="differs from the configured student"):
+    with pytest.raises(ResumeMismatchError, match="differs from the configured student"):
         ts.main(train_args(cache, tsv, tmp_path / "run", 4, "--set", "student.vision_layers=1", "--resume"))

@@ -1,0 +1,122 @@
+"""One top-level error handler for every command-line entry point.
+
+``cli_main(main)`` in a module's ``__main__`` block (``sys.exit(run_cli(main))``): the project's typed errors
+(``ConfigError``, the ``CacheError`` family, ``BadSampleError``, ``CheckpointError``, ...), other
+``ValueError``\\s, missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr
+and exit 2; ``--debug`` anywhere on the command line shows the full traceback instead. ``main(argv)``
+itself stays a plain Python function that returns its typed result (e.g. the training summary) and
+raises typed errors; only the ``__main__`` path turns them into an exit code.
+
+:class:`ArgumentParser` (a drop-in ``argparse.ArgumentParser``) reports a bad flag as one
+``error: argument --x: ...`` line (exit 2) instead of the usage block, and lists ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from typing import Any, Callable, Iterable, NoReturn, Sequence
+
+from distill.cache import CacheError
+from distill.checkpoint import CheckpointError
+from distill.config import ConfigError
+
+#: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
+EXIT_ERROR = 2
+
+#: Errors that are the user's input, not a bug: reported as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, CacheError, CheckpointError, FileNotFoundError,
+                                                 PermissionError, IsADirectoryError, NotADirectoryError)
+
+NO_GPU = "CUDA requested but no GPU is available"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (``error: argument --x: ...``, exit 2)
+    and which accepts ``--debug`` (read by :func:`run_cli`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if not args and "prog" not in kwargs and spec is not None:
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import every ``--plugin`` module (they register teachers, students, losses)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):  # the plugin itself, not one of its imports
+                raise ConfigError(f"--plugin {module}: no such module") from e
+            raise
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag v`` or ``--flag=v``; the last one wins)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Raise ``ValueError`` ("CUDA requested but no GPU is available") for a CUDA device without a GPU."""
+    if device and device.strip().lower().startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: {NO_GPU}")
+
+
+def error_line(e: BaseException) -> str:
+    """``error: <message>`` in one line (the first line of the exception's message)."""
+    msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    msg = (msg.strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{e.filename}: {e.strerror or msg}"
+    return msg if msg.startswith("error:") else f"error: {msg}"
+
+
+def _close_progress_bars() -> None:
+    """Close open tqdm bars so that the error line starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
+def _report(e: BaseException, debug: bool) -> int:
+    _close_progress_bars()
+    if debug:
+        traceback.print_exc()
+    print(error_line(e), file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)`` as a command: 0 on success (or ``main``'s int result), 2 with one
+    ``error: ...`` line for user errors, the traceback instead with ``--debug``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        check_device(_flag_value(argv, "--device"))
+        result = main(argv)
+    except SystemExit as e:  # argparse (already printed) or a legacy ``SystemExit("error: ...")``
+        return _report(e, debug) if isinstance(e.code, str) else int(e.code or 0)
+    except USER_ERRORS as e:
+        return _report(e, debug)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def cli_main(main: Callable[[list[str]], Any]) -> NoReturn:
+    """``if __name__ == "__main__": cli_main(main)``: :func:`run_cli` on ``sys.argv`` and exit."""
+    sys.exit(run_cli(main))
