@@ -136,20 +136,19 @@ def _last_matrix(module: nn.Module, what: str) -> nn.Parameter:
 
 
 def half_compute_layers(teacher: Teacher | str, fraction: float = 0.5) -> int:
-    """Number of image blocks k whose pruned tower costs closest to ``fraction`` of the teacher's
-    full image encoder (FLOPs on one image). Block costs differ (a CNN's early high-resolution
-    blocks cost most), so every depth is measured, from 1 up, until the target is passed."""
+    """The deepest number of image blocks k whose pruned tower costs at most ``fraction`` of the
+    teacher's full image encoder (FLOPs on one image; 1 if even one block costs more). Block costs
+    differ (a CNN's early high-resolution blocks cost most), so every depth is measured, from 1 up,
+    until the budget is passed."""
     t = build_teacher(teacher) if isinstance(teacher, str) else teacher
     pixels = torch.zeros(1, 3, t.image_size, t.image_size, device=next(t.parameters()).device)
-    target = fraction * count_flops(lambda x: t.encode_image(x), pixels)
-    best, best_gap, k = 1, math.inf, 1
+    budget = fraction * count_flops(lambda x: t.encode_image(x), pixels)
+    k = 1
     while True:
         try:
-            cost = count_flops(t.pruned_towers(k, 1).image, pixels)
+            cost = count_flops(t.pruned_towers(k + 1, 1).image, pixels)
         except ValueError:  # deeper than the teacher
-            return best
-        if abs(cost - target) < best_gap:
-            best, best_gap = k, abs(cost - target)
-        if cost >= target:
-            return best
+            return k
+        if cost > budget:
+            return k
         k += 1

@@ -291,9 +291,8 @@ def test_half_compute_layers_halves_image_flops():
     pixels = torch.zeros(1, 3, 32, 32)
     full = count_flops(lambda x: teacher.encode_image(x), pixels)
     k = half_compute_layers(teacher)
-    ratio = {j: count_flops(teacher.pruned_towers(j, 1).image, pixels) / full for j in (k - 1, k, k + 1)}
-    assert abs(ratio[k] - 0.5) < 0.06
-    assert abs(ratio[k] - 0.5) <= min(abs(ratio[k - 1] - 0.5), abs(ratio[k + 1] - 0.5))
+    ratio = {j: count_flops(teacher.pruned_towers(j, 1).image, pixels) / full for j in (k, k + 1)}
+    assert 0.5 - 0.12 < ratio[k] <= 0.5 < ratio[k + 1]  # the deepest prefix within half the FLOPs
     assert half_compute_layers("prunetoy:0") == k
 
 
@@ -335,7 +334,8 @@ def test_half_compute_layers_on_openclip_teacher(tmp_path: Path):
     k = half_compute_layers(teacher)
     pixels = torch.zeros(1, 3, 32, 32)
     ratio = count_flops(teacher.pruned_towers(k, 1).image, pixels) / count_flops(teacher.encode_image, pixels)
-    assert k == 4 and abs(ratio - 0.5) < 0.07
+    ratio_next = count_flops(teacher.pruned_towers(k + 1, 1).image, pixels) / count_flops(teacher.encode_image, pixels)
+    assert k in (3, 4) and ratio <= 0.5 < ratio_next
 
 
 def test_pruned_student_frozen_prefix_and_embeddings(vit, tmp_path: Path):
