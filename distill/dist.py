@@ -35,7 +35,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local)
+        # torchrun: one GPU per local rank; a single process keeps an explicit index (cuda:1)
+        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

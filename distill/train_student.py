@@ -29,6 +29,7 @@ from distill.cache import TeacherCache
 from distill.checkpoint import find_resume, load_checkpoint, save_checkpoint, set_rng_state
 from distill.config import presets, resolve_config, save_config
 from distill.data import load_dataset
+from distill.determinism import enable_determinism
 from distill.distiller import Distiller, build_distiller, loss_dims
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
 from distill.train_log import TrainLogger, plot_losses
@@ -301,14 +302,14 @@ def _init_projections(run: Run, samples: int) -> None:
 def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
     """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path); returns a
     summary dict (also printed as one line by rank 0)."""
+    if cfg["train"]["deterministic"]:
+        enable_determinism()  # before anything touches CUDA (cuBLAS reads its workspace setting once)
     for module in cfg["plugins"]:
         importlib.import_module(module)
     info = D.init_distributed(cfg["device"])
     out = Path(cfg["out"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
-    if cfg["train"]["deterministic"]:
-        torch.use_deterministic_algorithms(True)
     run = setup(cfg, info)
     resume_path = find_resume(out, resume)
     step = epoch = position = skipped = 0
