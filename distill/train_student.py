@@ -206,6 +206,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     accum, device = train["accum_steps"], run.info.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train["precision"])
     snap = _state_snapshot(run.distiller)
+    balancer = run.distiller.warmup_balancer if run.distiller.stage(step) == 1 else run.distiller.balancer
+    balancer.begin_step(run.scaler.get_scale() if balancer.uses_loss_scale and run.scaler.is_enabled() else 1.0)
     run.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -236,6 +238,7 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     else:
         run.optimizer.zero_grad(set_to_none=True)
         _restore_snapshot(run.distiller, snap)
+    balancer.end_step(applied)
     if run.scaler.is_enabled():
         run.scaler.update()
     lr = run.optimizer.param_groups[0]["lr"]
