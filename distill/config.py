@@ -61,6 +61,11 @@ DEFAULTS: dict[str, Any] = {
         # Least-squares start of the student's projection heads on this many training samples
         # (0: off); see distill/projection_init.py.
         "init_projections": 0,
+        # SyncBatchNorm for students with trainable BatchNorm under DDP on CUDA: auto | true | false
+        # (auto: on when world_size > 1 on CUDA and the student has trainable BatchNorm layers).
+        "sync_bn": "auto",
+        "compile": False,  # torch.compile the student's encode_image / encode_text
+        "channels_last": False,  # channels_last memory format for the student and its input pixels
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -203,6 +208,11 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
     if train["warmup_stage"] is not None:
         _check_warmup_stage(train)
+    if train["sync_bn"] not in ("auto", True, False):
+        raise ConfigError(f"train.sync_bn must be auto, true or false, got {train['sync_bn']!r}")
+    for key in ("compile", "channels_last", "deterministic"):
+        if not isinstance(train[key], bool):
+            raise ConfigError(f"train.{key} must be true or false, got {train[key]!r}")
 
 
 def _check_losses(losses: Any, where: str) -> None:

@@ -134,6 +134,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     student = build_student(cfg["student"]["name"], **student_kw)
     distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"],
                                 train["warmup_stage"]).to(info.device)
+    _student_runtime(student, train, info)
     model: nn.Module = distiller
     if info.enabled:
         model = DistributedDataParallel(distiller, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -162,6 +163,20 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
         raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     scaler = torch.amp.GradScaler(info.device.type, enabled=train["precision"] == "fp16")
     return Run(cfg, info, student, distiller, model, optimizer, scheduler, scaler, sampler, loader, total)
+
+
+def _student_runtime(student: nn.Module, train: dict[str, Any], info: D.DistInfo) -> None:
+    """``train.sync_bn``, ``train.channels_last`` and ``train.compile`` (distill/student_runtime.py)."""
+    from distill import student_runtime as SR
+
+    if SR.wants_sync_bn(train["sync_bn"], info.world_size, info.device, student):
+        n = SR.convert_sync_bn(student)
+        if info.is_main:
+            print(f"distill: {n} BatchNorm layers synchronised across {info.world_size} ranks (SyncBatchNorm)", flush=True)
+    if train["channels_last"]:
+        SR.to_channels_last(student)
+    if train["compile"]:
+        SR.compile_student(student)
 
 
 def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, int, TrainBatch]]:
@@ -216,6 +231,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     for micro in range(accum):
         epoch, position, batch = next(batches)
         batch = batch.to(device)
+        if train["channels_last"]:
+            batch.pixels = batch.pixels.contiguous(memory_format=torch.channels_last)
         text = {k: v.to(device) for k, v in run.student.tokenize(batch.texts).items()}
         sync = run.model.no_sync() if isinstance(run.model, DistributedDataParallel) and micro < accum - 1 \
             else contextlib.nullcontext()
@@ -261,7 +278,7 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
                                                                run.info.device).items()
                        if isinstance(v, (int, float))}
         run.student.train(was_training)
-    D.barrier()
+    D.wait_for_main()
     return metrics
 
 
@@ -361,7 +378,7 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
         if step % train_cfg["checkpoint_every"] == 0 or step == run.total_steps:
             if info.is_main:
                 save_checkpoint(out, step, _checkpoint_state(run, epoch, position, skipped), train_cfg["keep_checkpoints"])
-            D.barrier()
+            D.wait_for_main()
     bar.close()
     if eval_ds is not None and not eval_cfg["every"]:
         metrics = evaluate(run, eval_ds)
