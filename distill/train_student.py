@@ -189,11 +189,30 @@ def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, in
         epoch, position = epoch + 1, 0
 
 
+def _rollback_buffers(distiller: Distiller) -> dict[str, Tensor]:
+    """The buffers a forward/backward may change before the step is known to be finite: the
+    running statistics of the student's BatchNorm layers in training mode, and the buffers of the
+    loss terms and balancers except those a module lists in ``rollback_exempt`` (buffer names it
+    only changes once the step is applied, e.g. GradNorm's weights in ``end_step``). Other student
+    buffers are constants, frozen (eval-mode) BatchNorm statistics included."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    out: dict[str, Tensor] = {}
+    for mod_name, m in distiller.named_modules():
+        if mod_name == "student" or mod_name.startswith("student."):
+            if not (isinstance(m, _BatchNorm) and m.training):
+                continue
+        exempt = set(getattr(m, "rollback_exempt", ()))
+        for name, b in m.named_buffers(recurse=False):
+            if name not in exempt:
+                out[f"{mod_name}.{name}" if mod_name else name] = b
+    return out
+
+
 def _state_snapshot(distiller: Distiller) -> dict[str, Tensor]:
-    """Copy of every buffer (the student's normalisation statistics, loss queues, balancer
-    statistics) to undo a skipped step; parameters need no copy, since a skipped step never reaches
-    the optimizer."""
-    return {name: b.clone() for name, b in distiller.named_buffers()}
+    """Copy of :func:`_rollback_buffers` to undo a skipped step; parameters need no copy, since a
+    skipped step never reaches the optimizer."""
+    return {name: b.clone() for name, b in _rollback_buffers(distiller).items()}
 
 
 def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
@@ -203,13 +222,22 @@ def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
             buffers[name].copy_(value)
 
 
-def _all_finite(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` holds on every rank."""
-    if not torch.distributed.is_initialized():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() == 0.0
+def _all_finite(ok: Tensor) -> bool:
+    """True only if the bool tensor ``ok`` holds on every rank: the step's one host sync."""
+    bad = (~ok).to(torch.float32).reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return bad.item() == 0.0
+
+
+def host_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with its tensor values as Python floats, converted in one device-to-host copy
+    (``train_step`` leaves losses and the gradient norm on the device until a log step needs them)."""
+    keys = [k for k, v in fields.items() if isinstance(v, Tensor)]
+    if not keys:
+        return dict(fields)
+    values = torch.stack([fields[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**fields, **dict(zip(keys, values))}
 
 
 def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: int) -> tuple[dict[str, Any], int, int, bool]:
@@ -224,9 +252,9 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     balancer = run.distiller.warmup_balancer if run.distiller.stage(step) == 1 else run.distiller.balancer
     balancer.begin_step(run.scaler.get_scale() if balancer.uses_loss_scale and run.scaler.is_enabled() else 1.0)
     run.optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
-    total_sum = 0.0
+    total_sum = torch.zeros((), device=device)
     epoch = position = 0
     for micro in range(accum):
         epoch, position, batch = next(batches)
@@ -240,16 +268,16 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = run.model(batch.pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
             run.scaler.scale(out.total / accum).backward()
-        total_sum += float(out.total.detach())
+        total_sum = total_sum + out.total.detach().float()
         for name, value in out.losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float()
         weights = dict(out.weights)
     if run.scaler.is_enabled():
         run.scaler.unscale_(run.optimizer)
     params = [p for p in run.distiller.parameters() if p.grad is not None]
     clip = float(train["grad_clip"]) or math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-    applied = _all_finite(math.isfinite(total_sum) and math.isfinite(grad_norm), device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).float() if params else torch.zeros((), device=device)
+    applied = _all_finite(torch.isfinite(total_sum) & torch.isfinite(grad_norm))
     if applied:
         run.scaler.step(run.optimizer)
     else:
@@ -356,21 +384,25 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
     bar = tqdm(total=run.total_steps, initial=step, disable=not info.is_main, desc="distill", unit="step",
                file=sys.stderr, dynamic_ncols=True)
     started, last, metrics = time.time(), {}, {}
+    interval_steps, interval_s = 0, 0.0  # training steps and their seconds since the last log step
     while step < run.total_steps:
         t0 = time.time()
         fields, epoch, position, applied = train_step(run, batches, step)
         skipped += not applied
         step += 1
-        rate = global_batch / max(time.time() - t0, 1e-9)
-        last = {"kind": "train", "step": step, "epoch": epoch, **fields, "samples_per_s": rate,
-                "skipped_nonfinite": skipped}
-        if logger and (step % train_cfg["log_every"] == 0 or step == run.total_steps):
-            logger.log(last)
+        interval_steps, interval_s = interval_steps + 1, interval_s + time.time() - t0
         bar.update(1)
+        if step % train_cfg["log_every"] == 0 or step == run.total_steps:  # the only host copy of the log values
+            rate = global_batch * interval_steps / max(interval_s, 1e-9)
+            interval_steps, interval_s = 0, 0.0
+            last = host_fields({"kind": "train", "step": step, "epoch": epoch, **fields, "samples_per_s": rate,
+                                "skipped_nonfinite": skipped})
+            if logger:
+                logger.log(last)
+            bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
         if step == run.distiller.warmup_steps and info.is_main:
             bar.write(f"distill: warm-up stage done after {step} steps ({', '.join(run.distiller.warmup_losses)}); "
                       f"now training with {', '.join(run.distiller.losses)}")
-        bar.set_postfix(loss=f"{fields['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
         if eval_ds is not None and eval_cfg["every"] and (step % eval_cfg["every"] == 0 or step == run.total_steps):
             metrics = evaluate(run, eval_ds)
             if logger:

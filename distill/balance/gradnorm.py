@@ -46,6 +46,9 @@ def grad_norm(loss: Tensor, params: Sequence[nn.Parameter], scale: float = 1.0) 
 
 class GradNormBalancer(Balancer):
     uses_loss_scale = True
+    #: changed only in ``end_step`` of an applied step (or by a direct call), so the trainer need
+    #: not snapshot them to undo a skipped step
+    rollback_exempt = ("weights", "initial", "adam_m", "adam_v", "adam_steps")
 
     def __init__(self, names: list[str], alpha: float = 1.5, lr: float = 0.025,
                  betas: tuple[float, float] = (0.9, 0.999), min_weight: float = 1e-3) -> None:
