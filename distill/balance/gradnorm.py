@@ -84,8 +84,9 @@ class GradNormBalancer(Balancer):
         if not shared_params:
             raise ValueError("gradnorm balancer needs shared_params (e.g. student.shared_parameters())")
         values, valid = loss_values(losses, self.names, self.weights.device, torch.float64)
-        valid_list = valid.tolist()
-        applied = torch.where(valid, self.weights, torch.zeros_like(self.weights)).tolist()
+        k = len(self.names)
+        host = torch.cat([valid.double(), torch.where(valid, self.weights, torch.zeros_like(self.weights))]).tolist()
+        valid_list, applied = [v > 0 for v in host[:k]], host[k:]  # one host copy for both
         total = weighted_total(losses, self.names, applied, valid_list)
         zero = torch.zeros((), dtype=torch.float64, device=self.weights.device)
         norms = torch.stack([grad_norm(losses[n].reshape(()), shared_params, self._scale).to(zero.device) if ok else zero
