@@ -1,39 +1,44 @@
-"""Retrieval quality on Flickr8k (train 6,000 / test 1,000 images, 5 captions each).
+"""Does distillation pay? Retrieval quality on Flickr8k (train 6,000 / test 1,000 images, 5 captions each).
 
-Builds the real LiT teacher (ImageNet MobileNetV2 + all-MiniLM-L6-v2, projections trained on the
-train split only), caches its outputs, distils students with the toolkit's CLIs and evaluates every
-model on the test split with the same protocol. Rows (``--rows``, default: all core rows):
+Builds two real teachers on the train split only, caches the teacher of record once (many augmented
+views + mixup views, their pixels at the student's input size: patient and consistent teaching),
+distils students with the toolkit's CLIs and evaluates every model on the test split with the same
+protocol (Recall@1/5/10 both directions, RSUM).
 
-    teacher          the LiT teacher itself
-    pruned_full      layer-pruned student (~half the teacher's image FLOPs), full multiscale loss + balancer
-    global_only      pruned student, global losses (+ own contrastive) only, balancer
-    global_token     ... + token-level loss
-    global_relation  ... + relation-level losses
-    all_fixed        all levels, fixed equal weights (no balancer)
-    pruned_no_teacher pruned student, own contrastive loss only (no teacher)
-    views            pruned_full on a cache with 2 views per image (clean + an augmented crop/flip)
-    vit_full         small ViT student + small text transformer from scratch, full loss + balancer
-    vit_no_teacher   the same ViT student, own contrastive loss only, same steps
-    pruned_random_init  pruned_full with randomly initialised projection heads (extra row; the
-                     distilled pruned rows start from a least-squares fit to the teacher, --init-projections)
-    pruned_full_x4   pruned_full trained 4x as many steps       (extra row)
-    pruned_no_teacher_x4  pruned_no_teacher trained 4x as many steps (extra row)
-    tokens_int8      pruned_full on an int8 token cache      (extra row)
-    tokens_grid2     pruned_full on a 2x2-pooled token cache (extra row)
-    puma, coma, pmf, mwa   methods from related work (extra rows; see README)
+Teachers:
+    teacher        the teacher of record: ImageNet MobileNetV2 + all-MiniLM-L6-v2 FINE-TUNED contrastively
+                   (``teachers.train_lit --mode finetune``, augmentation), then frozen
+    teacher_probe  the linear-probe LiT (frozen towers, two trained projections) - the old testbed teacher
 
-Every row writes ``<work>/<row>/eval.json``; a finished row is reused when the benchmark is rerun
-(delete its folder to redo it). Results: ``benchmarks/results/quality_flickr8k.json`` and ``.md``.
+Rows (``--rows``; ``core`` = all of these; ``_s<k>`` = seed k, seeds from ``--seeds``):
+    pruned_distilled_s*   the teacher's first k image blocks (<= 50% of its image FLOPs) and text layers,
+                          distilled with the default recipe (multiscale losses + dynamic balancer, all views)
+    pruned_no_teacher_s*  the same student and steps, own contrastive loss only (same views as augmentation)
+    vit_distilled_s*      ViT-Ti/16 + small text tower from scratch, default recipe, views + mixup views
+    vit_no_teacher_s*     the same ViT, own contrastive loss only, same steps and views
+    abl_global_only       pruned, global losses (+ own contrastive) only
+    abl_fixed             pruned, all losses with fixed equal weights (no balancer)
+    abl_dsmd              pruned, the released DSMD balancer formula
+    abl_one_view          pruned, only the clean view of each image
+Extra rows (``--rows all`` or by name): puma, coma, pmf, mwa (related methods, see README).
 
-    python benchmarks/quality_flickr8k.py                          # ~1 h on 2 CPU cores
-    python benchmarks/quality_flickr8k.py --rows teacher,pruned_full --steps 50
-    python benchmarks/quality_flickr8k.py --device cuda --steps 3000 --batch-size 256 --rows all
+Profiles (``--profile``) set every default; any flag given explicitly overrides it:
+    cpu   fits about an hour on 2 CPU cores (the CI machine)
+    gpu   all rows, teacher included, in minutes on one H100/H200 (needs the pixel cache)
+
+Every row writes ``<work>/<row>/eval.json``; a finished row is reused when the benchmark is rerun with
+the same command line (a row trained with other settings is deleted and retrained).
+Results: ``benchmarks/results/quality_flickr8k_<profile>.json`` and ``.md``.
+
+    python benchmarks/quality_flickr8k.py --profile cpu
+    python benchmarks/quality_flickr8k.py --profile gpu --device cuda --data /tmp/keep/flickr8k
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,46 +50,106 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import FLICKR8K, RESULTS_DIR, environment  # noqa: E402
 
 GLOBAL = ["contrastive_distill", "feature_l1", "cosine", "student_clip"]
-TOKEN = ["token"]
-RELATION = ["relation_kl", "triplet"]
-ALL = GLOBAL[:3] + TOKEN + RELATION + GLOBAL[3:]
-CORE_ROWS = ["teacher", "pruned_full", "pruned_no_teacher", "vit_full", "vit_no_teacher", "global_only",
-             "global_token", "global_relation", "all_fixed", "views"]
-EXTRA_ROWS = ["pruned_random_init", "puma", "coma", "mwa", "pmf", "tokens_int8", "tokens_grid2", "pruned_full_x4", "pruned_no_teacher_x4"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
+SEEDED = ["pruned_distilled", "pruned_no_teacher", "vit_distilled", "vit_no_teacher"]
+ABLATIONS = ["abl_global_only", "abl_fixed", "abl_dsmd", "abl_one_view"]
+EXTRA_ROWS = ["puma", "coma", "pmf", "mwa"]
+
+#: Every default of a profile; ``None`` in argparse means "take the profile's value".
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "steps": 150, "batch_size": 32, "seeds": "0,1", "workers": 2, "image_size": 160,
+        "probe_epochs": 30, "teacher_epochs": 2, "teacher_batch_size": 64, "teacher_lr": 1e-3,
+        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
+        "views": 6, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
+        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512,
+        "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
+    },
+    "gpu": {
+        "steps": 600, "batch_size": 256, "seeds": "0,1", "workers": 12, "image_size": 160,
+        "probe_epochs": 30, "teacher_epochs": 10, "teacher_batch_size": 256, "teacher_lr": 1e-3,
+        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 0, "teacher_text_layers": 0,
+        "views": 24, "mixup_views": 8, "pixels": 160, "cache_batch_size": 512,
+        "pruned_lr": 1e-3, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 2048,
+        "trainable_image_blocks": 0, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 512,
+    },
+}
 
 
 def losses_override(names: list[str]) -> str:
     return "losses=[" + ", ".join(f"{{name: {n}, cfg: {{}}}}" for n in names) + "]"
 
 
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return [int(s) for s in str(args.seeds).split(",") if s.strip()]
+
+
+def expand_rows(spec: str, seeds: list[int]) -> list[str]:
+    """``core`` / ``all`` / a comma list (a seeded row name without ``_s<k>`` means every seed)."""
+    core = ["teacher", "teacher_probe"] + [f"{r}_s{s}" for r in SEEDED for s in seeds] + ABLATIONS
+    if spec in ("core", "all"):
+        return core + (EXTRA_ROWS if spec == "all" else [])
+    out: list[str] = []
+    for r in spec.split(","):
+        r = r.strip()
+        out += [f"{r}_s{s}" for s in seeds] if r in SEEDED else [r]
+    return out
+
+
 class Bench:
-    """Builds (or reuses) the teacher, the caches and every row under ``args.work``."""
+    """Builds (or reuses) the teachers, the cache and every row under ``args.work``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.work = args, Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.teacher_spec = f"lit:{self.work / 'teacher'}"
         self._layers: int | None = None
 
-    # -- shared stages -----------------------------------------------------------------------
-    def teacher(self) -> str:
+    # -- teachers and cache --------------------------------------------------------------------
+    def _lit(self, name: str, argv: list[str]) -> str:
+        """Train the LiT teacher ``name`` once (reused while its command line is unchanged)."""
         from teachers import train_lit
 
-        if not (self.work / "teacher" / "lit.json").is_file():
-            train_lit.main(["--data", self.args.data, "--split", "train", "--out", str(self.work / "teacher"),
-                            "--epochs", str(self.args.teacher_epochs), "--image-size", str(self.args.image_size),
-                            "--device", self.args.device, "--workers", str(self.args.workers)])
-        return self.teacher_spec
+        folder, stamp = self.work / name, self.work / f"{name}.argv.json"
+        argv = ["--data", self.args.data, "--split", "train", "--out", str(folder), "--image-size",
+                str(self.args.image_size), "--device", self.args.device, "--workers", str(self.args.workers), *argv]
+        if not ((folder / "lit.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv):
+            if folder.exists():
+                shutil.rmtree(folder)
+            start = time.perf_counter()
+            train_lit.main(argv)
+            stamp.write_text(json.dumps(argv))
+            (self.work / f"{name}.seconds").write_text(f"{time.perf_counter() - start:.1f}")
+        return f"lit:{folder}"
 
-    def cache(self, name: str = "cache", *extra: str) -> Path:
+    def probe_teacher(self) -> str:
+        return self._lit("teacher_probe", ["--mode", "probe", "--epochs", str(self.args.probe_epochs)])
+
+    def teacher(self) -> str:
+        """The teacher of record: both towers fine-tuned (last blocks/layers, or all with 0)."""
+        a = self.args
+        return self._lit("teacher_finetuned", [
+            "--mode", "finetune", "--epochs", str(a.teacher_epochs), "--batch-size", str(a.teacher_batch_size),
+            "--lr", str(a.teacher_lr), "--backbone-lr", str(a.teacher_backbone_lr),
+            "--trainable-image-blocks", str(a.teacher_image_blocks), "--trainable-text-layers",
+            str(a.teacher_text_layers), "--seed", "0"])
+
+    def cache(self) -> Path:
+        """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size."""
         from distill import cache_teacher
 
-        out = self.work / name
-        if not (out / "manifest.json").is_file():
-            cache_teacher.main(["--teacher", self.teacher(), "--data", self.args.data, "--split", "train",
-                                "--out", str(out), "--image-tokens", "full", "--device", self.args.device,
-                                "--num-workers", str(self.args.workers), *extra])
+        a, out = self.args, self.work / "cache"
+        argv = ["--teacher", self.teacher(), "--data", a.data, "--split", "train", "--out", str(out),
+                "--image-tokens", "full", "--device", a.device, "--num-workers", str(a.workers),
+                "--batch-size", str(a.cache_batch_size), "--views", str(a.views),
+                "--mixup-views", str(a.mixup_views)]
+        if a.pixels:
+            argv += ["--pixels", str(a.pixels)]
+        stamp = self.work / "cache.argv.json"
+        if not ((out / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv):
+            start = time.perf_counter()
+            cache_teacher.main([*argv, "--overwrite"])
+            stamp.write_text(json.dumps(argv))
+            (self.work / "cache.seconds").write_text(f"{time.perf_counter() - start:.1f}")
         return out
 
     def image_layers(self) -> int:
@@ -96,34 +161,38 @@ class Bench:
 
     # -- students ------------------------------------------------------------------------------
     def pruned_args(self, student: str = "pruned", teacher_init: bool = True) -> list[str]:
-        k = self.image_layers()
-        sets = [f"student.teacher={self.teacher()}", f"student.image_layers={k}",
-                f"student.text_layers={self.args.text_layers}", f"student.frozen_image_layers={max(0, k - self.args.trainable_image_blocks)}",
-                "student.freeze_text_embeddings=true", f"train.lr={self.args.pruned_lr}"]
-        if teacher_init:
-            sets += self.init_sets()
+        a, k = self.args, self.image_layers()
         if student != "pruned":  # tuned students are built from the teacher's full towers
-            sets = [f"student.teacher={self.teacher()}", f"train.lr={self.args.tuned_lr}"]
-        return ["--student", student, *[a for s in sets for a in ("--set", s)]]
+            sets = [f"student.teacher={self.teacher()}", f"train.lr={a.tuned_lr}"]
+        else:
+            frozen = max(0, k - a.trainable_image_blocks) if a.trainable_image_blocks else 0
+            sets = [f"student.teacher={self.teacher()}", f"student.image_layers={k}",
+                    f"student.text_layers={a.text_layers}", f"student.frozen_image_layers={frozen}",
+                    "student.freeze_text_embeddings=true", f"train.lr={a.pruned_lr}"]
+            if teacher_init:
+                sets += self.init_sets()
+        return ["--student", student, *[x for s in sets for x in ("--set", s)]]
+
+    def vit_args(self, teacher_init: bool = True) -> list[str]:
+        sets = [f"train.lr={self.args.vit_lr}", *(self.init_sets() if teacher_init else [])]
+        return ["--student", "vit", *[x for s in sets for x in ("--set", s)]]
 
     def init_sets(self) -> list[str]:
         """``--set`` values of the least-squares projection start (distilled rows only)."""
         return [f"train.init_projections={self.args.init_projections}"] if self.args.init_projections else []
 
     def train_argv(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
-                   steps: int | None = None) -> list[str]:
+                   seed: int = 0) -> list[str]:
         """The ``train_student`` command line of ``row``."""
-        steps = steps or self.args.steps
-        return ["--preset", preset, "--cache", str(cache), "--data", self.args.data, "--split", "train",
-                "--out", str(self.work / row), "--steps", str(steps), "--batch-size", str(self.args.batch_size),
-                "--device", self.args.device, "--num-workers", str(self.args.workers), "--resume", "auto",
-                "--seed", str(self.args.seed), "--set", f"train.warmup_steps={max(1, steps // 10)}",
-                *student_args, *[a for s in sets for a in ("--set", s)]]
+        a = self.args
+        return ["--preset", preset, "--cache", str(cache), "--data", a.data, "--split", "train",
+                "--out", str(self.work / row), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                "--device", a.device, "--num-workers", str(a.workers), "--resume", "auto",
+                "--seed", str(seed), *student_args, *[x for s in sets for x in ("--set", s)]]
 
     def train(self, row: str, argv: list[str]) -> Path:
         """Train ``row`` (resuming an interrupted run). ``<row>/argv.json`` records the command line; a
-        row trained with other settings (e.g. another pruned depth) is deleted and retrained, never
-        silently reused."""
+        row trained with other settings is deleted and retrained, never silently reused."""
         from distill import train_student
 
         run, stamp = self.work / row, self.work / row / "argv.json"
@@ -137,6 +206,7 @@ class Bench:
         stamp.write_text(json.dumps(argv))
         start = time.perf_counter()
         summary = train_student.main(argv)
+        summary = summary if isinstance(summary, dict) else {"exit": summary}
         summary["wall_seconds"] = time.perf_counter() - start
         (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return run / "student"
@@ -145,7 +215,7 @@ class Bench:
         """Evaluate ``build()`` on the test split (reusing ``<row>/eval.json``)."""
         from distill.data import load_dataset
         from distill.evaluate import evaluate_model
-        from distill.profile import count_params, image_gflops, images_per_second
+        from distill.profile import count_params, image_gflops
 
         path = self.work / row / "eval.json"
         if path.is_file():
@@ -153,72 +223,69 @@ class Bench:
         model = build()
         test = load_dataset(self.args.data, split="test")
         start = time.perf_counter()
-        metrics = evaluate_model(model, test, batch_size=64, device=self.args.device, num_workers=self.args.workers)
+        metrics = evaluate_model(model, test, batch_size=self.args.eval_batch_size, device=self.args.device,
+                                 num_workers=self.args.workers)
         size = int(model.image_size)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         result = {"row": row, **{k: metrics[k] for k in METRICS}, "eval_seconds": time.perf_counter() - start,
                   "params_M": count_params(model) / 1e6, "trainable_M": trainable / 1e6,
                   "image_size": size, "image_gflops": image_gflops(model, size, self.args.device),
-                  "images_per_s": images_per_second(model, size, device=self.args.device),
                   "test_images": test.num_images, "test_captions": test.num_captions}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         return result
 
-    def student_row(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
-                    steps: int | None = None) -> dict[str, Any]:
+    def student_row(self, row: str, student_args: list[str], *sets: str, preset: str = "cpu",
+                    seed: int = 0) -> dict[str, Any]:
         from students import load_student
 
-        folder = self.train(row, self.train_argv(row, cache, student_args, *sets, preset=preset, steps=steps))
+        folder = self.train(row, self.train_argv(row, self.cache(), student_args, *sets, preset=preset, seed=seed))
         result = self.evaluate(row, lambda: load_student(folder, device=self.args.device))
         log = self.work / row / "summary.json"
         student = json.loads((folder / "student.json").read_text())["config"]
         return {**result, "student": student, **({"train": json.loads(log.read_text())} if log.is_file() else {})}
 
     # -- rows ----------------------------------------------------------------------------------
-    def run_row(self, row: str) -> dict[str, Any]:
+    def row_table(self) -> dict[str, Callable[[int], dict[str, Any]]]:
+        """Row name (without seed) -> builder taking the seed."""
         from teachers import build_teacher
 
-        vit = ["--student", "vit"]
-        table: dict[str, Callable[[], dict[str, Any]]] = {
-            "teacher": lambda: self.evaluate("teacher", lambda: build_teacher(self.teacher(), self.args.device)),
-            "pruned_full": lambda: self.student_row("pruned_full", self.cache(), self.pruned_args()),
-            "global_only": lambda: self.student_row("global_only", self.cache(), self.pruned_args(),
-                                                    losses_override(GLOBAL)),
-            "global_token": lambda: self.student_row("global_token", self.cache(), self.pruned_args(),
-                                                     losses_override(GLOBAL + TOKEN)),
-            "global_relation": lambda: self.student_row("global_relation", self.cache(), self.pruned_args(),
-                                                        losses_override(GLOBAL + RELATION)),
-            "all_fixed": lambda: self.student_row("all_fixed", self.cache(), self.pruned_args(),
-                                                  "balancer={name: fixed, cfg: {}}"),
-            "pruned_no_teacher": lambda: self.student_row("pruned_no_teacher", self.cache(),
-                                                          self.pruned_args(teacher_init=False),
-                                                          losses_override(["student_clip"])),
-            "views": lambda: self.student_row("views", self.cache("cache_views2", "--views", "2"), self.pruned_args()),
-            "vit_full": lambda: self.student_row("vit_full", self.cache(), vit, f"train.lr={self.args.vit_lr}",
-                                                 *self.init_sets()),
-            "vit_no_teacher": lambda: self.student_row("vit_no_teacher", self.cache(), vit, f"train.lr={self.args.vit_lr}",
-                                                       losses_override(["student_clip"])),
-            "pruned_random_init": lambda: self.student_row("pruned_random_init", self.cache(),
-                                                           self.pruned_args(teacher_init=False)),
-            "pruned_full_x4": lambda: self.student_row("pruned_full_x4", self.cache(), self.pruned_args(),
-                                                       steps=4 * self.args.steps),
-            "pruned_no_teacher_x4": lambda: self.student_row("pruned_no_teacher_x4", self.cache(),
-                                                             self.pruned_args(teacher_init=False),
-                                                             losses_override(["student_clip"]), steps=4 * self.args.steps),
-            "tokens_int8": lambda: self.student_row("tokens_int8", self.cache("cache_int8", "--dtype", "int8"),
-                                                    self.pruned_args()),
-            "tokens_grid2": lambda: self.student_row("tokens_grid2", self.cache("cache_grid2", "--image-tokens", "grid:2"),
-                                                     self.pruned_args()),
-            "puma": lambda: self.student_row("puma", self.cache(), self.pruned_args(), preset="puma"),
-            "coma": lambda: self.student_row("coma", self.cache(), self.pruned_args(), *self.coma_sets()),
-            "pmf": lambda: self.student_row("pmf", self.cache(), self.pruned_args("pmf")),
-            "mwa": lambda: self.student_row("mwa", self.cache(), self.pruned_args("mwa")),
+        vit_preset = self.args.vit_preset
+        no_teacher = losses_override(["student_clip"])
+        return {
+            "teacher": lambda s: self.evaluate("teacher", lambda: build_teacher(self.teacher(), self.args.device)),
+            "teacher_probe": lambda s: self.evaluate("teacher_probe",
+                                                     lambda: build_teacher(self.probe_teacher(), self.args.device)),
+            "pruned_distilled": lambda s: self.student_row(f"pruned_distilled_s{s}", self.pruned_args(), seed=s),
+            "pruned_no_teacher": lambda s: self.student_row(f"pruned_no_teacher_s{s}",
+                                                            self.pruned_args(teacher_init=False), no_teacher, seed=s),
+            "vit_distilled": lambda s: self.student_row(f"vit_distilled_s{s}", self.vit_args(), preset=vit_preset,
+                                                        seed=s),
+            "vit_no_teacher": lambda s: self.student_row(f"vit_no_teacher_s{s}", self.vit_args(teacher_init=False),
+                                                         no_teacher, preset=vit_preset, seed=s),
+            "abl_global_only": lambda s: self.student_row("abl_global_only", self.pruned_args(),
+                                                          losses_override(GLOBAL)),
+            "abl_fixed": lambda s: self.student_row("abl_fixed", self.pruned_args(), "balancer={name: fixed, cfg: {}}"),
+            "abl_dsmd": lambda s: self.student_row("abl_dsmd", self.pruned_args(), "balancer={name: dsmd, cfg: {}}"),
+            "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_args(), "data.use_views=false"),
+            "puma": lambda s: self.student_row("puma", self.pruned_args(), preset="puma"),
+            "coma": lambda s: self.student_row("coma", self.pruned_args(), *self.coma_sets()),
+            "pmf": lambda s: self.student_row("pmf", self.pruned_args("pmf")),
+            "mwa": lambda s: self.student_row("mwa", self.pruned_args("mwa")),
         }
-        if row not in table:
-            raise SystemExit(f"error: unknown row {row!r}; rows: {', '.join(table)}")
+
+    def run_row(self, row: str) -> dict[str, Any]:
+        table = self.row_table()
+        base, _, seed = row.rpartition("_s")
+        if base in SEEDED and seed.isdigit():
+            name, s = base, int(seed)
+        else:
+            name, s = row, 0
+        if name not in table:
+            raise SystemExit(f"error: unknown row {row!r}; rows: {', '.join(table)} (seeded: {', '.join(SEEDED)})")
         start = time.perf_counter()
-        result = table[row]()
+        result = table[name](s)
+        result["row"] = row
         print(f"[{row}] rsum {result['rsum']:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
         return result
 
@@ -227,83 +294,114 @@ class Bench:
         return [f"train.warmup_stage={{steps: {n}, losses: [{{name: coma_reconstruct, cfg: {{}}}}]}}"]
 
 
-def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
+# ---------------------------------------------------------------------------------------- report
+def aggregate(by: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and spread (max - min) of RSUM over the seeds of every seeded row that was run."""
+    out = {}
+    for name in SEEDED:
+        runs = sorted((r for r in by if r.startswith(name + "_s") and r[len(name) + 2:].isdigit()))
+        if runs:
+            vals = [by[r]["rsum"] for r in runs]
+            out[name] = {"rows": runs, "rsum": vals, "mean": statistics.fmean(vals), "spread": max(vals) - min(vals)}
+    return out
+
+
+def targets(by: dict[str, dict[str, Any]], agg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, evaluated on whichever rows were run (means over seeds)."""
+    out: dict[str, Any] = {}
+    if "vit_distilled" in agg and "vit_no_teacher" in agg:
+        ratio = agg["vit_distilled"]["mean"] / max(agg["vit_no_teacher"]["mean"], 1e-9)
+        out["vit_distilled_vs_no_teacher_rsum"] = {"value": ratio, "target": 2.0, "met": ratio >= 2.0}
+    if "pruned_distilled" in agg:
+        pruned = agg["pruned_distilled"]["mean"]
+        if "teacher" in by:
+            ratio = pruned / by["teacher"]["rsum"]
+            out["pruned_vs_teacher_rsum"] = {"value": ratio, "target": 0.9, "met": ratio >= 0.9}
+            row = by[agg["pruned_distilled"]["rows"][0]]
+            flops = row["image_gflops"] / by["teacher"]["image_gflops"]
+            out["pruned_image_flops_vs_teacher"] = {"value": flops, "target": 0.5, "met": flops <= 0.5}
+        if "pruned_no_teacher" in agg:
+            ratio = pruned / max(agg["pruned_no_teacher"]["mean"], 1e-9)
+            out["pruned_distilled_vs_no_teacher_rsum"] = {"value": ratio, "target": 1.10, "met": ratio >= 1.10}
+        spread = agg["pruned_distilled"]["spread"]
+        for abl in (r for r in ABLATIONS if r in by):
+            margin = pruned - by[abl]["rsum"]
+            out[f"full_vs_{abl}"] = {"value": margin, "target": f"> seed spread {spread:.2f}", "met": margin > spread}
+    alone = [agg[r]["mean"] for r in ("pruned_no_teacher", "vit_no_teacher") if r in agg]
+    if "teacher" in by and alone:
+        gap = by["teacher"]["rsum"] - max(alone)
+        out["teacher_stronger_than_students_alone"] = {"value": gap, "target": "> 0", "met": gap > 0}
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]], teacher: dict[str, Any] | None) -> str:
     head = ("| row | " + " | ".join(METRICS) + " | % teacher RSUM | params (M) | trainable (M) | GFLOPs/img"
-            " | % teacher GFLOPs | img/s |")
-    lines = [head, "|" + "---|" * (len(METRICS) + 7)]
+            " | % teacher GFLOPs |")
+    lines = [head, "|" + "---|" * (len(METRICS) + 6)]
     for r in rows:
         share = f"{100 * r['rsum'] / teacher['rsum']:.1f}" if teacher else "-"
+        flops = f"{100 * r['image_gflops'] / teacher['image_gflops']:.0f}" if teacher else "-"
         lines.append(f"| {r['row']} | " + " | ".join(f"{r[m]:.2f}" for m in METRICS)
-                     + f" | {share} | {r['params_M']:.2f} | {r['trainable_M']:.2f} | {r['image_gflops']:.3f}"
-                     f" | {100 * r['image_gflops'] / teacher['image_gflops'] if teacher else 0:.0f}"
-                     f" | {r['images_per_s']:.1f} |")
+                     + f" | {share} | {r['params_M']:.2f} | {r['trainable_M']:.2f} | {r['image_gflops']:.3f} | {flops} |")
+    if agg:
+        lines += ["", "| row (seeds) | RSUM mean | spread (max-min) | RSUM per seed |", "|---|---|---|---|"]
+        lines += [f"| {k} ({len(v['rsum'])}) | {v['mean']:.2f} | {v['spread']:.2f} | "
+                  + ", ".join(f"{x:.2f}" for x in v["rsum"]) + " |" for k, v in agg.items()]
     return "\n".join(lines)
-
-
-def targets(by: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets, evaluated on whichever rows were run."""
-    out: dict[str, Any] = {}
-    if "teacher" in by and "pruned_full" in by:
-        ratio = by["pruned_full"]["rsum"] / by["teacher"]["rsum"]
-        out["pruned_vs_teacher_rsum"] = {"value": ratio, "target": 0.9, "met": ratio >= 0.9}
-    for student, base in (("vit_full", "vit_no_teacher"), ("pruned_full", "pruned_no_teacher")):
-        if student in by and base in by:
-            ratio = by[student]["rsum"] / max(by[base]["rsum"], 1e-9)
-            out[f"{student}_vs_{base}_rsum"] = {"value": ratio, "target": 2.0, "met": ratio >= 2.0}
-    ablations = [r for r in ("global_only", "global_token", "global_relation", "all_fixed") if r in by]
-    if "pruned_full" in by and ablations:
-        best = max(ablations, key=lambda r: by[r]["rsum"])
-        out["full_vs_best_ablation"] = {"best_ablation": best, "value": by["pruned_full"]["rsum"] - by[best]["rsum"],
-                                        "target": 0.0, "met": by["pruned_full"]["rsum"] >= by[best]["rsum"]}
-    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="default settings (see above)")
     p.add_argument("--data", default=str(FLICKR8K), help="Flickr8k folder (captions.tsv + splits/)")
-    p.add_argument("--work", default="runs/quality_flickr8k", help="working folder (teacher, caches, runs)")
+    p.add_argument("--work", default=None, help="working folder (default runs/quality_flickr8k_<profile>)")
     p.add_argument("--rows", default="core", help="comma list of rows, 'core' or 'all'")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per student")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=160, help="teacher (and pruned student) input size")
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--trainable-image-blocks", type=int, default=4,
-                   help="pruned student: train only the last N kept image blocks (the rest stay frozen)")
-    p.add_argument("--text-layers", type=int, default=3, help="pruned student: teacher text layers kept (of 6)")
-    p.add_argument("--pruned-lr", type=float, default=5e-4)
-    p.add_argument("--vit-lr", type=float, default=5e-4)
-    p.add_argument("--tuned-lr", type=float, default=1e-3)
-    p.add_argument("--init-projections", type=int, default=512,
-                   help="distilled pruned and ViT rows: least-squares start of the projection heads on this many "
-                        "samples (train.init_projections; 0: random init; never on the no-teacher rows)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "quality_flickr8k.json")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default results/quality_flickr8k_<profile>.json)")
+    int_flags = ("steps", "batch_size", "workers", "image_size", "probe_epochs", "teacher_epochs",
+                 "teacher_batch_size", "teacher_image_blocks", "teacher_text_layers", "views", "mixup_views",
+                 "pixels", "cache_batch_size", "init_projections", "trainable_image_blocks", "text_layers",
+                 "eval_batch_size")
+    for name in int_flags:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    for name in ("teacher_lr", "teacher_backbone_lr", "pruned_lr", "vit_lr", "tuned_lr"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    p.add_argument("--seeds", default=None, help="comma list of seeds for the seeded rows")
+    p.add_argument("--vit-preset", default=None, help="train_student preset of the ViT rows")
+    args = p.parse_args(argv)
+    for key, value in PROFILES[args.profile].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.work = args.work or f"runs/quality_flickr8k_{args.profile}"
+    args.out = args.out or RESULTS_DIR / f"quality_flickr8k_{args.profile}.json"
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if not (Path(args.data) / "captions.tsv").is_file():
         raise SystemExit(f"error: Flickr8k not found at {args.data} (captions.tsv + splits/); pass --data")
-    rows = {"core": CORE_ROWS, "all": CORE_ROWS + EXTRA_ROWS}.get(args.rows) or args.rows.split(",")
+    rows = expand_rows(args.rows, seeds_of(args))
     bench = Bench(args)
     started = time.perf_counter()
     results = [bench.run_row(r) for r in rows]
     by = {r["row"]: r for r in results}
-    report = {"benchmark": "quality_flickr8k", "environment": environment(torch.device(args.device)),
+    agg = aggregate(by)
+    stage_seconds = {p.stem: float(p.read_text()) for p in Path(args.work).glob("*.seconds")}
+    report = {"benchmark": "quality_flickr8k", "profile": args.profile,
+              "environment": environment(torch.device(args.device)),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "seconds": time.perf_counter() - started,
-              "rows": results, "targets": targets(by)}
+              "seconds": time.perf_counter() - started, "stage_seconds": stage_seconds,
+              "rows": results, "seeds": agg, "targets": targets(by, agg)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    table = markdown(results, by.get("teacher"))
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(results, agg, by.get("teacher"))
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    parts = [f"{r['row']} {r['rsum']:.1f}" for r in results]
+    parts = [f"{k} {v['mean']:.1f}±{v['spread'] / 2:.1f}" for k, v in agg.items()]
+    parts += [f"{r} {by[r]['rsum']:.1f}" for r in by if not any(r.startswith(s + "_s") for s in SEEDED)]
     met = ", ".join(f"{k}={v['value']:.2f} ({'met' if v['met'] else 'missed'})" for k, v in report["targets"].items())
-    print(f"quality_flickr8k: RSUM {'; '.join(parts)} | {met}")
+    print(f"quality_flickr8k[{args.profile}]: RSUM {'; '.join(parts)} | {met}")
     return report
 
 

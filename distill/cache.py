@@ -215,15 +215,21 @@ class TeacherCache:
                 "total_bytes": total, "bytes_per_sample": bytes_per_sample(self)}
 
     # -- gathers ---------------------------------------------------------------------------------
-    def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0, keep_fp16: bool = False) -> dict[str, Tensor]:
+    def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0, keep_fp16: bool = False,
+               tokens: str = "auto") -> dict[str, Tensor]:
         """Image-side outputs for global image indices ``idx`` (``view`` per batch or per sample):
         ``embed`` [B, D], ``tokens`` [B, N, C] (+ ``tokens_index`` [B, K] for top-k),
         ``inter.image.<i>`` [B, C]; all float32 except the int64 index. ``keep_fp16`` returns arrays
-        stored in fp16 as fp16 (half the bytes to move; the trainer converts on the device)."""
+        stored in fp16 as fp16 (half the bytes to move; the trainer converts on the device).
+        ``tokens`` picks the token array of caches written with ``--view-tokens`` (see
+        :meth:`token_source`)."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
         fields = {"embed": "image_embed"}
-        if self.storage["image_tokens"] != "none":
+        source = self.token_source(tokens, views)
+        if source == "views":
+            fields["tokens"] = "image_view_tokens"
+        elif source == "full":
             fields["tokens"] = "image_tokens"
             if self.storage["image_tokens"].startswith("topk"):
                 fields["tokens_index"] = "image_tokens_index"
@@ -242,6 +248,80 @@ class TeacherCache:
                 fields["tokens_index"] = "text_tokens_index"
         fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("text.")})
         return self._gather(ids, None, self._caption_starts, fields, keep_fp16)
+
+    def token_source(self, tokens: str = "auto", views: np.ndarray | None = None) -> str | None:
+        """Which image tokens :meth:`images` returns: ``"full"`` (``image_tokens``, the
+        ``--image-tokens`` storage), ``"views"`` (``image_view_tokens``: every view pooled to the
+        ``--view-tokens grid:<g>`` grid) or None (no tokens). ``tokens="full"`` asks for the
+        full tokens (an error for views >= 1 they were not stored for), ``"auto"`` for the tokens of
+        every view: the full ones unless the cache was written with ``--view-tokens grid|none``."""
+        if tokens not in ("auto", "full"):
+            raise ValueError(f"tokens must be auto or full, not {tokens!r}")
+        if self.storage["image_tokens"] == "none":
+            return None
+        stored = self.storage.get("view_tokens", "same")
+        if stored == "same":
+            return "full"
+        if tokens == "full":
+            if views is not None and views.size and views.max() > 0:
+                raise CacheError(f"{self.path}: full image tokens are cached for view 0 only "
+                                 f"(--view-tokens {stored}); views >= 1 have {'none' if stored == 'none' else stored}")
+            return "full"
+        return "views" if stored.startswith("grid") else None
+
+    def token_grid(self, tokens: str = "auto") -> tuple[int, int] | None:
+        """The (h, w) grid of the image tokens :meth:`images` returns for ``tokens``."""
+        source = self.token_source(tokens)
+        if source == "views":
+            return tuple(self.dims["view_token_grid"])  # type: ignore[return-value]
+        return self.image_grid if source == "full" else None
+
+    # -- mixup parameters and student pixels --------------------------------------------------------
+    @property
+    def pixel_format(self) -> str | None:
+        """``raw`` / ``jpeg`` when the cache holds student pixels (``--pixels``), else None."""
+        px = self.storage.get("pixels")
+        return px["format"] if px else None
+
+    @property
+    def pixel_size(self) -> int | None:
+        px = self.storage.get("pixels")
+        return int(px["size"]) if px else None
+
+    def view_mix(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(partner [B] int64, mix [B, 6] float32) of mixup views (see :mod:`distill.mixup`); -1 and
+        ``NO_MIX`` for plain views and caches without mixup views."""
+        ids = _as_index(idx, self.num_images, "image")
+        views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
+        if not self._arrays or "view_params_partner" not in self._arrays[0]:
+            from distill.mixup import NO_MIX
+
+            return np.full(len(ids), -1, dtype=np.int64), np.tile(NO_MIX, (len(ids), 1))
+        got = self._gather(ids, views, self._image_starts, {"partner": "view_params_partner", "mix": "view_params_mix"})
+        return got["partner"].numpy(), got["mix"].numpy()
+
+    def pixels(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> Tensor:
+        """uint8 [B, S, S, 3] student crops of the cached views (``--pixels S``, raw format)."""
+        if self.pixel_format != "raw":
+            raise CacheError(f"{self.path}: the cache holds no raw pixels (written without --pixels or with "
+                             f"--pixel-format {self.pixel_format})")
+        ids = _as_index(idx, self.num_images, "image")
+        views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
+        return self._gather(ids, views, self._image_starts, {"pixels": "image_pixels"})["pixels"]
+
+    def jpeg(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """(concatenated JPEG bytes uint8 [sum of lengths], lengths int64 [B]) of the cached views
+        (``--pixels S --pixel-format jpeg``), in the order of ``idx``."""
+        if self.pixel_format != "jpeg":
+            raise CacheError(f"{self.path}: the cache holds no JPEG pixels (written without --pixels or with "
+                             f"--pixel-format {self.pixel_format})")
+        ids = _as_index(idx, self.num_images, "image")
+        views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
+        index = self._gather(ids, views, self._image_starts, {"index": "image_jpeg_index"})["index"].numpy()
+        shard_of = np.searchsorted(self._image_starts, ids, side="right") - 1
+        parts = [self._arrays[s]["image_jpeg"][a:a + n] for s, (a, n) in zip(shard_of, index)]
+        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(index[:, 1].copy())
 
     def view_params(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> Tensor:
         """[B, 5] float32 (top, left, height, width, flip) of the cached views."""
@@ -264,7 +344,8 @@ class TeacherCache:
         for key, name in fields.items():
             stored = self._arrays[0][name].dtype if self._arrays else np.float32
             floating = np.float16 if keep_fp16 and stored == np.float16 else np.float32
-            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64}.get(name, floating)
+            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64,
+                     "image_pixels": np.uint8, "image_jpeg_index": np.int64, "view_params_partner": np.int64}.get(name, floating)
             target = np.empty([len(ids), *self._row_shapes[name]], dtype=dtype)
             for sel in groups:
                 arrays = self._arrays[shard_of[sel[0]]]

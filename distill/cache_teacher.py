@@ -8,6 +8,8 @@ produces the same bytes as an uninterrupted run; under ``torchrun`` rank r write
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -26,15 +28,21 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from distill.augment import apply_view, sample_view_params
+from distill.augment import sample_view_params
 from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheError, CacheMismatchError,
                            CacheVerifyError, CacheWriteError, TeacherCache, check_file, fsync_dir, read_manifest)
+from distill.config import ConfigError
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from distill.wds import samples_per_shard
+from distill.mixup import NO_MIX, sample_mix_params, view_image
+from distill.pixels import PixelSettings, crop_pixels, encode_jpeg, pack_jpeg
 from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, build_teacher
 
 Arrays = dict[str, np.ndarray]
+#: Estimated shard bytes above which the size report suggests a smaller ``--shard-size``.
+SHARD_MEMORY_WARN = 2e9
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,15 @@ class CacheSettings:
     view_seed: int = 0
     view_scale: tuple[float, float] = (0.5, 1.0)
     shard_size: int = 1024
+    view_tokens: str = "same"  # image tokens of views >= 1: same | none | grid:<g>
+    mixup_views: int = 0
+    mixup_alpha: float = 1.0
+    pixels: PixelSettings | None = None
+
+    @property
+    def total_views(self) -> int:
+        """Cached views per image: ``views`` plain views followed by ``mixup_views`` mixup views."""
+        return self.views + self.mixup_views
 
     @property
     def image_layers(self) -> list[int]:
@@ -59,11 +76,19 @@ class CacheSettings:
         return [int(n.split(".")[1]) for n in self.layers if n.startswith("text.")]
 
     def storage_json(self) -> dict[str, Any]:
-        return {"image_tokens": str(self.image_tokens), "text_tokens": str(self.text_tokens), "dtype": self.dtype,
-                "intermediate_layers": list(self.layers)}
+        out = {"image_tokens": str(self.image_tokens), "text_tokens": str(self.text_tokens), "dtype": self.dtype,
+               "intermediate_layers": list(self.layers)}
+        if self.view_tokens != "same":
+            out["view_tokens"] = self.view_tokens
+        if self.pixels is not None:
+            out["pixels"] = self.pixels.to_json()
+        return out
 
     def views_json(self) -> dict[str, Any]:
-        return {"count": self.views, "seed": self.view_seed, "scale": list(self.view_scale)}
+        out: dict[str, Any] = {"count": self.total_views, "seed": self.view_seed, "scale": list(self.view_scale)}
+        if self.mixup_views:
+            out.update(plain=self.views, mixup=self.mixup_views, mixup_alpha=self.mixup_alpha)
+        return out
 
     def key(self) -> str:
         blob = {"storage": self.storage_json(), "views": self.views_json(), "shard_size": self.shard_size}
@@ -102,11 +127,24 @@ def plan_shards(offsets: np.ndarray, shard_size: int) -> list[ShardPlan]:
 def image_view_params(index: int, settings: CacheSettings) -> np.ndarray:
     """[V, 5] view parameters of a global image index; independent of sharding and ranks."""
     rng = np.random.default_rng([settings.view_seed, index])
-    return sample_view_params(rng, settings.views, tuple(settings.view_scale))
+    return sample_view_params(rng, settings.total_views, tuple(settings.view_scale))
+
+
+def image_mix_params(index: int, settings: CacheSettings, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(partner [V] int64, mix [V, 6] float32) of a global image index (see :mod:`distill.mixup`):
+    -1 / :data:`NO_MIX` for the plain views; independent of sharding and ranks."""
+    partner = np.full(settings.total_views, -1, dtype=np.int64)
+    mix = np.tile(NO_MIX, (settings.total_views, 1))
+    if settings.mixup_views:
+        rng = np.random.default_rng([settings.view_seed, index, 1])
+        partner[settings.views:], mix[settings.views:] = sample_mix_params(
+            rng, index, num_images, settings.mixup_views, settings.mixup_alpha, tuple(settings.view_scale))
+    return partner, mix
 
 
 class ViewImages(Dataset):
-    """Decodes image i and returns (i, [V, 3, H, W] teacher inputs, [V, 5] params, error or None)."""
+    """Decodes image i and returns (i, [V, 3, H, W] teacher inputs, [V, 5] params, error or None,
+    extras: mixup partner/mix params and the student pixels of each view when cached)."""
 
     def __init__(self, ds: ImageTextDataset, transform: Callable[[Image.Image], Tensor], settings: CacheSettings) -> None:
         self.ds, self.transform, self.settings = ds, transform, settings
@@ -114,19 +152,31 @@ class ViewImages(Dataset):
     def __len__(self) -> int:
         return self.ds.num_images
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, np.ndarray, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, np.ndarray, str | None, dict[str, Any]]:
         params = image_view_params(i, self.settings)
+        partner, mix = image_mix_params(i, self.settings, self.ds.num_images)
+        extra: dict[str, Any] = {"partner": partner, "mix": mix}
+        load = functools.lru_cache(maxsize=4)(self.ds.load_image)
         try:
-            img = self.ds.load_image(i)
+            views = [view_image(load, i, p, int(j), m) for p, j, m in zip(params, partner, mix)]
         except BadSampleError as e:
-            return i, None, params, str(e)
-        return i, torch.stack([self.transform(apply_view(img, p)) for p in params]), params, None
+            return i, None, params, str(e), extra
+        px = self.settings.pixels
+        if px is not None:
+            crops = [crop_pixels(v, px.size) for v in views]
+            extra["pixels"] = np.stack(crops) if px.format == "raw" else [encode_jpeg(c, px.quality) for c in crops]
+        return i, torch.stack([self.transform(v) for v in views]), params, None, extra
 
 
-def collate_views(items: list[tuple[int, Tensor | None, np.ndarray, str | None]]) -> tuple[list[int], Tensor | None, np.ndarray, str | None]:
-    errors = [e for *_, e in items if e]
-    pixels = None if errors else torch.stack([p for _, p, _, _ in items])
-    return [i for i, *_ in items], pixels, np.stack([p for _, _, p, _ in items]), (errors[0] if errors else None)
+def collate_views(items: list[tuple[int, Tensor | None, np.ndarray, str | None, dict[str, Any]]]
+                  ) -> tuple[list[int], Tensor | None, np.ndarray, str | None, dict[str, Any]]:
+    errors = [it[3] for it in items if it[3]]
+    pixels = None if errors else torch.stack([it[1] for it in items])
+    extra: dict[str, Any] = {}
+    for key in items[0][4]:
+        values = [it[4].get(key) for it in items]
+        extra[key] = values if isinstance(values[0], list) or any(v is None for v in values) else np.stack(values)
+    return [it[0] for it in items], pixels, np.stack([it[2] for it in items]), (errors[0] if errors else None), extra
 
 
 # -- feature post-processing -------------------------------------------------------------------
@@ -159,7 +209,24 @@ def image_arrays(teacher: Teacher, pixels: Tensor, settings: CacheSettings, amp:
             tokens, index = topk_tokens(tokens, min(mode.k, tokens.shape[1]))
             out["image_tokens_index"] = index.cpu().numpy().astype(np.int16)
         out.update(_store_tokens(tokens, settings.dtype, "image_tokens"))
-    return {k: a.reshape(n, v, *a.shape[1:]) for k, a in out.items()}, grid
+    out = {k: a.reshape(n, v, *a.shape[1:]) for k, a in out.items()}
+    if v > 1 and settings.view_tokens != "same" and mode.kind != "none":
+        out.update(view_token_arrays(out, f.tokens, f.grid, settings, n, v))
+    return out, grid
+
+
+def view_token_arrays(out: Arrays, tokens: Tensor, grid: tuple[int, int] | None, settings: CacheSettings,
+                      n: int, v: int) -> Arrays:
+    """``--view-tokens none|grid:<g>``: keep the ``--image-tokens`` arrays of view 0 only (trimming
+    ``out`` in place) and, for ``grid:<g>``, add ``image_view_tokens`` [n, V, g*g, C] (all views,
+    pooled from the teacher's full token grid; ``_scale`` too when int8)."""
+    for name in [k for k in out if k.startswith("image_tokens")]:
+        out[name] = out[name][:, :1]
+    if settings.view_tokens == "none":
+        return {}
+    g = parse_token_mode(settings.view_tokens).k
+    pooled = _store_tokens(pool_grid(tokens.float(), grid, g), settings.dtype, "image_view_tokens")
+    return {k: a.reshape(n, v, *a.shape[1:]) for k, a in pooled.items()}
 
 
 def text_arrays(teacher: Teacher, captions: Sequence[str], settings: CacheSettings, amp: bool) -> Arrays:
@@ -308,18 +375,56 @@ def clear_cache(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def estimate_cache_size(teacher: Teacher, ds: ImageTextDataset, settings: CacheSettings) -> dict[str, float]:
+    """Bytes per array of the whole cache, extrapolated from the arrays of image 0 (all its views)
+    and its captions (text token arrays are padded per batch, JPEG sizes vary: an estimate)."""
+    item = ViewImages(ds, teacher.image_transform(), settings)[0]
+    _, pixels, params, error, extra = collate_views([item])
+    if error:
+        raise BadSampleError(error)
+    jpeg: list[list[np.ndarray]] = []
+    with torch.inference_mode():
+        image, _ = image_arrays(teacher, pixels, settings, amp=False)
+        image.update(view_extra_arrays(extra, settings, jpeg), view_params=params.astype(np.float32))
+        if jpeg:
+            image.update(pack_jpeg(jpeg))
+        caps = ds.captions[int(ds.offsets[0]):int(ds.offsets[1])]
+        text = text_arrays(teacher, caps, settings, amp=False)
+    sizes = {k: float(a.nbytes) * ds.num_images for k, a in image.items()}
+    sizes.update({k: float(a.nbytes) / len(caps) * ds.num_captions for k, a in text.items()})
+    return sizes
+
+
+def print_size_estimate(sizes: dict[str, float], ds: ImageTextDataset, settings: CacheSettings) -> None:
+    """One stderr line per array and the total, printed before any shard is written."""
+    total = sum(sizes.values())
+    print(f"estimated cache size: {total / 1e6:.2f} MB for {ds.num_images} images x {settings.total_views} views "
+          f"({settings.views} plain + {settings.mixup_views} mixup), {ds.num_captions} captions "
+          f"({total / max(ds.num_images, 1) / 1e3:.1f} kB per image with its captions)", file=sys.stderr)
+    for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<24} {size / 1e6:10.2f} MB", file=sys.stderr)
+    shard = total / max(ds.num_images, 1) * min(settings.shard_size, ds.num_images)
+    if shard > SHARD_MEMORY_WARN:
+        print(f"warning: a shard ({min(settings.shard_size, ds.num_images)} images) is held in memory while it is "
+              f"computed: ~{shard / 1e6:.0f} MB; pass a smaller --shard-size (e.g. "
+              f"{max(1, int(settings.shard_size * SHARD_MEMORY_WARN / shard))}) to bound it", file=sys.stderr)
+
+
 # -- the writer ----------------------------------------------------------------------------------
 def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batches: Any, settings: CacheSettings,
-                  batch_size: int, amp: bool, progress: tqdm) -> tuple[Arrays, tuple[int, int] | None]:
+                  batch_size: int, amp: bool, progress: tqdm, caption_progress: tqdm | None = None
+                  ) -> tuple[Arrays, tuple[int, int] | None]:
     """Consume this shard's image batches from the loader iterator and encode its captions."""
     parts: dict[str, list[np.ndarray]] = {}
     grid = None
     params: list[np.ndarray] = []
+    jpeg: list[list[np.ndarray]] = []
     for _ in range(0, plan.num_images, batch_size):
-        idx, pixels, view_params, error = next(batches)
+        idx, pixels, view_params, error, extra = next(batches)
         if error:
             raise BadSampleError(error)
         arrays, grid = image_arrays(teacher, pixels, settings, amp)
+        arrays.update(view_extra_arrays(extra, settings, jpeg))
         params.append(view_params.astype(np.float32))
         for k, a in arrays.items():
             parts.setdefault(k, []).append(a)
@@ -328,9 +433,29 @@ def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batch
     for start in range(a, b, batch_size):
         for k, arr in text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp).items():
             parts.setdefault(k, []).append(arr)
+        if caption_progress is not None:
+            caption_progress.update(min(start + batch_size, b) - start)
     out = {k: concat_padded(v) for k, v in parts.items()}
     out["view_params"] = np.concatenate(params)
+    if settings.pixels is not None and settings.pixels.format == "jpeg":
+        out.update(pack_jpeg(jpeg))
     return out, grid
+
+
+def view_extra_arrays(extra: dict[str, Any], settings: CacheSettings, jpeg: list[list[np.ndarray]]) -> Arrays:
+    """Per-batch arrays besides the teacher outputs: mixup parameters (``view_params_partner``,
+    ``view_params_mix``) and raw student pixels (``image_pixels`` [n, V, S, S, 3] uint8); JPEG bytes
+    are collected into ``jpeg`` and packed per shard."""
+    out: Arrays = {}
+    if settings.mixup_views:
+        out["view_params_partner"] = np.asarray(extra["partner"], dtype=np.int64)
+        out["view_params_mix"] = np.asarray(extra["mix"], dtype=np.float32)
+    if settings.pixels is not None:
+        if settings.pixels.format == "raw":
+            out["image_pixels"] = np.asarray(extra["pixels"], dtype=np.uint8)
+        else:
+            jpeg.extend(extra["pixels"])
+    return out
 
 
 def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: CacheSettings, source: dict[str, str],
@@ -353,10 +478,12 @@ def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: Ca
                         num_workers=num_workers if batches else 0, collate_fn=collate_views)
     progress = tqdm(total=sum(p.num_images for p in todo), unit="img", disable=not info.is_main, desc="caching",
                     file=sys.stderr, dynamic_ncols=True)
+    captions = tqdm(total=sum(p.caption_range[1] - p.caption_range[0] for p in todo), unit="caption", position=1,
+                    disable=not info.is_main, desc="captions", file=sys.stderr, dynamic_ncols=True)
     it = iter(loader)
-    with torch.inference_mode(), progress:
+    with torch.inference_mode(), progress, captions:
         for plan in todo:
-            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress)
+            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress, captions)
             write_shard(out, plan, arrays, {"source": source, "image_grid": list(grid) if grid else None}, info.rank)
             stats.computed_shards += 1
             stats.computed_images += plan.num_images
@@ -377,6 +504,11 @@ def write_manifest(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: 
             "image_tokens": first["image_tokens"]["shape"][2:] if "image_tokens" in first else None,
             "text_tokens": [max(s["arrays"]["text_tokens"]["shape"][1] for s in shards), first["text_tokens"]["shape"][2]]
             if "text_tokens" in first else None}
+    if "image_view_tokens" in first:
+        g = parse_token_mode(settings.view_tokens).k
+        dims.update(view_tokens=first["image_view_tokens"]["shape"][2:], view_token_grid=[g, g])
+    if settings.pixels is not None:
+        dims["pixels"] = [settings.pixels.size, settings.pixels.size, 3]
     try:
         tmp = out / (OFFSETS + ".tmp")
         offsets_record = save_array(tmp, ds.offsets)
@@ -424,13 +556,18 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
     with torch.inference_mode():
         for v in range(cache.num_views):
             params = cache.view_params(ids, v).numpy()
-            pixels = torch.stack([transform(apply_view(ds.load_image(int(i)), p)) for i, p in zip(ids, params)])
+            partner, mix = cache.view_mix(ids, v)
+            views = [view_image(ds.load_image, int(i), p, int(j), m) for i, p, j, m in zip(ids, params, partner, mix)]
+            pixels = torch.stack([transform(img) for img in views])
             f = teacher.encode_image(pixels.to(device))
-            got = cache.images(ids, v)
+            full_tokens = v == 0 or cache.storage.get("view_tokens", "same") == "same"
+            got = cache.images(ids, v, tokens="full" if full_tokens else "auto")
             names = [f"image {i} view {v} ({ds.images[i]})" for i in ids]
             compare("image embed", got["embed"], f.embed, threshold, names)
-            if cache.storage["image_tokens"] == "full":
+            if cache.storage["image_tokens"] == "full" and full_tokens:
                 compare("image tokens", got["tokens"], f.tokens, token_thr, names)
+            if cache.pixel_format is not None:
+                verify_pixels(cache, ids, v, views, names)
         caps = np.concatenate([np.arange(cache.offsets[i], cache.offsets[i + 1]) for i in ids])
         t = teacher.encode_text({k: x.to(device) for k, x in teacher.tokenize([ds.captions[c] for c in caps]).items()})
         got = cache.texts(caps)
@@ -442,6 +579,71 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
             cached = got["tokens"][:, : fresh.shape[1]] * got["mask"][:, : fresh.shape[1]].unsqueeze(-1)
             compare("text tokens", cached, fresh, token_thr, names)
     return worst
+
+
+def _first_bad_layer(run: Callable[[int], Any], bad: int) -> int:
+    """Smallest layer index in [0, bad] that ``run`` rejects (``bad`` is known to fail): the depth."""
+    lo, hi = 0, bad
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            run(mid)
+            lo = mid + 1
+        except (IndexError, ValueError, KeyError, RuntimeError):
+            hi = mid
+    return lo
+
+
+def probe_teacher(teacher: Teacher, settings: CacheSettings) -> None:
+    """One forward on a blank image and a short caption: refuse (:class:`ConfigError`) intermediate
+    layers beyond a tower's depth, naming the valid range, and a ``grid:<g>`` larger than the
+    teacher's token grid (pooling would upsample)."""
+    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    pixels = teacher.image_transform()(Image.new("RGB", (teacher.image_size, teacher.image_size)))[None].to(device)
+    text = {k: v.to(device) for k, v in teacher.tokenize(["a photo"]).items()}
+    towers = {"image": lambda i: teacher.encode_image(pixels, layers=[i]),
+              "text": lambda i: teacher.encode_text(text, layers=[i])}
+    with torch.inference_mode():
+        for tower, layers in (("image", settings.image_layers), ("text", settings.text_layers)):
+            for i in sorted(layers, reverse=True):
+                try:
+                    towers[tower](i)
+                except (IndexError, ValueError, KeyError, RuntimeError) as e:
+                    depth = _first_bad_layer(towers[tower], i)
+                    valid = f"{tower}.0 .. {tower}.{depth - 1}" if depth else "none"
+                    raise ConfigError(f"--layers {tower}.{i}: the teacher's {tower} tower has {depth} layers "
+                                      f"(valid: {valid}); {type(e).__name__}: {e}") from e
+        mode = settings.image_tokens
+        if mode.kind == "grid":
+            grid = teacher.encode_image(pixels).grid
+            if grid and mode.k > min(grid):
+                raise ConfigError(f"--image-tokens grid:{mode.k} is larger than the teacher's {grid[0]}x{grid[1]} "
+                                  f"token grid; pooling cannot add tokens. Use grid:<g> with g <= {min(grid)} or full")
+
+
+def verify_pixels(cache: TeacherCache, ids: np.ndarray, view: int, views: list[Image.Image], names: list[str]) -> None:
+    """Cached student pixels of ``view`` must equal the rebuilt crops (raw: exactly; JPEG: the
+    decoded bytes equal the decoded re-encoding of the rebuilt crop to within 1 grey level on average)."""
+    from distill.pixels import decode_jpeg_batch
+
+    size = cache.pixel_size
+    fresh = np.stack([crop_pixels(img, size) for img in views])
+    if cache.pixel_format == "raw":
+        got, limit = cache.pixels(ids, view).numpy(), 0.0
+    else:
+        def decode(data: Tensor, lengths: Tensor) -> np.ndarray:
+            return decode_jpeg_batch(data, lengths, torch.device("cpu")).permute(0, 2, 3, 1).numpy()
+
+        quality = int(cache.storage["pixels"]["quality"])
+        encoded = [torch.from_numpy(encode_jpeg(c, quality).copy()) for c in fresh]
+        got, limit = decode(*cache.jpeg(ids, view)), 1.0
+        fresh = decode(torch.cat(encoded), torch.tensor([len(e) for e in encoded]))
+    got, fresh = got.astype(np.int16), fresh.astype(np.int16)
+    err = np.abs(got - fresh).reshape(len(ids), -1).mean(axis=1)
+    if err.max() > limit:
+        k = int(err.argmax())
+        raise CacheVerifyError(f"{cache.path}: cached {cache.pixel_format} pixels of {names[k]} differ from the "
+                               f"rebuilt crop (mean abs error {err[k]:.2f} > {limit}); the cache is stale or corrupt")
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -457,12 +659,14 @@ def parse_layers(items: Sequence[str]) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.cache_teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="teacher spec, e.g. openclip:ViT-B-32:laion2b_s34b_b79k")
-    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON or a Flickr8k folder")
+    p.add_argument("--data", required=True, help="dataset: CSV/TSV, Karpathy/COCO JSON, a Flickr8k folder or "
+                   "webdataset shards ('shards/{000..009}.tar')")
     p.add_argument("--split", default=None, help="split to cache (train/val/test); default: all rows")
     p.add_argument("--images-root", default=None, help="folder image paths are relative to (default: next to --data)")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per teacher forward")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per shard (default: 1024; for webdataset input the samples per tar shard)")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="fp16 autocast for the teacher (CUDA only)")
@@ -473,6 +677,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=1, help="views per image (view 0 is the clean image)")
     p.add_argument("--view-seed", type=int, default=0)
     p.add_argument("--view-scale", default="0.5,1.0", help="min,max crop area fraction of the extra views")
+    p.add_argument("--view-tokens", default=None,
+                   help="image tokens of views >= 1 (and mixup views): same (as --image-tokens) | grid:<g> "
+                        "(all views pooled to g x g, view 0 also kept as --image-tokens) | none "
+                        "(view 0 only); default grid:2 when more than one view is cached")
+    p.add_argument("--mixup-views", type=int, default=0,
+                   help="extra mixup views per image (image blended with another image's view)")
+    p.add_argument("--mixup-alpha", type=float, default=1.0, help="mixup weight lam ~ Beta(a, a), folded to >= 0.5")
+    p.add_argument("--pixels", type=int, default=0, metavar="SIZE",
+                   help="also store every view's student crop at SIZE x SIZE (uint8), so training reads no JPEGs")
+    p.add_argument("--pixel-format", choices=("raw", "jpeg"), default="raw",
+                   help="raw uint8 pixels or JPEG bytes (decoded in batches on the training device)")
+    p.add_argument("--pixel-quality", type=int, default=90, help="JPEG quality of --pixel-format jpeg")
     p.add_argument("--on-bad-sample", choices=("error", "skip"), default="error")
     p.add_argument("--verify", type=int, nargs="?", const=8, default=0, metavar="N",
                    help="recompute N (default 8) random samples and compare (cosine >= 0.999)")
@@ -485,10 +701,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CacheSettings:
     lo, hi = (float(x) for x in args.view_scale.split(","))
-    if args.views < 1 or args.shard_size < 1 or args.batch_size < 1:
+    shard_size = 1024 if args.shard_size is None else args.shard_size
+    if args.views < 1 or shard_size < 1 or args.batch_size < 1:
         raise ValueError("--views, --shard-size and --batch-size must be >= 1")
-    return CacheSettings(parse_token_mode(args.image_tokens), parse_token_mode(args.text_tokens, allow_grid=False),
-                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), args.shard_size)
+    if args.mixup_views < 0 or args.mixup_alpha <= 0:
+        raise ValueError(f"--mixup-views must be >= 0 and --mixup-alpha > 0 (got {args.mixup_views}, {args.mixup_alpha})")
+    image_tokens = parse_token_mode(args.image_tokens)
+    view_tokens = resolve_view_tokens(args.view_tokens, image_tokens, args.views + args.mixup_views)
+    pixels = PixelSettings(args.pixels, args.pixel_format, args.pixel_quality) if args.pixels else None
+    return CacheSettings(image_tokens, parse_token_mode(args.text_tokens, allow_grid=False),
+                         args.dtype, parse_layers(args.layers), args.views, args.view_seed, (lo, hi), shard_size,
+                         view_tokens, args.mixup_views, args.mixup_alpha, pixels)
+
+
+def resolve_view_tokens(spec: str | None, image_tokens: TokenMode, total_views: int) -> str:
+    """``--view-tokens``: ``same`` for a single view or without image tokens (nothing to choose),
+    ``grid:2`` by default, else the validated spec."""
+    if total_views == 1 or image_tokens.kind == "none":
+        return "same"
+    if spec is None:
+        return "grid:2"
+    if spec in ("same", "none"):
+        return spec
+    mode = parse_token_mode(spec)
+    if mode.kind != "grid":
+        raise ValueError(f"--view-tokens {spec!r} must be same | none | grid:<g>")
+    return str(mode)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,15 +739,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     try:
         teacher = build_teacher(args.teacher, str(info.device))
+        probe_teacher(teacher, settings)
         ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
         if ds.skipped and info.is_main:
             print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
+        if args.shard_size is None and samples_per_shard(ds):  # webdataset: one cache shard per tar shard
+            settings = dataclasses.replace(settings, shard_size=samples_per_shard(ds))
         source = {"teacher": teacher.config_hash(), "dataset": ds.fingerprint(), "settings": settings.key()}
         if args.overwrite:
             if info.is_main:
                 clear_cache(out)
         else:
             check_existing(out, source)
+        if info.is_main and ds.num_images:
+            print_size_estimate(estimate_cache_size(teacher, ds, settings), ds, settings)
         barrier()
         (out / "shards").mkdir(parents=True, exist_ok=True)
         stats = write_shards(teacher, ds, out, settings, source, info, args.batch_size, args.num_workers, args.amp,

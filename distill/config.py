@@ -20,7 +20,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
 WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
 
-#: The paper's full multiscale loss set.
+#: The paper's full multiscale loss set. The recipe lives in each loss's defaults: contrastive_distill
+#: with the caption-mean target for image->text (text_target: both), multi-positive terms and the
+#: shared 8192-row teacher queue; relation_kl at its own temperature 0.07 with tau^2 scaling and the
+#: queue as extra columns; student_clip multi-positive; one shared, least-squares-startable projection
+#: per modality (train.embed_projection, train.init_projections). See docs of distill/losses/*.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
 DEFAULTS: dict[str, Any] = {
@@ -35,6 +39,9 @@ DEFAULTS: dict[str, Any] = {
         "cache": None,
         "use_views": True,
         "num_workers": 2,
+        # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
+        # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
+        "pixels": "auto",
     },
     "student": {"name": "vit"},
     "train": {
@@ -44,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "accum_steps": 1,
         "lr": 5.0e-4,
         "min_lr_ratio": 0.0,
-        "warmup_steps": 100,
+        "warmup_steps": 0.05,  # linear LR warm-up: an int >= 0 is steps, a float in [0, 1) a fraction of train.steps
         "weight_decay": 0.05,
         "betas": [0.9, 0.98],
         "eps": 1.0e-6,
@@ -61,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
         # Least-squares start of the student's projection heads on this many training samples
         # (0: off); see distill/projection_init.py.
         "init_projections": 0,
+        # The Distiller's shared student->teacher embedding projections: auto (identity when the
+        # widths match) | linear (always a learned map); see distill/losses/projection.py.
+        "embed_projection": "auto",
         # SyncBatchNorm for students with trainable BatchNorm under DDP on CUDA: auto | true | false
         # (auto: on when world_size > 1 on CUDA and the student has trainable BatchNorm layers).
         "sync_bn": "auto",
@@ -197,12 +207,21 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(bal, dict) or "name" not in bal:
         raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
     bal.setdefault("cfg", {})
+    if cfg["data"]["pixels"] not in ("auto", "cache", "decode"):
+        raise ConfigError(f"data.pixels must be auto, cache or decode, not {cfg['data']['pixels']!r}")
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")
     for key in ("batch_size", "accum_steps"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["embed_projection"] not in ("auto", "linear"):
+        raise ConfigError(f"train.embed_projection must be auto or linear, got {train['embed_projection']!r}")
+    warmup = train["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 \
+            or (isinstance(warmup, float) and warmup >= 1):
+        raise ConfigError(f"train.warmup_steps must be a step count >= 0 or a fraction of train.steps in [0, 1), "
+                          f"got {warmup!r}")
     samples = train["init_projections"]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
         raise ConfigError(f"train.init_projections must be a number of samples >= 0, got {samples!r}")
@@ -249,6 +268,14 @@ def _check_warmup_stage(train: dict[str, Any]) -> None:
     if not isinstance(weights, dict) or set(weights) - set(names):
         raise ConfigError(f"train.warmup_stage.weights must map stage loss names {names} to numbers, got {weights!r}")
     stage["weights"] = weights
+
+
+def warmup_steps(value: int | float, total: int) -> int:
+    """LR warm-up steps of ``train.warmup_steps`` for a run of ``total`` steps: an int is a step
+    count, a float in [0, 1) a fraction of the run (at least 1 step when positive)."""
+    if isinstance(value, float):
+        return max(1, round(value * total)) if value > 0 else 0
+    return int(value)
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON and the Flickr8k layout.
+"""Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON, the Flickr8k layout and
+webdataset ``.tar`` shards (:mod:`distill.wds`).
 
 Every loader returns an :class:`ImageTextDataset` whose captions are grouped by image
 (``offsets[i]:offsets[i+1]`` are the captions of image ``i``), which is the layout of the cache and
@@ -9,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -16,7 +19,38 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from distill.config import ConfigError
+
 SPLIT_ALIASES = {"val": {"val", "dev"}, "dev": {"val", "dev"}, "train": {"train", "restval"}, "test": {"test"}}
+
+
+class SplitError(ConfigError):
+    """``--split`` names a split the dataset does not have."""
+
+
+class NoSplitsError(SplitError):
+    """``--split`` was given for a dataset format (file) that has no splits."""
+
+
+def check_split(split: str | None, known: Iterable[str] | None, source: Path | str) -> None:
+    """Raise unless ``split`` (None/"all": every row) is one of ``known`` (aliases: val=dev,
+    train includes restval); ``known=None``: the format has no splits."""
+    if split in (None, "all"):
+        return
+    if known is None:
+        raise NoSplitsError(f"{source}: this dataset has no splits, so --split {split!r} cannot select rows; "
+                            "use split 'all' (or omit --split) and keep train and test data in separate files")
+    known = set(known)
+    if not SPLIT_ALIASES.get(split, {split}) & known:
+        raise SplitError(f"{source}: unknown split {split!r}; known splits: {', '.join(sorted(known)) or 'none'}")
+
+
+def file_split(path: Path) -> list[str] | None:
+    """The split a single-file dataset holds by its name (``captions_train2017.json`` -> ["train"]),
+    when the name names exactly one of train/val/test; else None (no splits)."""
+    words = {w.rstrip("0123456789") for w in re.split(r"[^a-z0-9]+", path.stem.lower())}
+    found = [w for w in ("train", "val", "test") if w in words]
+    return found if len(found) == 1 else None
 
 
 class BadSampleError(ValueError):
@@ -125,15 +159,16 @@ class TransformedImages:
 
 
 def _safe_relpath(root: Path, rel: str, where: str) -> str:
-    """Reject absolute paths and paths that escape ``root`` (``..``, symlinks out of it)."""
+    """Reject absolute paths and paths whose text leaves ``root`` through ``..``. Symlinks inside
+    the root (e.g. ``images -> /mnt/big/images``) are the user's own and are followed."""
     if not rel:
         raise BadSampleError(f"{where}: empty image path")
     p = Path(rel)
     if p.is_absolute():
         raise BadSampleError(f"{where}: image path {rel!r} is absolute; paths must be relative to {root}")
-    full = (root / p).resolve()
-    if not full.is_relative_to(root.resolve()):
-        raise BadSampleError(f"{where}: image path {rel!r} escapes the data root {root}")
+    if os.path.normpath(p).split(os.sep)[0] == "..":
+        raise BadSampleError(f"{where}: image path {rel!r} escapes the data root {root} through '..' "
+                             "(symlinks inside the root are followed; '..' paths are refused)")
     return p.as_posix()
 
 
@@ -166,7 +201,8 @@ def _assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: st
                     rel = _safe_relpath(root, image, where)
                     path = root / rel
                     if not path.is_file():
-                        raise BadSampleError(f"{where}: image file not found: {path}")
+                        raise BadSampleError(f"{where}: image file not found: {path} (image paths are relative to "
+                                             f"{root}; pass --images-root DIR if the images are elsewhere)")
                     if check_decode:
                         try:
                             with Image.open(path) as im:
@@ -220,6 +256,8 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     start = 1
     if img_col is None or cap_col is None:
         img_col, cap_col, start = 0, len(header) - 1, 0
+    check_split(split, {r[split_col].strip() for r in rows_all[start:] if len(r) > split_col}
+                if split_col is not None else file_split(path), path)
 
     def rows():
         for n, r in enumerate(rows_all[start:], start=start + 1):
@@ -242,6 +280,8 @@ def load_karpathy(path: Path, split: str | None = None, images_root: Path | None
     for COCO), ``split`` and ``sentences[].raw``."""
     data = json.loads(path.read_text())
     root = Path(images_root) if images_root else path.parent
+    known = {im["split"] for im in data["images"] if im.get("split")}
+    check_split(split, known or file_split(path), path)
 
     def rows():
         for n, im in enumerate(data["images"]):
@@ -262,6 +302,7 @@ def load_coco_captions(path: Path, split: str | None = None, images_root: Path |
     """COCO ``captions_*.json`` (``images[].file_name`` + ``annotations[].caption``)."""
     data = json.loads(path.read_text())
     root = Path(images_root) if images_root else path.parent
+    check_split(split, file_split(path), path)
     files = {im["id"]: im["file_name"] for im in data["images"]}
     by_image: dict[int, list[tuple[int, str]]] = {}
     unknown: list[BadSampleError] = []
@@ -290,6 +331,7 @@ def load_flickr8k(folder: Path, split: str | None = None, on_bad_sample: str = "
     if split_name not in (None, "all"):
         sf = folder / "splits" / f"{split_name}.txt"
         if not sf.is_file():
+            check_split(split, [p.stem for p in (folder / "splits").glob("*.txt")], folder)
             raise FileNotFoundError(f"{folder}: no split file {sf}")
         keep = [line.strip() for line in sf.read_text().splitlines() if line.strip()]
     by_image: dict[str, list[tuple[str, str]]] = {}
@@ -328,8 +370,12 @@ def load_dataset(path: str | Path, split: str | None = None, images_root: str | 
     ``on_bad_sample="skip"`` drops bad rows (and, by default, images that fail to decode) and
     records them in ``dataset.skipped``; ``"error"`` raises on the first one, naming file and row.
     """
-    path = Path(path)
     check = (on_bad_sample == "skip") if check_decode is None else check_decode
+    from distill.wds import is_webdataset, load_webdataset
+
+    if is_webdataset(path):
+        return load_webdataset(path, split, images_root, on_bad_sample, check)
+    path = Path(path)
     root = Path(images_root) if images_root else None
     if path.is_dir():
         if (path / "captions.tsv").is_file() and (path / "splits").is_dir():

@@ -1,4 +1,11 @@
-"""The trainable unit: student + loss terms (with their projections/queues) + balancer.
+"""The trainable unit: student + loss terms + the shared embedding projections and teacher queue +
+balancer.
+
+The student-to-teacher embedding projections (one per modality, :mod:`distill.losses.projection`) and
+the FIFO of past teacher embeddings (:mod:`distill.losses.queue`) are owned here, once, and handed to
+every loss through the :class:`DistillBatch` (``s_img_proj``/``s_txt_proj``, ``queue``). The queue is
+written by :meth:`Distiller.commit_queues` after the optimizer step (the trainer calls it; a skipped
+step calls :meth:`Distiller.discard_pending`).
 
 Wrapping all three in one ``nn.Module`` lets DistributedDataParallel synchronise every learned
 parameter. Under DDP the per-rank student features are all-gathered with a gradient-aware gather
@@ -19,6 +26,8 @@ from distill.balance import build_balancer
 from distill.balance.base import Balancer
 from distill.features import ImageFeatures, TextFeatures
 from distill.losses import DistillBatch, DistillLoss, Dims, TeacherBatch, build_loss
+from distill.losses.projection import EmbedProjections
+from distill.losses.queue import TeacherQueue
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -67,7 +76,7 @@ def gather_text(f: TextFeatures) -> TextFeatures:
 def gather_teacher(t: TeacherBatch) -> TeacherBatch:
     return replace(t, img_embed=gather(t.img_embed, False), txt_embed=gather(t.txt_embed, False),
                    img_tokens=gather(t.img_tokens, False), txt_tokens=gather(t.txt_tokens, False),
-                   txt_mask=gather(t.txt_mask, False),
+                   txt_mask=gather(t.txt_mask, False), txt_embed_mean=gather(t.txt_embed_mean, False),
                    intermediates={k: gather(v, False) for k, v in (t.intermediates or {}).items()})
 
 
@@ -82,11 +91,15 @@ class Distiller(nn.Module):
     """``forward(pixels, text, teacher, image_ids, step, total_steps) -> StepOutput``.
 
     With a warm-up stage, steps ``< warmup_steps`` (stage 1) use only ``warmup_losses`` combined by
-    ``warmup_balancer``; later steps (stage 2) use ``losses`` and ``balancer``."""
+    ``warmup_balancer``; later steps (stage 2) use ``losses`` and ``balancer``.
+
+    With ``dims``, ``projections`` (:class:`EmbedProjections`, mode ``projection``) exist when a loss
+    of either stage sets ``uses_projection``, and ``queue`` (:class:`TeacherQueue`) when one requests
+    ``queue_size > 0`` (its size: the largest request); otherwise they are None."""
 
     def __init__(self, student: nn.Module, losses: dict[str, DistillLoss], balancer: Balancer,
                  warmup_losses: dict[str, DistillLoss] | None = None, warmup_balancer: Balancer | None = None,
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, dims: Dims | None = None, projection: str = "auto") -> None:
         super().__init__()
         if warmup_steps > 0 and (not warmup_losses or warmup_balancer is None):
             raise ValueError("a warm-up stage needs its losses and balancer")
@@ -96,6 +109,14 @@ class Distiller(nn.Module):
         self.warmup_losses = nn.ModuleDict(warmup_losses or {})
         self.warmup_balancer = warmup_balancer
         self.warmup_steps = warmup_steps
+        every = [*self.losses.values(), *self.warmup_losses.values()]
+        self.projections: EmbedProjections | None = None
+        self.queue: TeacherQueue | None = None
+        if dims is not None and any(loss.uses_projection for loss in every):
+            self.projections = EmbedProjections(dims.student_embed, dims.teacher_embed, projection)
+        queue_size = max((int(loss.queue_size) for loss in every), default=0)
+        if dims is not None and queue_size > 0:
+            self.queue = TeacherQueue(queue_size, dims.teacher_embed)
 
     def stage(self, step: int) -> int:
         """1 during the warm-up stage, else 2."""
@@ -107,11 +128,46 @@ class Distiller(nn.Module):
         s_txt = self.student.encode_text(text)
         batch = DistillBatch(s_img=gather_image(s_img), s_txt=gather_text(s_txt), teacher=gather_teacher(teacher),
                              student_logit_scale=self.student.logit_scale, image_ids=gather(image_ids, False),
-                             step=step, total_steps=total_steps)
+                             step=step, total_steps=total_steps,
+                             queue=self.queue.view() if self.queue is not None else None)
+        if self.projections is not None:
+            batch = self.projections.attach(batch)
         terms, balancer = (self.warmup_losses, self.warmup_balancer) if self.stage(step) == 1 else (self.losses, self.balancer)
         losses = {name: loss(batch).float() for name, loss in terms.items()}
         total, weights = balancer(losses, self.student.shared_parameters())
+        if self.queue is not None and self.training:
+            t = batch.teacher
+            self.queue.push(t.img_embed, t.txt_embed, batch.image_ids)
         return StepOutput(total, losses, weights)
+
+    def commit_queues(self) -> None:
+        """Enqueue the teacher rows of the forwards since the last commit (call after the optimizer step)."""
+        if self.queue is not None:
+            self.queue.commit()
+
+    def discard_pending(self) -> None:
+        """Forget the rows of a skipped step."""
+        if self.queue is not None:
+            self.queue.discard()
+
+    def rollback_buffers(self) -> dict[str, Tensor]:
+        """The buffers a forward pass changes (the student's normalisation statistics, balancer
+        statistics, loss buffers): what a skipped step must restore. The queue is excluded: it only
+        changes in :meth:`commit_queues`."""
+        return {name: b for name, b in self.named_buffers() if not name.startswith("queue.")}
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        """Checkpoint state of the shared projections and queue (``{}`` for absent ones)."""
+        return {"projections": self.projections.state_dict() if self.projections is not None else {},
+                "queue": self.queue.state_dict() if self.queue is not None else {}}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("projections", "queue"):
+            module = getattr(self, key)
+            if module is not None:
+                module.load_state_dict(state[key])
+            elif state[key]:
+                raise KeyError(f"the checkpoint holds distiller {key} but the configured losses use none")
 
 
 def loss_dims(student: Any, cache: Any) -> Dims:
@@ -139,13 +195,15 @@ def build_losses(dims: Dims, loss_cfg: Sequence[dict[str, Any]]) -> dict[str, Di
 
 
 def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str, Any]], balancer_cfg: dict[str, Any],
-                    warmup_stage: dict[str, Any] | None = None) -> Distiller:
+                    warmup_stage: dict[str, Any] | None = None, projection: str = "auto") -> Distiller:
     """Build the loss terms and the balancer over their names, plus the optional warm-up stage
-    (``{steps, losses, weights}``: its losses under a ``fixed`` balancer)."""
+    (``{steps, losses, weights}``: its losses under a ``fixed`` balancer), the shared projections
+    (mode ``projection``) and queue."""
     losses = build_losses(dims, loss_cfg)
     balancer = build_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
     if not warmup_stage:
-        return Distiller(student, losses, balancer)
+        return Distiller(student, losses, balancer, dims=dims, projection=projection)
     warmup_losses = build_losses(dims, warmup_stage["losses"])
     warmup_balancer = build_balancer("fixed", list(warmup_losses), weights=warmup_stage.get("weights") or {})
-    return Distiller(student, losses, balancer, warmup_losses, warmup_balancer, int(warmup_stage["steps"]))
+    return Distiller(student, losses, balancer, warmup_losses, warmup_balancer, int(warmup_stage["steps"]),
+                     dims=dims, projection=projection)

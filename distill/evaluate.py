@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.cache import MANIFEST, TeacherCache
-from distill.data import ImageTextDataset, TransformedImages, load_dataset
+from distill.data import ImageTextDataset, NoSplitsError, TransformedImages, load_dataset
 from distill.metrics import retrieval_metrics
 
 METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -103,6 +103,19 @@ def load_model(spec: str, device: str = "cpu") -> tuple[str, Any]:
     return "teacher", build_teacher(spec, device=device)
 
 
+def model_label(spec: str, kind: str) -> str:
+    """Table label: a student is named by its run folder (``runs/x/student`` and
+    ``runs/x/checkpoints/last.pt`` -> ``x``), anything else by its last path part or spec."""
+    p = Path(spec)
+    if kind == "student":
+        p = p.resolve()
+        if p.is_file():
+            p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        if p.name == "student":
+            p = p.parent
+    return p.name or spec
+
+
 def format_metrics(name: str, metrics: dict[str, float]) -> str:
     """One table row (with header) of the standard metrics."""
     head = f"{'model':<24}" + "".join(f"{c:>10}" for c in METRIC_ORDER)
@@ -113,8 +126,10 @@ def format_metrics(name: str, metrics: dict[str, float]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="teacher spec, student checkpoint/folder, or teacher cache folder")
-    p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON); optional for a cache")
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", help="dataset (Flickr8k folder, CSV/TSV, Karpathy or COCO JSON, webdataset shards); "
+                   "optional for a cache")
+    p.add_argument("--split", default=None,
+                   help="split to evaluate (default: test; all rows for a dataset without splits, with a note)")
     p.add_argument("--images-root", help="image folder for JSON/CSV datasets")
     p.add_argument("--max-captions", type=int, default=None,
                    help="use only the first K captions of each image (COCO 5K test: 5)")
@@ -134,7 +149,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kind, model = load_model(args.model, args.device)
     data = None
     if args.data:
-        data = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
+        try:
+            data = load_dataset(args.data, args.split or "test", args.images_root, on_bad_sample=args.on_bad_sample)
+        except NoSplitsError:
+            if args.split is not None:
+                raise
+            print(f"note: {args.data} has no splits; evaluating all its rows", file=sys.stderr)
+            data = load_dataset(args.data, None, args.images_root, on_bad_sample=args.on_bad_sample)
         if data.skipped:
             print(f"skipped {len(data.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in data.skipped),
                   file=sys.stderr)
@@ -151,11 +172,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         metrics = evaluate_model(model, data, args.batch_size, args.device, args.num_workers)
         num_images, num_captions = data.num_images, data.num_captions
-    result = {"model": args.model, "kind": kind, "data": args.data, "split": args.split,
+    label = model_label(args.model, kind)
+    result = {"model": args.model, "label": label, "kind": kind, "data": args.data,
+              "split": data.split if data else args.split,
               "num_images": num_images, "num_captions": num_captions,
               "skipped": [f"{s.where}: {s.reason}" for s in data.skipped] if data else [],
               "seconds": round(time.perf_counter() - start, 3), "metrics": metrics}
-    print(format_metrics(Path(args.model).name or args.model, metrics))
+    print(format_metrics(label, metrics))
     print(f"{num_images} images, {num_captions} captions, {result['seconds']:.1f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

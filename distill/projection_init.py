@@ -8,6 +8,10 @@ budgets and for students built from the teacher's own layers. When the student's
 narrower than the teacher's, the target is the teacher embedding projected on the top principal
 directions of the teacher's image and text embeddings. Under DDP the normal equations are averaged
 over ranks, so every rank writes the same weights.
+
+The Distiller's shared student->teacher embedding projections (``projections``, when they are learned
+maps, :mod:`distill.losses.projection`) are then fitted the same way: the fitted student embeddings of
+the same samples regressed onto the teacher embeddings.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 from torch import Tensor
 
 from distill.dist import all_reduce_mean
+from distill.losses.projection import EmbedProjections
+from distill.pixels import student_pixels
 from distill.train_data import TrainBatch
 from students.base import Student
 
@@ -27,9 +33,10 @@ class ProjectionInitError(ValueError):
 
 @torch.no_grad()
 def init_projections(student: Student, batches: Iterable[TrainBatch], samples: int, device: torch.device,
-                     ridge: float = 1e-3) -> dict[str, Any]:
-    """Fit the student's projection heads on the first ``samples`` rows of ``batches`` (per rank);
-    returns the mean cosine between fitted and target embeddings per modality, before and after."""
+                     ridge: float = 1e-3, projections: EmbedProjections | None = None) -> dict[str, Any]:
+    """Fit the student's projection heads (and the learned maps of ``projections``) on the first
+    ``samples`` rows of ``batches`` (per rank); returns the mean cosine between fitted and target
+    embeddings per modality, before and after (``projection.<modality>`` for the shared maps)."""
     heads = student.projection_heads()
     if not heads:
         raise ProjectionInitError(f"student {student.name!r} exposes no projection heads; "
@@ -41,12 +48,12 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
     for batch in batches:
         batch = batch.to(device)
         text = {k: v.to(device) for k, v in student.tokenize(batch.texts).items()}
-        inputs = {"image": batch.pixels, "text": text}
+        inputs = {"image": student_pixels(batch, student, device), "text": text}
         embeds = {"image": batch.teacher.img_embed, "text": batch.teacher.txt_embed}
         for m, (features, _) in heads.items():
             feats[m].append(features(inputs[m]).float())
             targets[m].append(embeds[m].float())
-        seen += batch.pixels.shape[0]
+        seen += len(batch.texts)
         if seen >= samples:
             break
     student.train(was_training)
@@ -59,13 +66,25 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
     for m, (_, weight) in heads.items():
         target = y[m] @ basis
         before = _mean_cos(x[m] @ weight.float().T, target)
-        gram = all_reduce_mean(x[m].T @ x[m])
-        cross = all_reduce_mean(x[m].T @ target)
-        reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], device=gram.device)
-        solution = torch.linalg.solve(gram + reg, cross)  # [width, embed_dim]
+        solution = _ridge_solve(x[m], target, ridge)  # [width, embed_dim]
         weight.copy_(solution.T.to(weight.dtype))
         report[m] = {"cos_before": before, "cos_after": _mean_cos(x[m] @ solution, target)}
+        linear = (projections.linear_maps() if projections is not None else {}).get(m)
+        if linear is not None:
+            embed = torch.nn.functional.normalize(x[m] @ solution, dim=-1)
+            before = _mean_cos(embed @ linear.weight.float().T, y[m])
+            fit = _ridge_solve(embed, y[m], ridge)  # [embed_dim, teacher_dim]
+            linear.weight.copy_(fit.T.to(linear.weight.dtype))
+            report[f"projection.{m}"] = {"cos_before": before, "cos_after": _mean_cos(embed @ fit, y[m])}
     return report
+
+
+def _ridge_solve(x: Tensor, target: Tensor, ridge: float) -> Tensor:
+    """[in, out] ridge least-squares solution of ``x @ W = target`` (normal equations averaged over ranks)."""
+    gram = all_reduce_mean(x.T @ x)
+    cross = all_reduce_mean(x.T @ target)
+    reg = ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], device=gram.device)
+    return torch.linalg.solve(gram + reg, cross)
 
 
 def _target_basis(teacher: Tensor, dim: int) -> Tensor:

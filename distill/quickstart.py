@@ -2,7 +2,7 @@
 
 Runs offline on CPU on the sample bundled in ``examples/sample_flickr8k`` (300 train / 100 test
 Flickr8k images, 5 captions each) or on any Flickr8k-layout folder / dataset given with ``--data``,
-and prints teacher vs student Recall@K, RSUM, parameters and images/s.
+and prints teacher vs student Recall@K, RSUM, parameters and images/s (median of 5 timings).
 
     python -m distill.quickstart                                   # bundled sample, < 10 min on 2 cores
     python -m distill.quickstart --data ../shared/data/flickr8k    # full Flickr8k (6K train / 1K test)
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,6 +52,8 @@ def _run_teacher(args: argparse.Namespace, out: Path) -> str:
         train_lit.main(["--data", args.data, "--split", args.train_split, "--out", str(folder),
                         "--epochs", str(args.teacher_epochs), "--image-size", str(args.teacher_image_size),
                         "--device", args.device, "--workers", str(args.workers)])
+    else:
+        print(f"reusing the LiT teacher trained earlier in {folder} (delete it to retrain)", flush=True)
     return f"lit:{folder}"
 
 
@@ -69,8 +72,7 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     run = out / f"student_{args.student}"
     argv = ["--preset", "cpu", "--cache", str(cache), "--data", args.data, "--split", args.train_split,
             "--out", str(run), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto",
-            "--set", f"train.warmup_steps={max(1, args.steps // 10)}"]
+            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto"]
     if args.student == "pruned":
         from students.pruned import half_compute_layers
 
@@ -84,10 +86,16 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     return run / "student"
 
 
+def throughput(model: Any, size: int, device: str, repeats: int = 5) -> float:
+    """Median images/s of ``repeats`` timings (each after its own warm-up batch): one timing swings
+    several-fold with what else the machine is doing."""
+    return statistics.median(images_per_second(model, size, iters=2, device=device) for _ in range(repeats))
+
+
 def _row(name: str, model: Any, metrics: dict[str, float], device: str) -> dict[str, Any]:
     size = int(getattr(model, "image_size", 224))
     return {"model": name, **{k: metrics[k] for k in metrics if "@" in k or k == "rsum"},
-            "params_M": count_params(model) / 1e6, "images_per_s": images_per_second(model, size, device=device)}
+            "params_M": count_params(model) / 1e6, "images_per_s": throughput(model, size, device)}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

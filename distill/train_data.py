@@ -17,8 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from distill.augment import apply_view
 from distill.cache import CacheMismatchError, TeacherCache
+from distill.mixup import view_image
 from distill.data import ImageTextDataset
 from distill.losses.base import TeacherBatch
 
@@ -54,13 +54,15 @@ class DistillTrainSet(Dataset):
     the chosen caption text and the ids needed to fetch the teacher features."""
 
     def __init__(self, dataset: ImageTextDataset, cache: TeacherCache, transform: Callable[[Image.Image], Tensor],
-                 seed: int, use_views: bool = True) -> None:
+                 seed: int, use_views: bool = True, pixels: str = "decode") -> None:
         self.dataset = dataset
         self.offsets = np.asarray(cache.offsets, dtype=np.int64)
         self.cache = cache
         self.num_views = cache.num_views if use_views else 1
         self.transform = transform
         self.seed = seed
+        #: "decode" (PIL workers) or the cache's pixel format ("raw"/"jpeg": the collate reads bytes)
+        self.pixel_source = resolve_pixel_source(pixels, cache)
 
     def __len__(self) -> int:
         return self.dataset.num_images
@@ -74,12 +76,34 @@ class DistillTrainSet(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         caption, view = self.choose(index, epoch)
-        img = self.dataset.load_image(index)
-        if view:
-            params = self.cache.view_params([index], view)[0]
-            img = apply_view(img, params)
-        return {"pixels": self.transform(img), "text": self.dataset.captions[caption],
-                "image_index": index, "caption_index": caption, "view": view}
+        item = {"pixels": None, "text": self.dataset.captions[caption], "image_index": index,
+                "caption_index": caption, "view": view}
+        if self.pixel_source == "decode":
+            item["pixels"] = self.transform(self.view_image(index, view))
+        return item
+
+    def view_image(self, index: int, view: int) -> Image.Image:
+        """The PIL image of a cached view, mixup views rebuilt from their stored parameters."""
+        if not view:
+            return self.dataset.load_image(index)
+        partner, mix = self.cache.view_mix([index], view)
+        return view_image(self.dataset.load_image, index, self.cache.view_params([index], view)[0].numpy(),
+                          int(partner[0]), mix[0])
+
+
+def resolve_pixel_source(mode: str, cache: TeacherCache) -> str:
+    """``data.pixels``: ``auto`` reads the cache's pixels when it holds them, ``cache`` requires
+    them, ``decode`` always decodes the images with PIL. Returns ``decode``, ``raw`` or ``jpeg``."""
+    from distill.pixels import PIXEL_MODES, PixelCacheError
+
+    if mode not in PIXEL_MODES:
+        raise ValueError(f"data.pixels must be one of {'|'.join(PIXEL_MODES)}, not {mode!r}")
+    if mode == "decode" or (mode == "auto" and cache.pixel_format is None):
+        return "decode"
+    if cache.pixel_format is None:
+        raise PixelCacheError(f"data.pixels=cache but {cache.path} holds no pixels; rebuild it with "
+                              "cache_teacher --pixels SIZE or set data.pixels=auto|decode")
+    return cache.pixel_format
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -134,15 +158,20 @@ class TrainBatch:
     caption_index: Tensor
     view: Tensor
     teacher: TeacherBatch
+    #: "float" (normalised [B, 3, H, W]), "raw" (uint8 [B, S, S, 3] from the cache) or "jpeg"
+    #: (concatenated bytes + ``pixel_lengths``; stays on the CPU for ``decode_jpeg``)
+    pixel_format: str = "float"
+    pixel_lengths: Tensor | None = None
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> "TrainBatch":
         """A copy with ``fn`` applied to every tensor (teacher features included)."""
         t = self.teacher
         f = lambda x: None if x is None else fn(x)  # noqa: E731
         teacher = replace(t, img_embed=f(t.img_embed), txt_embed=f(t.txt_embed), img_tokens=f(t.img_tokens),
-                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask),
+                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask), txt_embed_mean=f(t.txt_embed_mean),
                           intermediates={k: f(v) for k, v in (t.intermediates or {}).items()})
-        return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher)
+        return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher,
+                          self.pixel_format, f(self.pixel_lengths))
 
     def to(self, device: torch.device) -> "TrainBatch":
         """Move to ``device``; fp16 teacher features become float32 there."""
@@ -150,7 +179,10 @@ class TrainBatch:
             x = x.to(device, non_blocking=True)
             return x.float() if x.dtype == torch.float16 else x
 
-        return self.apply(move)
+        moved = self.apply(move)
+        if self.pixel_format == "jpeg":  # decode_jpeg reads its input from host memory
+            moved.pixels, moved.pixel_lengths = self.pixels, self.pixel_lengths
+        return moved
 
     def pin_memory(self) -> "TrainBatch":
         """Called by ``DataLoader(pin_memory=True)``."""
@@ -158,16 +190,29 @@ class TrainBatch:
 
 
 def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: np.ndarray, view: np.ndarray,
-                  keep_fp16: bool = False) -> TeacherBatch:
+                  keep_fp16: bool = False, tokens: str = "auto") -> TeacherBatch:
     """Vectorised lookup of the cached teacher outputs for the given rows (``keep_fp16``: arrays
-    stored in fp16 stay fp16 until :meth:`TrainBatch.to`)."""
-    img = cache.images(image_index, view, keep_fp16)
+    stored in fp16 stay fp16 until :meth:`TrainBatch.to`; ``tokens``: see
+    :meth:`TeacherCache.token_source`)."""
+    img = cache.images(image_index, view, keep_fp16, tokens=tokens)
     txt = cache.texts(caption_index, keep_fp16)
     inter = {k[len("inter."):]: v for src in (img, txt) for k, v in src.items() if k.startswith("inter.")}
-    grid = cache.image_grid if "tokens" in img else None
+    grid = cache.token_grid(tokens) if "tokens" in img else None
     return TeacherBatch(img_embed=img["embed"], txt_embed=txt["embed"], img_tokens=img.get("tokens"), img_grid=grid,
                         txt_tokens=txt.get("tokens"), txt_mask=txt.get("mask"), intermediates=inter,
-                        logit_scale=cache.logit_scale)
+                        logit_scale=cache.logit_scale, txt_embed_mean=caption_mean_embed(cache, image_index))
+
+
+def caption_mean_embed(cache: TeacherCache, image_index: np.ndarray) -> Tensor:
+    """[B, D] float32: the L2-normalised mean of the cached teacher embeddings of ALL captions of each
+    image (``cache.offsets``); only the embedding rows are read, never the caption tokens."""
+    image_index = np.asarray(image_index, dtype=np.int64)
+    starts, counts = cache.offsets[image_index], np.diff(cache.offsets)[image_index]
+    rows = np.repeat(np.arange(len(image_index)), counts)
+    captions = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    embeds = cache._gather(captions, None, cache._caption_starts, {"embed": "text_embed"})["embed"]
+    sums = torch.zeros(len(image_index), embeds.shape[1]).index_add_(0, torch.from_numpy(rows), embeds)
+    return torch.nn.functional.normalize(sums, dim=-1)
 
 
 class TeacherCollate:
@@ -175,14 +220,27 @@ class TeacherCollate:
     exactly the batch's (image, view) and caption ids. The cache re-opens its memory maps when
     pickled into worker processes."""
 
-    def __init__(self, cache: TeacherCache) -> None:
+    def __init__(self, cache: TeacherCache, tokens: str = "auto") -> None:
         self.cache = cache
+        self.tokens = tokens  # "full" when only view 0 is used (data.use_views=false)
 
     def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
         image_index = np.asarray([it["image_index"] for it in items], dtype=np.int64)
         caption_index = np.asarray([it["caption_index"] for it in items], dtype=np.int64)
         view = np.asarray([it["view"] for it in items], dtype=np.int64)
-        return TrainBatch(pixels=torch.stack([it["pixels"] for it in items]), texts=[it["text"] for it in items],
+        pixels, fmt, lengths = self.student_pixels(items, image_index, view)
+        return TrainBatch(pixels=pixels, texts=[it["text"] for it in items],
                           image_index=torch.from_numpy(image_index), caption_index=torch.from_numpy(caption_index),
                           view=torch.from_numpy(view), teacher=fetch_teacher(self.cache, image_index, caption_index, view,
-                                                                      keep_fp16=True))
+                                                                      keep_fp16=True, tokens=self.tokens),
+                          pixel_format=fmt, pixel_lengths=lengths)
+
+    def student_pixels(self, items: list[dict[str, Any]], image_index: np.ndarray,
+                       view: np.ndarray) -> tuple[Tensor, str, Tensor | None]:
+        """(pixels, format, JPEG lengths): decoded tensors stacked, or the cache's stored bytes."""
+        if items[0]["pixels"] is not None:
+            return torch.stack([it["pixels"] for it in items]), "float", None
+        if self.cache.pixel_format == "jpeg":
+            data, lengths = self.cache.jpeg(image_index, view)
+            return data, "jpeg", lengths
+        return self.cache.pixels(image_index, view), "raw", None

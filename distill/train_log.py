@@ -1,5 +1,6 @@
 """Training logs: one JSON object per line (``OUT/train_log.jsonl``), TensorBoard scalars
-(``OUT/tb``) and a final PNG of the raw losses and balancer weights (``OUT/plots/losses.png``).
+(``OUT/tb``) and final PNGs: the raw losses, the total loss, the validation RSUM and the balancer
+weights (``OUT/plots/losses.png``), and the per-term balancer weights alone (``OUT/plots/weights.png``).
 
 Records have ``kind`` ``"train"`` (step, epoch, lr, ``loss/<name>``, ``weight/<name>``, total,
 samples_per_s, skipped_nonfinite) or ``"eval"`` (step + ``eval/<metric>``).
@@ -65,16 +66,51 @@ class TrainLogger:
             self._tb.close()
 
 
-def plot_losses(out: str | Path) -> Path | None:
-    """PNG with raw losses (log scale) and balancer weights vs step; ``None`` when nothing was logged."""
-    recs = read_log(out)
-    if not recs:
-        return None
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str | Path, name: str) -> Path:
+    path = Path(out) / "plots" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_weights(out: str | Path) -> Path | None:
+    """``OUT/plots/weights.png``: every term's balancer weight (``weight/<name>``) vs step, with the
+    mean weight 1 dashed; ``None`` when no weight was logged."""
+    recs = read_log(out)
+    keys = sorted({k for r in recs for k in r if k.startswith("weight/")})
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [r["step"] for r in recs]
+    for key in keys:
+        ax.plot(steps, [r.get(key, math.nan) for r in recs], label=key[len("weight/"):], linewidth=1.2)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("balancer weight")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, out, "weights.png")
+
+
+def plot_losses(out: str | Path) -> Path | None:
+    """``OUT/plots/losses.png`` with raw losses (log scale) and balancer weights vs step, plus
+    :func:`plot_weights`; returns the losses PNG, ``None`` when nothing was logged."""
+    recs = read_log(out)
+    if not recs:
+        return None
+    plt = _pyplot()
     steps = [r["step"] for r in recs]
     fig, (ax_l, ax_w) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for prefix, ax in (("loss/", ax_l), ("weight/", ax_w)):
@@ -83,6 +119,14 @@ def plot_losses(out: str | Path) -> Path | None:
             if prefix == "loss/":
                 ys = [y if y is not None and y > 0 else math.nan for y in ys]
             ax.plot(steps, ys, label=key[len(prefix):], linewidth=1)
+    ax_l.plot(steps, [r.get("total", math.nan) for r in recs], label="total (weighted)", color="black", linewidth=1.5)
+    evals = [r for r in read_log(out, "eval") if "eval/rsum" in r]
+    if evals:  # validation RSUM on a second axis of the loss panel
+        ax_v = ax_l.twinx()
+        ax_v.plot([r["step"] for r in evals], [r["eval/rsum"] for r in evals], "o-", color="tab:red",
+                  label="validation RSUM")
+        ax_v.set_ylabel("validation RSUM", color="tab:red")
+        ax_v.legend(fontsize=7, loc="upper right")
     ax_l.set_yscale("log")
     ax_l.set_ylabel("raw loss")
     ax_w.set_ylabel("balancer weight")
@@ -91,9 +135,6 @@ def plot_losses(out: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
-    path = Path(out) / "plots" / "losses.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = _save(fig, out, "losses.png")
+    plot_weights(out)
     return path

@@ -26,13 +26,14 @@ from torch.utils.data import DataLoader
 
 from distill import dist as D
 from distill.cache import TeacherCache
-from distill.checkpoint import find_resume, load_checkpoint, save_checkpoint, set_rng_state
-from distill.config import presets, resolve_config, save_config
+from distill.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint, set_rng_state
+from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
 from distill.determinism import enable_determinism
 from distill.distiller import Distiller, build_distiller, loss_dims
+from distill.pixels import student_pixels
 from distill.train_data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, TrainBatch, check_alignment
-from distill.train_log import TrainLogger, plot_losses
+from distill.train_log import TrainLogger, plot_losses, read_log
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +134,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     student_kw = {k: v for k, v in cfg["student"].items() if k != "name"}
     student = build_student(cfg["student"]["name"], **student_kw)
     distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"],
-                                train["warmup_stage"]).to(info.device)
+                                train["warmup_stage"], train["embed_projection"]).to(info.device)
     _student_runtime(student, train, info)
     model: nn.Module = distiller
     if info.enabled:
@@ -141,11 +142,18 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                                         find_unused_parameters=bool(train["find_unused_parameters"]),
                                         forward_sync_buffers=False)
 
-    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]))
+    trainset = DistillTrainSet(dataset, cache, student.image_transform(), cfg["seed"], bool(data["use_views"]),
+                               data["pixels"])
+    if info.is_main and trainset.pixel_source != "decode":
+        print(f"distill: student pixels read from the cache ({trainset.pixel_source}, {cache.pixel_size} px)", flush=True)
+    if len(trainset) < train["batch_size"]:
+        raise ConfigError(f"train.batch_size {train['batch_size']} is larger than the {len(trainset)} training images; "
+                          f"pass --batch-size {len(trainset)} or less (--preset gpu's batch of 256 is meant for GPUs "
+                          "and large datasets; use --preset cpu on small data)")
     sampler = GlobalBatchSampler(len(trainset), train["batch_size"], cfg["seed"], info.rank, info.world_size)
     workers = int(data["num_workers"])
     loader = DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=TeacherCollate(cache),
+                        collate_fn=TeacherCollate(cache, "auto" if trainset.num_views > 1 else "full"),
                         pin_memory=info.device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     total = train["steps"]
@@ -157,7 +165,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
                          f"number of optimizer steps ({total})")
 
     optimizer = make_optimizer(distiller, train)
-    warmup, min_ratio = int(train["warmup_steps"]), float(train["min_lr_ratio"])
+    warmup, min_ratio = warmup_steps(train["warmup_steps"], total), float(train["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, min_ratio))
     if train["precision"] == "fp16" and info.device.type != "cuda":
         raise SystemExit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
@@ -190,33 +198,34 @@ def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, in
 
 
 def _rollback_buffers(distiller: Distiller) -> dict[str, Tensor]:
-    """The buffers a forward/backward may change before the step is known to be finite: the
-    running statistics of the student's BatchNorm layers in training mode, and the buffers of the
-    loss terms and balancers except those a module lists in ``rollback_exempt`` (buffer names it
-    only changes once the step is applied, e.g. GradNorm's weights in ``end_step``). Other student
-    buffers are constants, frozen (eval-mode) BatchNorm statistics included."""
+    """The part of :meth:`Distiller.rollback_buffers` a skipped step can have changed: of the
+    student's buffers only the running statistics of BatchNorm layers in training mode (the others
+    are constants, frozen eval-mode statistics included), and none that its module lists in
+    ``rollback_exempt`` (buffer names it only changes once the step is applied, e.g. GradNorm's
+    weights in ``end_step``)."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
+    modules = dict(distiller.named_modules())
     out: dict[str, Tensor] = {}
-    for mod_name, m in distiller.named_modules():
-        if mod_name == "student" or mod_name.startswith("student."):
-            if not (isinstance(m, _BatchNorm) and m.training):
-                continue
-        exempt = set(getattr(m, "rollback_exempt", ()))
-        for name, b in m.named_buffers(recurse=False):
-            if name not in exempt:
-                out[f"{mod_name}.{name}" if mod_name else name] = b
+    for name, b in distiller.rollback_buffers().items():
+        owner, _, leaf = name.rpartition(".")
+        m = modules[owner]
+        if (owner == "student" or owner.startswith("student.")) and not (isinstance(m, _BatchNorm) and m.training):
+            continue
+        if leaf not in getattr(m, "rollback_exempt", ()):
+            out[name] = b
     return out
 
 
 def _state_snapshot(distiller: Distiller) -> dict[str, Tensor]:
     """Copy of :func:`_rollback_buffers` to undo a skipped step; parameters need no copy, since a
-    skipped step never reaches the optimizer."""
+    skipped step never reaches the optimizer, nor the teacher queue, which only changes at
+    ``commit_queues`` after the step."""
     return {name: b.clone() for name, b in _rollback_buffers(distiller).items()}
 
 
 def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
-    buffers = dict(distiller.named_buffers())
+    buffers = distiller.rollback_buffers()
     with torch.no_grad():
         for name, value in snap.items():
             buffers[name].copy_(value)
@@ -259,14 +268,15 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     for micro in range(accum):
         epoch, position, batch = next(batches)
         batch = batch.to(device)
-        if train["channels_last"]:
-            batch.pixels = batch.pixels.contiguous(memory_format=torch.channels_last)
         text = {k: v.to(device) for k, v in run.student.tokenize(batch.texts).items()}
+        pixels = student_pixels(batch, run.student, device)
+        if train["channels_last"]:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         sync = run.model.no_sync() if isinstance(run.model, DistributedDataParallel) and micro < accum - 1 \
             else contextlib.nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = run.model(batch.pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
+                out = run.model(pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
             run.scaler.scale(out.total / accum).backward()
         total_sum = total_sum + out.total.detach().float()
         for name, value in out.losses.items():
@@ -280,8 +290,10 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     applied = _all_finite(torch.isfinite(total_sum) & torch.isfinite(grad_norm))
     if applied:
         run.scaler.step(run.optimizer)
+        run.distiller.commit_queues()
     else:
         run.optimizer.zero_grad(set_to_none=True)
+        run.distiller.discard_pending()
         _restore_snapshot(run.distiller, snap)
     balancer.end_step(applied)
     if run.scaler.is_enabled():
@@ -310,10 +322,18 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
     return metrics
 
 
+def format_eval(step: int, metrics: dict[str, float], total: float | None) -> str:
+    """The console line of one validation: step, RSUM, R@1 both ways and the step's total loss."""
+    loss = f", total loss {total:.4f}" if total is not None else ""
+    return (f"eval step {step}: rsum {metrics['rsum']:.2f} (i2t R@1 {metrics['i2t_R@1']:.2f}, "
+            f"t2i R@1 {metrics['t2i_R@1']:.2f}){loss}")
+
+
 def _checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:
     return {"student": run.student.state_dict(), "student_config": run.student.config(),
             "losses": run.distiller.losses.state_dict(), "balancer": run.distiller.balancer.state_dict(),
-            "warmup_losses": run.distiller.warmup_losses.state_dict(), "config": run.cfg,
+            "warmup_losses": run.distiller.warmup_losses.state_dict(), "shared": run.distiller.shared_state_dict(),
+            "config": run.cfg,
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "sampler": {"epoch": epoch, "position": position},
             "skipped_nonfinite": skipped}
@@ -325,9 +345,17 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
         raise SystemExit(f"error: the checkpoint's student {ckpt['student_config']} differs from the configured "
                          f"student {run.student.config()}")
     run.student.load_state_dict(ckpt["student"])
-    run.distiller.losses.load_state_dict(ckpt["losses"])
+    if "shared" not in ckpt:
+        raise CheckpointError("the checkpoint predates the distiller's shared embedding projections and teacher "
+                              "queue (loss-owned projections/queues); it cannot be resumed by this version: start "
+                              "a new run (the saved student/ weights remain usable)")
+    try:
+        run.distiller.losses.load_state_dict(ckpt["losses"])
+        run.distiller.warmup_losses.load_state_dict(ckpt.get("warmup_losses", {}))
+        run.distiller.load_shared_state_dict(ckpt["shared"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"the checkpoint's loss state does not match the configured losses: {e}") from e
     run.distiller.balancer.load_state_dict(ckpt["balancer"])
-    run.distiller.warmup_losses.load_state_dict(ckpt.get("warmup_losses", {}))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:
@@ -340,11 +368,14 @@ def _init_projections(run: Run, samples: int) -> None:
     from distill.projection_init import init_projections
 
     run.sampler.set_epoch(0, 0)
-    report = init_projections(run.student, run.loader, samples, run.info.device)
+    report = init_projections(run.student, run.loader, samples, run.info.device, projections=run.distiller.projections)
     if run.info.is_main:
         fits = ", ".join(f"{m} cos {r['cos_before']:.3f} -> {r['cos_after']:.3f}"
                          for m, r in report.items() if isinstance(r, dict))
-        print(f"distill: projection heads fitted to the teacher on {report['samples']} samples ({fits})", flush=True)
+        short = (f"; asked for {samples}, but one pass over the training batches holds only {report['samples']}"
+                 if report["samples"] < samples else "")
+        print(f"distill: projection heads fitted to the teacher on {report['samples']} samples ({fits}){short}",
+              flush=True)
 
 
 def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
@@ -407,6 +438,7 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
             metrics = evaluate(run, eval_ds)
             if logger:
                 logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                bar.write(format_eval(step, metrics, float(fields["total"])))
         if step % train_cfg["checkpoint_every"] == 0 or step == run.total_steps:
             if info.is_main:
                 save_checkpoint(out, step, _checkpoint_state(run, epoch, position, skipped), train_cfg["keep_checkpoints"])
@@ -416,6 +448,10 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
         metrics = evaluate(run, eval_ds)
         if logger:
             logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            print(format_eval(step, metrics, last.get("total")), flush=True)
+    reused = not last and step >= run.total_steps
+    if reused:  # resumed a finished run: nothing trained now; report the run's logged final loss
+        last = (read_log(out) or [{}])[-1]
     summary = {"steps": step, "final_total": last.get("total"), "skipped_nonfinite": skipped,
                "seconds": time.time() - started, "student": str(out / "student"), "eval": metrics}
     if info.is_main:
@@ -426,6 +462,9 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
         save_student(run.student, out / "student")
         rsum = f", eval rsum {metrics['rsum']:.2f}" if "rsum" in metrics else ""
         final = f"{summary['final_total']:.4f}" if summary["final_total"] is not None else "n/a"
+        if reused:
+            print(f"distill: {out} already holds a finished run of {step} steps (checkpoint {resume_path}); reused it "
+                  "without training (pass another --out, or a larger --steps, to train more)", flush=True)
         print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{rsum}; "
               f"student saved to {out / 'student'}", flush=True)
     D.barrier()
@@ -435,7 +474,12 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    return train(config_from_args(args), args.resume)
+    cfg = config_from_args(args)
+    cuda = torch.cuda.is_available() if cfg["device"] is None else str(cfg["device"]).startswith("cuda")
+    if args.preset == "gpu" and not cuda:
+        print("warning: --preset gpu is meant for a CUDA GPU (ViT-S/16 at 224 px, batch 256, bf16); on CPU use "
+              "--preset cpu (or lower --batch-size and the student size)", file=sys.stderr)
+    return train(cfg, args.resume)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Loss balancers: dynamic (magnitude x descent rate, EMA), fixed, uncertainty, GradNorm."""
+"""Loss balancers: dynamic (scale-invariant, rate-driven, floors/cap), dsmd (the released DSMD formula),
+fixed, uncertainty, GradNorm."""
 from __future__ import annotations
 
 import math
@@ -20,20 +21,20 @@ def np_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def test_registry():
-    assert BALANCERS.names() == ["dynamic", "fixed", "gradnorm", "uncertainty"]
+    assert BALANCERS.names() == ["dsmd", "dynamic", "fixed", "gradnorm", "uncertainty"]
 
 
-# ---------------------------------------------------------------- dynamic
-def test_dynamic_magnitude_normalisation_first_step():
-    bal = build_balancer("dynamic", ["a", "b"])
+# ---------------------------------------------------------------- dsmd (the former dynamic)
+def test_dsmd_magnitude_normalisation_first_step():
+    bal = build_balancer("dsmd", ["a", "b"])
     total, w = bal(L(a=4.0, b=1.0))
     # m = [1, 4], rates = 1 -> d = [1, 1]; normalised to sum 2 -> [0.4, 1.6]; weighted terms are equal
     assert w["a"] == pytest.approx(0.4) and w["b"] == pytest.approx(1.6)
     assert total.item() == pytest.approx(0.4 * 4 + 1.6 * 1)
 
 
-def test_dynamic_rates_use_raw_losses_and_slower_descent_gets_more_weight():
-    bal = build_balancer("dynamic", ["fast", "slow"], beta=0.0)
+def test_dsmd_rates_use_raw_losses_and_slower_descent_gets_more_weight():
+    bal = build_balancer("dsmd", ["fast", "slow"], beta=0.0)
     # "fast" halves every step, "slow" shrinks by 10%; magnitudes differ by 100x
     for step in range(3):
         rates = bal.descent_rates().tolist()  # the rates this step will use
@@ -51,8 +52,8 @@ def test_dynamic_rates_use_raw_losses_and_slower_descent_gets_more_weight():
     assert w["slow"] > w["fast"]
 
 
-def test_dynamic_combines_magnitude_and_rate():
-    bal = build_balancer("dynamic", ["a", "b"], beta=0.0, temperature=1.0)
+def test_dsmd_combines_magnitude_and_rate():
+    bal = build_balancer("dsmd", ["a", "b"], beta=0.0, temperature=1.0)
     for la, lb in ((8.0, 2.0), (4.0, 1.8)):
         bal(L(a=la, b=lb))
     _, w = bal(L(a=2.0, b=1.0))
@@ -61,15 +62,15 @@ def test_dynamic_combines_magnitude_and_rate():
     assert [w["a"], w["b"]] == pytest.approx((raw * 2 / raw.sum()).tolist())
 
 
-def test_dynamic_ema_smoothing():
-    bal = build_balancer("dynamic", ["a", "b"])  # beta 0.9
+def test_dsmd_ema_smoothing():
+    bal = build_balancer("dsmd", ["a", "b"])  # beta 0.9
     bal(L(a=4.0, b=1.0))  # target [0.4, 1.6] initialises the EMA
     _, w = bal(L(a=1.0, b=1.0))  # target [1, 1] (rates still 1)
     assert [w["a"], w["b"]] == pytest.approx([0.9 * 0.4 + 0.1, 0.9 * 1.6 + 0.1])
 
 
-def test_dynamic_zero_and_nan_losses_get_zero_weight_and_state_stays_finite():
-    bal = build_balancer("dynamic", ["a", "b", "c"])
+def test_dsmd_zero_and_nan_losses_get_zero_weight_and_state_stays_finite():
+    bal = build_balancer("dsmd", ["a", "b", "c"])
     bal(L(a=2.0, b=1.0, c=3.0))
     before = {k: v.clone() for k, v in bal.state_dict().items()}
     total, w = bal(L(a=float("nan"), b=1.0, c=0.0))
@@ -87,25 +88,242 @@ def test_dynamic_zero_and_nan_losses_get_zero_weight_and_state_stays_finite():
     assert all(math.isfinite(v) and v > 0 for v in w.values())
 
 
-def test_dynamic_min_max_clamp():
-    bal = build_balancer("dynamic", ["a", "b"], min_weight=0.5, max_weight=1.2)
+def test_dsmd_min_max_clamp():
+    bal = build_balancer("dsmd", ["a", "b"], min_weight=0.5, max_weight=1.2)
     _, w = bal(L(a=4.0, b=1.0))  # unclamped [0.4, 1.6]
     assert (w["a"], w["b"]) == (0.5, 1.2)
 
 
-def test_dynamic_state_dict_round_trip_gives_identical_next_weights():
-    bal = build_balancer("dynamic", ["a", "b", "c"])
+def test_dsmd_state_dict_round_trip_gives_identical_next_weights():
+    bal = build_balancer("dsmd", ["a", "b", "c"])
     for step in range(4):
         bal(L(a=3.0 / (step + 1), b=1.0 + 0.1 * step, c=0.5 * 0.8**step))
-    restored = build_balancer("dynamic", ["a", "b", "c"])
+    restored = build_balancer("dsmd", ["a", "b", "c"])
     restored.load_state_dict(bal.state_dict())
     nxt = L(a=0.7, b=1.3, c=0.2)
     assert bal(nxt)[1] == restored(nxt)[1]
 
 
-def test_balancer_rejects_unknown_terms():
+@pytest.mark.parametrize("name", ["dynamic", "dsmd"])
+def test_balancer_rejects_unknown_terms(name):
     with pytest.raises(KeyError, match="missing \\['b'\\]"):
-        build_balancer("dynamic", ["a", "b"])(L(a=1.0))
+        build_balancer(name, ["a", "b"])(L(a=1.0))
+
+
+# ---------------------------------------------------------------- dynamic
+RETRIEVAL = ["contrastive_distill", "student_clip"]
+
+
+def np_dynamic_weights(history: np.ndarray, temperature: float = 0.5, beta_fast: float = 0.9,
+                       beta_slow: float = 0.99) -> np.ndarray:
+    """Oracle for the weights after feeding the rows of ``history`` [steps, K] (all valid, no active
+    floor or cap): bias-corrected fast/slow EMAs of log L, r = exp(fast - slow), w = K * softmax(r / T)."""
+    n, history = len(history), np.log(history)
+    fast = sum((1 - beta_fast) * beta_fast ** (n - 1 - t) * history[t] for t in range(n)) / (1 - beta_fast**n)
+    slow = sum((1 - beta_slow) * beta_slow ** (n - 1 - t) * history[t] for t in range(n)) / (1 - beta_slow**n)
+    return history.shape[1] * np_softmax(np.exp(fast - slow) / temperature)
+
+
+def test_dynamic_warmup_uses_priors_and_normalises_by_the_reference():
+    bal = build_balancer("dynamic", ["a", "b", "c"], ref_steps=3, priors={"a": 2.0})
+    losses = L(a=8.0, b=0.5, c=2.0)
+    total, w = bal(losses)
+    assert [w["a"], w["b"], w["c"]] == pytest.approx([1.5, 0.75, 0.75])  # priors [2, 1, 1], mean 1
+    assert total.item() == pytest.approx(3.0)  # every term is at its reference on the first step
+    total.backward()
+    # the raw loss is multiplied by w_i / ref_i
+    assert [losses[k].grad.item() for k in "abc"] == pytest.approx([1.5 / 8.0, 0.75 / 0.5, 0.75 / 2.0])
+    for a in (4.0, 6.0):
+        _, w = bal(L(a=a, b=0.5, c=2.0))
+        assert [w["a"], w["b"], w["c"]] == pytest.approx([1.5, 0.75, 0.75])  # still warming up
+    assert bal.references().tolist() == pytest.approx([6.0, 0.5, 2.0])  # mean of the first 3 values
+    bal(L(a=100.0, b=9.0, c=9.0))
+    assert bal.references().tolist() == pytest.approx([6.0, 0.5, 2.0])  # frozen after ref_steps
+
+
+def test_dynamic_weights_are_the_rate_softmax():
+    rng = np.random.default_rng(0)
+    steps = np.arange(40)
+    history = np.stack([3.0 * 0.97**steps, 0.2 + 0.0 * steps, 1.0 / (1 + 0.1 * steps)], axis=1)
+    history *= 1 + 0.05 * rng.standard_normal(history.shape)
+    bal = build_balancer("dynamic", ["a", "b", "c"], cap=math.inf)  # no floors on these names
+    for row in history:
+        total, w = bal(L(a=row[0], b=row[1], c=row[2]))
+    expected = np_dynamic_weights(history)
+    assert [w["a"], w["b"], w["c"]] == pytest.approx(expected.tolist(), rel=1e-9)
+    refs = history[:20].mean(axis=0)
+    assert total.item() == pytest.approx(float((expected * history[-1] / refs).sum()), rel=1e-6)
+    assert w["b"] == max(w.values())  # the flat term
+
+
+def test_dynamic_plateaued_term_gains_weight():
+    rng = np.random.default_rng(1)
+    bal = build_balancer("dynamic", ["steady", "stalls"])
+    trace = []
+    for t in range(400):
+        noise = 1 + 0.05 * rng.standard_normal(2)
+        stalls = 0.97 ** min(t, 100)  # descends like "steady" (~10x faster at first), then plateaus
+        _, w = bal(L(steady=2.0 * 0.995**t * noise[0], stalls=5.0 * stalls * noise[1]))
+        trace.append(w["stalls"])
+    assert max(trace[60:100]) < 0.7  # while it descends faster than "steady" it gets less weight
+    assert min(trace[250:]) > 1.0  # once plateaued it gets more than the still descending term
+    assert trace[399] > 1.2 and trace[399] > trace[99] * 2
+
+
+def test_dynamic_scale_invariance():
+    """Multiplying one loss by 100 changes neither the weights nor the gradient of the total."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -0.5, 2.0]))
+    names = ["contrastive_distill", "feature_l1", "triplet"]
+    plain, scaled = build_balancer("dynamic", names), build_balancer("dynamic", names)
+    rng = np.random.default_rng(2)
+    for t in range(80):
+        point = torch.tensor([1.0, -0.5, 2.0]) * 0.98**t + torch.from_numpy(0.05 * rng.standard_normal(3)).float()
+        with torch.no_grad():
+            theta.copy_(point)
+        terms = {"contrastive_distill": (theta**2).sum() + 1.0, "feature_l1": theta.abs().sum(),
+                 "triplet": torch.relu(theta[0] - theta[1] + 0.5)}
+        grads, weights = [], []
+        for bal, factor in ((plain, 1.0), (scaled, 100.0)):
+            losses = dict(terms, feature_l1=terms["feature_l1"] * factor)
+            total, w = bal(losses)
+            (g,) = torch.autograd.grad(total, [theta], retain_graph=True)
+            grads.append(g)
+            weights.append(w)
+        assert weights[1] == pytest.approx(weights[0], rel=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_dynamic_term_heading_to_zero_does_not_take_the_budget():
+    rng = np.random.default_rng(3)
+    names = RETRIEVAL + ["feature_l1", "triplet"]
+    bal, old = build_balancer("dynamic", names), build_balancer("dsmd", names)
+    shares = []
+    for t in range(600):
+        noise = 1 + 0.05 * rng.standard_normal(4)
+        losses = {"contrastive_distill": 6.0 * (0.3 + 0.7 * 0.995**t) * noise[0],
+                  "student_clip": 4.0 * (0.4 + 0.6 * 0.997**t) * noise[1],
+                  "feature_l1": 0.5 * 0.98**t * noise[2],  # heading to zero
+                  # a hinge: heads to zero, then sits near it (exact zeros on some steps)
+                  "triplet": max(0.2 * 0.97**t * noise[3] - 1e-4 * (t > 300) * (rng.random() < 0.5), 0.0)}
+        total, w = bal(L(**losses))
+        _, w_old = old(L(**losses))
+        valid = [n for n in names if losses[n] > 0]
+        assert all(w[n] <= 3.0 + 1e-12 for n in names)
+        assert all(w[n] >= 0.5 - 1e-12 for n in RETRIEVAL)
+        assert sum(w[n] for n in valid) == pytest.approx(len(valid))
+        refs = dict(zip(names, bal.references().tolist()))
+        terms = {n: w[n] * losses[n] / refs[n] for n in names}
+        assert total.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+        shares.append(terms["feature_l1"] / sum(terms.values()))
+    # the vanishing term's share of the weighted total shrinks instead of growing ...
+    assert shares[-1] < 1e-3 and max(shares[100:]) < shares[25]
+    # ... whereas dsmd (weights ~ 1 / L) hands it the largest weight
+    assert w_old["feature_l1"] > 100 * w_old["contrastive_distill"]
+
+
+def test_dynamic_floors_and_cap_are_respected_exactly():
+    bal = build_balancer("dynamic", ["a", "b", "c"], priors={"a": 100.0}, cap=2.0, floors={"b": 0.8})
+    _, w = bal(L(a=1.0, b=1.0, c=1.0))
+    # raw [100, 1, 1] on a budget of 3: a capped at 2, the remaining 1 split equally would give b 0.5 < 0.8
+    assert [w["a"], w["b"], w["c"]] == pytest.approx([2.0, 0.8, 0.2])
+    # a skipped term frees its share of the budget: K' = 2
+    _, w = bal(L(a=1.0, b=float("nan"), c=1.0))
+    assert [w["a"], w["b"], w["c"]] == pytest.approx([200 / 101, 0.0, 2 / 101])  # a below the cap now
+    _, w = bal(L(a=float("nan"), b=1.0, c=1.0))
+    assert [w["a"], w["b"], w["c"]] == pytest.approx([0.0, 1.0, 1.0])
+
+
+def test_dynamic_default_floors_on_the_retrieval_terms():
+    assert build_balancer("dynamic", RETRIEVAL + ["x"]).floors == [0.5, 0.5, 0.0]
+    assert build_balancer("dynamic", ["x", "student_clip"], floors={"student_clip": 0.0}).floors == [0.0, 0.0]
+    assert build_balancer("dynamic", RETRIEVAL, floors={"student_clip": 0.9}).floors == [0.5, 0.9]
+    assert build_balancer("dynamic", ["x", "y"]).floors == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fit_to_budget_matches_bisection(seed):
+    from distill.balance.dynamic import fit_to_budget
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 8))
+    raw = np.exp(rng.normal(0, 3, k))
+    lo = np.where(rng.random(k) < 0.5, rng.uniform(0, 1.0, k), 0.0)
+    hi = np.maximum(np.where(rng.random(k) < 0.5, rng.uniform(1.0, 3.0, k), k), lo)
+    w = np.array(fit_to_budget(raw.tolist(), lo.tolist(), hi.tolist(), float(k)))
+    a, b = 0.0, 1e30
+    for _ in range(3000):
+        mid = (a + b) / 2
+        a, b = (mid, b) if np.clip(mid * raw, lo, hi).sum() < k else (a, mid)
+    assert w.sum() == pytest.approx(k) and (w >= lo - 1e-12).all() and (w <= hi + 1e-12).all()
+    np.testing.assert_allclose(w, np.clip(b * raw, lo, hi), rtol=1e-9, atol=1e-12)
+
+
+def test_dynamic_zero_and_nan_losses_get_zero_weight_and_leave_state_untouched():
+    bal = build_balancer("dynamic", ["a", "b", "c"], ref_steps=5)
+    for _ in range(3):
+        bal(L(a=2.0, b=1.0, c=3.0))
+    before = {k: v.clone() for k, v in bal.state_dict().items()}
+    total, w = bal(L(a=float("nan"), b=0.5, c=0.0))
+    assert w["a"] == 0.0 and w["c"] == 0.0 and w["b"] == 1.0  # the one valid term gets the whole budget
+    assert total.item() == pytest.approx(0.5 / 0.875)  # 1 * 0.5 / ref mean(1, 1, 1, 0.5)
+    total.backward()
+    for name, old in before.items():
+        new = bal.state_dict()[name]
+        assert torch.isfinite(new).all()
+        assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
+    total, w = bal(L(a=float("inf"), b=float("nan"), c=-1.0))
+    assert all(v == 0.0 for v in w.values()) and total.item() == 0.0
+    total.backward()
+    _, w = bal(L(a=2.0, b=1.0, c=3.0))
+    assert all(math.isfinite(v) and v > 0 for v in w.values())
+
+
+def test_dynamic_state_dict_round_trip_gives_identical_next_weights():
+    rng = np.random.default_rng(4)
+    names = RETRIEVAL + ["feature_l1"]
+    bal = build_balancer("dynamic", names, ref_steps=5)
+    for step in range(30):
+        v = (1 + 0.1 * rng.standard_normal(3)) * np.array([3.0 / (step + 1), 1.0 + 0.1 * step, 0.5 * 0.8**step])
+        bal(L(**dict(zip(names, v.tolist()))))
+    state = bal.state_dict()
+    assert all(t.dtype == torch.float64 for t in state.values())
+    restored = build_balancer("dynamic", names, ref_steps=5)
+    restored.load_state_dict(state)
+    for v in ((0.7, 1.3, 0.2), (0.6, 1.2, 0.1)):
+        nxt = L(**dict(zip(names, v)))
+        (t1, w1), (t2, w2) = bal(nxt), restored(nxt)
+        assert w1 == w2 and t1.item() == t2.item()
+
+
+def test_dynamic_refuses_a_dsmd_state_with_a_clear_error():
+    from distill.checkpoint import CheckpointError
+
+    old = build_balancer("dsmd", ["a", "b"])
+    old(L(a=1.0, b=2.0))
+    with pytest.raises(CheckpointError, match="balancer.name=dsmd"):
+        build_balancer("dynamic", ["a", "b"]).load_state_dict(old.state_dict())
+
+
+@pytest.mark.parametrize("cfg, key", [
+    ({"floors": {"student_clip": -0.1}}, "floors.student_clip"),
+    ({"floors": {"nope": 0.5}}, "floors.nope"),
+    ({"floors": {"student_clip": 2.0}, "cap": 1.5}, "floors.student_clip"),
+    ({"floors": {"student_clip": 2.0, "triplet": 1.5}}, "floors add up"),
+    ({"floors": [0.5]}, "floors"),
+    ({"priors": {"triplet": 0}}, "priors.triplet"),
+    ({"priors": {"zzz": 1.0}}, "priors.zzz"),
+    ({"cap": 0.5}, "cap"),
+    ({"cap": "3"}, "cap"),
+    ({"temperature": 0}, "temperature"),
+    ({"beta_fast": 1.0}, "beta_fast"),
+    ({"beta_fast": 0.99, "beta_slow": 0.9}, "beta_slow"),
+    ({"ref_steps": 0}, "ref_steps"),
+    ({"ref_steps": 2.5}, "ref_steps"),
+    ({"min_weight": 0.1}, "min_weight"),
+])
+def test_dynamic_bad_config_names_the_key(cfg, key):
+    with pytest.raises(ValueError, match=f"balancer.cfg.{key}" if "add up" not in key else key):
+        build_balancer("dynamic", ["student_clip", "triplet"], **cfg)
 
 
 # ---------------------------------------------------------------- fixed / uncertainty
@@ -179,3 +397,31 @@ def test_gradnorm_state_round_trip_nan_term_and_requires_params():
     assert w["small"] == 0.0 and torch.isfinite(total) and torch.isfinite(bal.weights).all()
     with pytest.raises(ValueError, match="shared_params"):
         bal(toy_losses(shared))
+
+
+# ---------------------------------------------------------------- weight trajectories plot
+def test_weights_png_from_the_train_log(tmp_path):
+    from PIL import Image
+
+    from distill.train_log import TrainLogger, plot_losses, plot_weights
+
+    log = TrainLogger(tmp_path, tensorboard=False)
+    log.log({"kind": "train", "step": 1, "loss/a": 2.0})
+    log.close()
+    assert plot_weights(tmp_path) is None  # no weights logged
+    log = TrainLogger(tmp_path, tensorboard=False)
+    bal = build_balancer("dynamic", ["student_clip", "feature_l1"], ref_steps=2)
+    for step in range(1, 30):
+        losses = {"student_clip": 3.0, "feature_l1": 0.5 * 0.9**step}
+        _, w = bal(L(**losses))
+        log.log({"kind": "train", "step": step, **{f"loss/{k}": v for k, v in losses.items()},
+                 **{f"weight/{k}": v for k, v in w.items()}})
+    log.close()
+    assert plot_losses(tmp_path) == tmp_path / "plots" / "losses.png"
+    png = tmp_path / "plots" / "weights.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size == (800, 450)
+        # the two weight lines are drawn in colour (the axes, grid and dashed mean line are grey)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+        assert (np.ptp(rgb, axis=2) > 80).sum() > 500

@@ -1,4 +1,5 @@
-"""Exporting students: open_clip ``local-dir:`` round trip and the ``students.export`` CLI."""
+"""Exporting students: open_clip ``local-dir:`` round trip, ONNX and Hugging Face ``CLIPModel``
+exports with parity checks on the bundled sample, and the ``students.export`` CLI."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def test_open_clip_local_dir_round_trip(vit, tmp_path: Path):
 
 def test_export_of_pruned_student_points_to_save_student(tmp_path: Path):
     pruned = build_student("pruned", teacher="prunetoy:0", image_layers=1, text_layers=1, embed_dim=8)
-    with pytest.raises(TypeError, match=r"'pruned' student is not an open_clip architecture.*save_student"):
+    with pytest.raises(TypeError, match=r"'pruned' student is not an open_clip architecture.*only 'vit'.*--format onnx"):
         export_open_clip(pruned, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -77,5 +78,99 @@ def test_cli_plugin_and_pruned_safetensors(tmp_path: Path):
     main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "p"), "--format", "safetensors",
           "--plugin", "tests.test_students"])
     assert load_student(tmp_path / "p").config() == pruned.config()
-    with pytest.raises(TypeError, match="save_student"):
+    # the default format (open_clip) on a pruned student: one clear line, no traceback, nothing written
+    with pytest.raises(SystemExit, match=r"^error: the 'pruned' student is not an open_clip architecture.*--format onnx"):
         main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "q")])
+    with pytest.raises(SystemExit, match=r"^error: the 'pruned' student has no Hugging Face CLIPModel equivalent"):
+        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "q"), "--format", "hf"])
+    assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------- ONNX / Hugging Face exports
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
+LONG = " ".join(["a very long caption about a dog"] * 20)  # truncated to the context length
+
+
+def _sample(student, n: int = 5) -> tuple[torch.Tensor, list[str]]:
+    """``n`` bundled sample images preprocessed for ``student`` and one caption each (plus a long one)."""
+    from distill.data import load_dataset
+
+    data = load_dataset(SAMPLE, "test").subset(range(n))
+    tf = student.image_transform()
+    return torch.stack([tf(data.load_image(i)) for i in range(n)]), [data.captions_of(i)[0] for i in range(n)] + [LONG]
+
+
+def _check_onnx(student, out: Path) -> None:
+    from students.export_onnx import export_onnx, onnx_parity
+
+    export_onnx(student, out)
+    meta = json.loads((out / "onnx_export.json").read_text())
+    assert meta["config"] == student.config() and meta["image_encoder"]["inputs"] == ["pixels"]
+    pixels, captions = _sample(student)  # batch 5/6: the files were traced at batch 2 (dynamic axis)
+    parity = onnx_parity(student, out, pixels, captions)
+    assert parity["image"] >= 0.9999 and parity["text"] >= 0.9999, parity
+
+
+def test_onnx_vit_parity_on_sample(vit, tmp_path: Path):
+    _check_onnx(vit, tmp_path / "onnx")
+    assert json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())["text_encoder"]["inputs"] == ["input_ids"]
+
+
+def test_onnx_pruned_parity_on_sample(tmp_path: Path):
+    torch.manual_seed(0)
+    pruned = build_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8).eval()
+    _check_onnx(pruned, tmp_path / "onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mwa", "pmf"])
+def test_onnx_tuned_parity_on_sample(name, tmp_path: Path):
+    from teachers.lit import LiTConfig, LiTTeacher
+
+    LiTTeacher(LiTConfig(image_size=64, embed_dim=32, seed=3)).save(tmp_path / "lit")
+    student = build_student(name, teacher=f"lit:{tmp_path / 'lit'}").eval()
+    with torch.no_grad():  # non-zero adapters / prompt outputs so the new modules are exercised
+        for n, p in student.named_parameters():
+            if p.requires_grad and ("up." in n or "image_out" in n):
+                p.normal_(0, 0.05)
+    _check_onnx(student, tmp_path / "onnx")
+
+
+def test_hf_clipmodel_offline_parity_on_sample(vit, tmp_path: Path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from students.export_hf import export_hf, hf_parity
+
+    out = export_hf(vit, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["hidden_act"] == cfg["vision_config"]["hidden_act"] == "gelu"
+    assert cfg["projection_dim"] == 16 and cfg["text_config"]["eos_token_id"] == 49407
+    model = CLIPModel.from_pretrained(str(out), local_files_only=True)
+    assert model.logit_scale.item() == pytest.approx(2.5)
+    pixels, captions = _sample(vit)
+    tok = CLIPTokenizer.from_pretrained(str(out), local_files_only=True)
+    ids = tok(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, vit.tokenize(captions)["input_ids"])  # same ids, pad 0, EOT kept when truncated
+    parity = hf_parity(vit, out, pixels, captions)
+    assert parity["image"] >= 0.9999 and parity["text"] >= 0.9999, parity
+
+
+def test_hf_refuses_a_non_causal_text_tower(tmp_path: Path):
+    from students.export_hf import HFExportError, export_hf
+
+    student = build_student("vit", **{**TINY, "causal_text": False})
+    with pytest.raises(HFExportError, match="not causal.*--format onnx"):
+        export_hf(student, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_onnx_and_hf_report_parity(vit, tmp_path: Path, capsys):
+    ckpt = tmp_path / "last.pt"
+    torch.save({"student_config": vit.config(), "student": vit.state_dict()}, ckpt)
+    for fmt, files in (("onnx", ["image_encoder.onnx", "text_encoder.onnx"]), ("hf", ["config.json", "model.safetensors"])):
+        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / fmt), "--format", fmt])
+        out = capsys.readouterr().out
+        assert f"wrote {fmt} export of the 'vit' student" in out
+        image, text = (float(x.rstrip(",")) for x in out.split("image ")[1].split(", text "))
+        assert image >= 0.9999 and text >= 0.9999
+        assert all((tmp_path / fmt / f).is_file() for f in files)

@@ -9,6 +9,9 @@ import torch
 
 from distill.features import ImageFeatures, TextFeatures
 from distill.losses import LOSSES, DistillBatch, Dims, TeacherBatch, build_loss
+from distill.losses.projection import EmbedProjections
+from distill.losses.queue import TeacherQueue
+from tests.test_train import tiny  # noqa: F401  (module fixture)
 
 RNG = np.random.default_rng(0)
 
@@ -68,20 +71,30 @@ def test_cosine_hand_value():
     assert build_loss("cosine", dims())(b).item() == pytest.approx(1 - 1.25 / 2)
 
 
-def test_projection_created_only_when_dims_differ():
-    same = build_loss("feature_l1", dims(4, 4))
-    assert same.proj.linear is None and len(list(same.parameters())) == 0
-    loss = build_loss("cosine", dims(3, 2))
-    assert tuple(loss.proj.linear.weight.shape) == (2, 3)
-    w = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+def test_shared_projections_identity_or_linear_and_used_by_every_embedding_loss():
+    same = EmbedProjections(4, 4)
+    assert same.linear_maps() == {} and len(list(same.parameters())) == 0
+    assert set(EmbedProjections(4, 4, "linear").linear_maps()) == {"image", "text"}
+    proj = EmbedProjections(3, 2)
+    assert tuple(proj.image.linear.weight.shape) == (2, 3) and proj.image.linear is not proj.text.linear
+    w_img, w_txt = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]), np.array([[0.0, 1.0, 0.0], [1.0, 0.0, -1.0]])
     with torch.no_grad():
-        loss.proj.linear.weight.copy_(t(w))
+        proj.image.linear.weight.copy_(t(w_img))
+        proj.text.linear.weight.copy_(t(w_txt))
     s_img, s_txt, t_img, t_txt = rand_unit(2, 3), rand_unit(2, 3), rand_unit(2, 2), rand_unit(2, 2)
-    cos = np.concatenate([(unit(s_img @ w.T) * t_img).sum(1), (unit(s_txt @ w.T) * t_txt).sum(1)])
-    got = loss(make_batch(s_img, s_txt, t_img, t_txt))
+    p_img, p_txt = unit(s_img @ w_img.T), unit(s_txt @ w_txt.T)
+    cos = np.concatenate([(p_img * t_img).sum(1), (p_txt * t_txt).sum(1)])
+    b = make_batch(s_img, s_txt, t_img, t_txt)
+    with pytest.raises(ValueError, match="cosine: the student embedding \\(3\\) and the teacher's \\(2\\)"):
+        build_loss("cosine", dims(3, 2))(b)
+    got = build_loss("cosine", dims(3, 2))(proj.attach(b))
     assert got.item() == pytest.approx(1 - (cos.mean() + 1) / 2, abs=1e-6)
-    got.backward()
-    assert loss.proj.linear.weight.grad is not None
+    l1 = build_loss("feature_l1", dims(3, 2))(proj.attach(b))
+    assert l1.item() == pytest.approx((np.abs(p_img - t_img).mean() + np.abs(p_txt - t_txt).mean()) / 2, abs=1e-6)
+    (got + l1).backward()
+    assert proj.image.linear.weight.grad.abs().sum() > 0 and proj.text.linear.weight.grad.abs().sum() > 0
+    for name in ("contrastive_distill", "feature_l1", "cosine", "deep_mse"):  # no loss owns a projection any more
+        assert len(list(build_loss(name, dims(3, 2)).parameters())) == 0, name
 
 
 def test_deep_mse_final_and_intermediate():
@@ -102,60 +115,143 @@ def test_deep_mse_final_and_intermediate():
 
 
 # ---------------------------------------------------------------- contrastive distillation + queue
+def queued(b: DistillBatch, queue: TeacherQueue) -> DistillBatch:
+    b.queue = queue.view()
+    return b
+
+
+def step_and_commit(loss, b: DistillBatch, queue: TeacherQueue) -> torch.Tensor:
+    """One training step's queue protocol: forward on the queue, push, (backward), commit."""
+    out = loss(queued(b, queue))
+    queue.push(b.teacher.img_embed, b.teacher.txt_embed, b.image_ids)
+    queue.commit()
+    return out
+
+
 def test_contrastive_distill_in_batch_then_queue_negatives():
     tau = 0.5
-    loss = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"])
+    loss = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"],
+                      multi_positive=False)
+    queue = TeacherQueue(8, 2)
     s1, t1_img, t1_txt = rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2)
     b1 = make_batch(s1, rand_unit(2, 2), t1_img, t1_txt, ids=[0, 1])
-    assert loss(b1).item() == pytest.approx(np_ce(s1 @ t1_txt.T / tau, np.array([0, 1])), abs=1e-5)
+    assert step_and_commit(loss, b1, queue).item() == pytest.approx(np_ce(s1 @ t1_txt.T / tau, np.array([0, 1])), abs=1e-5)
     # the teacher text embeddings of batch 1 are now negatives (ids 0, 1); batch 2 has ids 1, 2 so the
     # queued id-1 entry is a false negative for row 0 and is dropped from its denominator
     s2, t2_txt = rand_unit(2, 2), rand_unit(2, 2)
     b2 = make_batch(s2, rand_unit(2, 2), rand_unit(2, 2), t2_txt, ids=[1, 2])
     logits = np.concatenate([s2 @ t2_txt.T, s2 @ t1_txt.T], axis=1) / tau
     logits[0, 3] = -np.inf
-    assert loss(b2).item() == pytest.approx(np_ce(logits, np.array([0, 1])), abs=1e-5)
+    assert loss(queued(b2, queue)).item() == pytest.approx(np_ce(logits, np.array([0, 1])), abs=1e-5)
+    # multi-positive: the queued caption of image 1 is a second positive of row 0
+    multi = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"])
+    logits[0, 3] = (s2[0] @ t1_txt[1]) / tau
+    lse = np.log(np.exp(logits).sum(1))
+    expected = np.mean([lse[0] - np.log(np.exp(logits[0, [0, 3]]).sum()), lse[1] - logits[1, 1]])
+    assert multi(queued(b2, queue)).item() == pytest.approx(expected, abs=1e-5)
+    # the forward read the queue in place, without changing it
+    assert queue.ids.tolist() == [0, 1, -1, -1, -1, -1, -1, -1] and queue.pending_rows() == 0
 
 
 def test_contrastive_distill_all_terms_and_in_batch_false_negatives():
     tau = 0.05
-    loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau)
     s_img, s_txt, t_img, t_txt = (rand_unit(3, 2) for _ in range(4))
     ids = np.array([7, 7, 9])
-    fn = (ids[:, None] == ids[None, :]) & ~np.eye(3, dtype=bool)
-    expected = []
+    same = ids[:, None] == ids[None, :]
+    fn = same & ~np.eye(3, dtype=bool)
+    masked, multi = [], []
     for a, b in ((s_img, t_img), (s_txt, t_txt), (s_img, t_txt), (s_txt, t_img)):
         lg = a @ b.T / tau
+        lse = np.log(np.exp(lg - lg.max()).sum(1)) + lg.max()
+        multi.append(np.mean([lse[i] - (np.log(np.exp(lg[i, same[i]] - lg.max()).sum()) + lg.max()) for i in range(3)]))
         lg[fn] = -np.inf
-        expected.append(np_ce(lg, np.arange(3)))
-    got = loss(make_batch(s_img, s_txt, t_img, t_txt, ids=ids.tolist()))
-    assert got.item() == pytest.approx(np.mean(expected), rel=1e-5)
+        masked.append(np_ce(lg, np.arange(3)))
+    b = make_batch(s_img, s_txt, t_img, t_txt, ids=ids.tolist())
+    got = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, multi_positive=False)(b)
+    assert got.item() == pytest.approx(np.mean(masked), rel=1e-5)
+    got = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau)(b)
+    assert got.item() == pytest.approx(np.mean(multi), rel=1e-5)
 
 
-def test_queue_fifo_wraparound_and_checkpoint():
-    loss = build_loss("contrastive_distill", dims(), queue_size=5)
+def test_contrastive_distill_text_targets():
+    tau = 0.1
+    s_img, s_txt, t_img, t_cap, t_mean = (rand_unit(3, 2) for _ in range(5))
+    b = make_batch(s_img, s_txt, t_img, t_cap, txt_embed_mean=t(t_mean))
+
+    def ce(a, tgt):
+        return np_ce(a @ tgt.T / tau, np.arange(3))
+
+    for target, img_txt, txt_txt in (("caption", t_cap, t_cap), ("caption_mean", t_mean, t_mean), ("both", t_mean, t_cap)):
+        loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt", "txt_txt"],
+                          text_target=target)
+        assert loss(b).item() == pytest.approx((ce(s_img, img_txt) + ce(s_txt, txt_txt)) / 2, rel=1e-5), target
+    # without a caption mean in the batch (a teacher run online) the caption is the target
+    no_mean = make_batch(s_img, s_txt, t_img, t_cap)
+    loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt"], text_target="caption_mean")
+    assert loss(no_mean).item() == pytest.approx(ce(s_img, t_cap), rel=1e-5)
+    with pytest.raises(ValueError, match="text_target"):
+        build_loss("contrastive_distill", dims(), text_target="mean")
+
+
+def test_queue_fifo_wraparound_checkpoint_and_nonfinite_rows():
+    queue = TeacherQueue(5, 2)
     teacher_rows = []
     for step in range(3):
-        t_img, t_txt = rand_unit(2, 2), rand_unit(2, 2)
+        t_img, t_txt = t(rand_unit(2, 2)), t(rand_unit(2, 2))
         teacher_rows.append((t_img, t_txt))
-        loss(make_batch(rand_unit(2, 2), rand_unit(2, 2), t_img, t_txt, ids=[10 * step, 10 * step + 1]))
+        queue.push(t_img, t_txt, torch.tensor([10 * step, 10 * step + 1]))
+        queue.commit()
     # slots: batch0 -> 0,1; batch1 -> 2,3; batch2 -> 4, then wraps to 0
-    assert loss.queue_ids.tolist() == [21, 1, 10, 11, 20]
-    assert int(loss.queue_ptr) == 1 and int(loss.queue_filled) == 5
-    np.testing.assert_allclose(loss.queue_img[0].numpy(), teacher_rows[2][0][1], rtol=1e-6)
-    np.testing.assert_allclose(loss.queue_txt[4].numpy(), teacher_rows[2][1][0], rtol=1e-6)
-    np.testing.assert_allclose(loss.queue_txt[1].numpy(), teacher_rows[0][1][1], rtol=1e-6)
-    restored = build_loss("contrastive_distill", dims(), queue_size=5)
-    restored.load_state_dict(loss.state_dict())
-    assert torch.equal(restored.queue_img, loss.queue_img) and int(restored.queue_ptr) == 1
+    assert queue.ids.tolist() == [21, 1, 10, 11, 20]
+    assert int(queue.ptr) == 1 and int(queue.filled) == 5
+    assert torch.equal(queue.img[0], teacher_rows[2][0][1]) and torch.equal(queue.txt[4], teacher_rows[2][1][0])
+    assert torch.equal(queue.txt[1], teacher_rows[0][1][1])
+    restored = TeacherQueue(5, 2)
+    restored.load_state_dict(queue.state_dict())
+    assert torch.equal(restored.img, queue.img) and int(restored.ptr) == 1
+    # a non-finite row never enters: its slot keeps its previous entry, and it is counted
+    bad_img = torch.tensor([[float("nan"), 0.0], [0.6, 0.8]])
+    queue.push(bad_img, t(rand_unit(2, 2)), torch.tensor([30, 31]))
+    queue.discard()  # a skipped step: nothing written
+    assert queue.ids.tolist() == [21, 1, 10, 11, 20] and int(queue.nonfinite) == 0
+    queue.push(bad_img, t(rand_unit(2, 2)), torch.tensor([30, 31]))
+    queue.commit()
+    assert queue.ids.tolist() == [21, 1, 31, 11, 20] and int(queue.nonfinite) == 1 and int(queue.ptr) == 3
+    assert torch.isfinite(queue.img).all() and torch.equal(queue.img[1], teacher_rows[0][0][1])
+    empty = TeacherQueue(4, 2)
+    empty.push(bad_img, t(rand_unit(2, 2)), torch.tensor([5, 6]))
+    empty.commit()
+    assert empty.ids.tolist() == [-1, 6, -1, -1] and empty.view().valid.tolist() == [False, True, False, False]
 
 
-def test_queue_keeps_newest_rows_of_oversized_batch():
-    loss = build_loss("contrastive_distill", dims(), queue_size=3)
-    loss(make_batch(rand_unit(4, 2), rand_unit(4, 2), rand_unit(4, 2), rand_unit(4, 2), ids=[0, 1, 2, 3]))
-    assert sorted(loss.queue_ids.tolist()) == [1, 2, 3] and int(loss.queue_filled) == 3
+def test_queue_keeps_newest_rows_of_oversized_batch_and_of_pending_pushes():
+    queue = TeacherQueue(3, 2)
+    queue.push(t(rand_unit(4, 2)), t(rand_unit(4, 2)), torch.tensor([0, 1, 2, 3]))
+    queue.commit()
+    assert sorted(queue.ids.tolist()) == [1, 2, 3] and int(queue.filled) == 3
     # rows 1, 2, 3 continue the FIFO order from slot 1: the next write goes to the oldest slot
-    assert loss.queue_ids.tolist() == [3, 1, 2] and int(loss.queue_ptr) == 1
+    assert queue.ids.tolist() == [3, 1, 2] and int(queue.ptr) == 1
+    for k in range(4):  # accumulated micro-batches: pending memory stays bounded by the queue size
+        queue.push(t(rand_unit(2, 2)), t(rand_unit(2, 2)), torch.tensor([10 + 2 * k, 11 + 2 * k]))
+    assert queue.pending_rows() <= 3 + 2
+    queue.commit()
+    assert sorted(queue.ids.tolist()) == [15, 16, 17]
+
+
+def test_queue_forward_reads_buffers_and_backward_works_after_the_step():
+    """No clone: the loss's graph holds the queue buffers; the commit comes after backward."""
+    loss = build_loss("contrastive_distill", dims(), queue_size=4, temperature=0.1)
+    queue = TeacherQueue(4, 2)
+    queue.push(t(rand_unit(2, 2)), t(rand_unit(2, 2)), torch.tensor([5, 6]))
+    queue.commit()
+    s_img = torch.tensor(rand_unit(2, 2), dtype=torch.float32, requires_grad=True)
+    b = queued(make_batch(rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2)), queue)
+    b.s_img.embed = s_img
+    out = loss(b)
+    queue.push(b.teacher.img_embed, b.teacher.txt_embed, b.image_ids)
+    out.backward()
+    queue.commit()
+    assert torch.isfinite(s_img.grad).all() and queue.ids.tolist() == [5, 6, 0, 1]
 
 
 def test_contrastive_distill_is_fp32_under_autocast():
@@ -170,39 +266,64 @@ def test_contrastive_distill_is_fp32_under_autocast():
 
 
 # ---------------------------------------------------------------- student-side contrastive losses
-def test_student_clip_masks_duplicate_images_and_clamps_scale():
+def test_student_clip_masks_or_joins_duplicate_images_and_clamps_scale():
     s_img, s_txt = rand_unit(3, 2), rand_unit(3, 2)
     ids = np.array([4, 4, 5])
-    fn = (ids[:, None] == ids[None, :]) & ~np.eye(3, dtype=bool)
+    same = ids[:, None] == ids[None, :]
+    fn = same & ~np.eye(3, dtype=bool)
     for log_scale, scale in ((math.log(10.0), 10.0), (math.log(1000.0), 100.0)):
         i2t, t2i = scale * s_img @ s_txt.T, scale * s_txt @ s_img.T
+        # multi-positive: -log of the softmax mass on all captions (images) of the anchor's image
+        multi = np.mean([np.log(np.exp(m[i]).sum()) - np.log(np.exp(m[i, same[i]]).sum())
+                         for m in (i2t, t2i) for i in range(3)])
         i2t[fn] = t2i[fn] = -np.inf
-        expected = (np_ce(i2t, np.arange(3)) + np_ce(t2i, np.arange(3))) / 2
+        masked = (np_ce(i2t, np.arange(3)) + np_ce(t2i, np.arange(3))) / 2
         b = make_batch(s_img, s_txt, s_img, s_txt, ids=ids.tolist(), student_log_scale=log_scale)
-        assert build_loss("student_clip", dims())(b).item() == pytest.approx(expected, rel=1e-5)
+        assert build_loss("student_clip", dims(), multi_positive=False)(b).item() == pytest.approx(masked, rel=1e-5)
+        assert build_loss("student_clip", dims())(b).item() == pytest.approx(multi, rel=1e-5)
+    # with distinct images both forms are the plain CLIP loss
+    b = make_batch(s_img, s_txt, s_img, s_txt, ids=[0, 1, 2])
+    assert build_loss("student_clip", dims())(b).item() == pytest.approx(
+        build_loss("student_clip", dims(), multi_positive=False)(b).item(), rel=1e-6)
 
 
-def test_mac_temperature_schedule():
+def test_mac_exponential_temperature_schedule():
     loss = build_loss("mac", dims())
-    assert loss.tau_intra(0, 100) == pytest.approx(0.03)
-    assert loss.tau_intra(25, 100) == pytest.approx(0.024)
-    assert loss.tau_intra(50, 100) == pytest.approx(0.018)
+    for step in (0, 10, 25, 40, 50, 80, 100):
+        frac = min(1.0, step / 50)
+        assert loss.tau_intra(step, 100) == pytest.approx(0.03 * (0.018 / 0.03) ** frac)
+    assert loss.tau_intra(25, 100) == pytest.approx(math.sqrt(0.03 * 0.018))  # geometric mid-point
     assert loss.tau_intra(100, 100) == pytest.approx(0.018)
+    linear = build_loss("mac", dims(), schedule="linear")
+    assert linear.tau_intra(25, 100) == pytest.approx(0.024) and linear.tau_intra(60, 100) == pytest.approx(0.018)
+    with pytest.raises(ValueError, match="schedule"):
+        build_loss("mac", dims(), schedule="cosine")
 
 
-def test_mac_hand_value_with_split_temperatures():
+def test_mac_hand_value_positive_in_the_intra_group():
     img, txt = rand_unit(3, 2), rand_unit(3, 2)
     ids = np.array([0, 0, 1])
-    tau_e, tau_a = 0.03, 0.024  # step 25 of 100
+    tau_e = 0.03
+    tau_a = 0.03 * (0.018 / 0.03) ** 0.5  # step 25 of 100
     same = ids[:, None] == ids[None, :]
     expected = []
+    for a, own, other in ((img, img, txt), (txt, txt, img)):
+        cross = a @ other.T
+        positive = np.diag(cross)[:, None] / tau_a  # the positive at the intra (hard) temperature
+        inter, intra = cross / tau_e, a @ own.T / tau_a
+        inter[same] = -np.inf  # the positive and other captions of the same image leave the inter group
+        intra[same] = -np.inf
+        expected.append(np_ce(np.concatenate([positive, inter, intra], axis=1), np.zeros(3, dtype=int)))
+    b = make_batch(img, txt, img, txt, ids=ids.tolist(), step=25, total=100)
+    assert build_loss("mac", dims())(b).item() == pytest.approx(np.mean(expected), rel=1e-5)
+    # and not at the inter temperature (the former formulation)
+    old = []
     for a, own, other in ((img, img, txt), (txt, txt, img)):
         inter, intra = a @ other.T / tau_e, a @ own.T / tau_a
         inter[same & ~np.eye(3, dtype=bool)] = -np.inf
         intra[same] = -np.inf
-        expected.append(np_ce(np.concatenate([inter, intra], axis=1), np.arange(3)))
-    b = make_batch(img, txt, img, txt, ids=ids.tolist(), step=25, total=100)
-    assert build_loss("mac", dims())(b).item() == pytest.approx(np.mean(expected), rel=1e-5)
+        old.append(np_ce(np.concatenate([inter, intra], axis=1), np.arange(3)))
+    assert abs(np.mean(old) - np.mean(expected)) > 1e-3
 
 
 # ---------------------------------------------------------------- relational losses
@@ -212,26 +333,70 @@ def np_kl_rows(t_logits: np.ndarray, s_logits: np.ndarray) -> float:
     return float((pt * np.log(pt / ps)).sum(1).mean())
 
 
-def test_relation_kl_both_directions_and_intra():
+def test_relation_kl_old_behaviour_both_directions_and_intra():
     s_img, s_txt, t_img, t_txt = (rand_unit(3, 2) for _ in range(4))
     b = make_batch(s_img, s_txt, t_img, t_txt, scale=10.0)
-    # defaults: tau_t = tau_s = 1 / teacher scale
+    old = {"temperature": None, "tau_squared": False, "queue": False}
+    # temperature null: tau_t = tau_s = 1 / teacher scale
     expected = (np_kl_rows(10 * t_img @ t_txt.T, 10 * s_img @ s_txt.T)
                 + np_kl_rows(10 * t_txt @ t_img.T, 10 * s_txt @ s_img.T)) / 2
-    assert build_loss("relation_kl", dims())(b).item() == pytest.approx(expected, rel=1e-5)
+    assert build_loss("relation_kl", dims(), **old)(b).item() == pytest.approx(expected, rel=1e-5)
     off = ~np.eye(3, dtype=bool)
     terms = [np_kl_rows(t_img @ t_txt.T / 0.2, s_img @ s_txt.T / 0.5),
              np_kl_rows(t_txt @ t_img.T / 0.2, s_txt @ s_img.T / 0.5)]
     for tt, ss in ((t_img, s_img), (t_txt, s_txt)):
         terms.append(np_kl_rows((tt @ tt.T / 0.2)[off].reshape(3, 2), (ss @ ss.T / 0.5)[off].reshape(3, 2)))
-    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True)(b)
+    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False, tau_squared=False)(b)
     assert got.item() == pytest.approx(np.mean(terms), rel=1e-5)
+    # tau^2 scaling multiplies by tau_s ** 2
+    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False)(b)
+    assert got.item() == pytest.approx(0.25 * np.mean(terms), rel=1e-5)
+
+
+def test_relation_kl_own_temperature_and_queue_columns():
+    s_img, s_txt, t_img, t_txt = (rand_unit(3, 2) for _ in range(4))
+    q_img, q_txt = rand_unit(2, 2), rand_unit(2, 2)
+    queue = TeacherQueue(4, 2)
+    queue.push(t(q_img), t(q_txt), torch.tensor([7, 8]))
+    queue.commit()  # slots 2, 3 stay empty and must not count
+    b = queued(make_batch(s_img, s_txt, t_img, t_txt, scale=100.0), queue)
+    tau = 0.07
+    t_rows = [t_img @ np.concatenate([t_txt, q_txt]).T, t_txt @ np.concatenate([t_img, q_img]).T]
+    s_rows = [s_img @ np.concatenate([s_txt, q_txt]).T, s_txt @ np.concatenate([s_img, q_img]).T]
+    expected = tau ** 2 * np.mean([np_kl_rows(tl / tau, sl / tau) for tl, sl in zip(t_rows, s_rows)])
+    loss = build_loss("relation_kl", dims())
+    assert loss.temperatures(100.0) == (0.07, 0.07) and loss.queue_size > 0 and loss.uses_projection
+    got = loss(b)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # queue: false ignores the shared queue
+    no_q = build_loss("relation_kl", dims(), queue=False)(b)
+    assert no_q.item() == pytest.approx(tau ** 2 * (np_kl_rows(t_img @ t_txt.T / tau, s_img @ s_txt.T / tau)
+                                                   + np_kl_rows(t_txt @ t_img.T / tau, s_txt @ s_img.T / tau)) / 2, rel=1e-5)
+
+
+def test_relation_kl_gradient_bounded_at_small_tau():
+    """With tau^2 scaling the gradient on the student similarities shrinks with tau; without it grows ~1/tau."""
+    s_img, s_txt, t_img, t_txt = (rand_unit(8, 4) for _ in range(4))
+
+    def grad_norm(**cfg):
+        x = torch.tensor(s_img, dtype=torch.float32, requires_grad=True)
+        b = make_batch(s_img, s_txt, t_img, t_txt)
+        b.s_img.embed = x
+        build_loss("relation_kl", dims(4, 4), queue=False, **cfg)(b).backward()
+        return x.grad.norm().item()
+
+    assert grad_norm(temperature=0.01, tau_squared=False) > 5 * grad_norm(temperature=0.1, tau_squared=False)
+    assert grad_norm(temperature=0.01) < grad_norm(temperature=0.1)
 
 
 def test_relation_kl_zero_when_student_equals_teacher():
     e_img, e_txt = rand_unit(4, 3), rand_unit(4, 3)
     b = make_batch(e_img, e_txt, e_img, e_txt)
     assert build_loss("relation_kl", dims(3, 3), intra=True)(b).item() == pytest.approx(0.0, abs=1e-6)
+    queue = TeacherQueue(3, 3)
+    queue.push(t(rand_unit(2, 3)), t(rand_unit(2, 3)), torch.tensor([9, 10]))
+    queue.commit()
+    assert build_loss("relation_kl", dims(3, 3), intra=True)(queued(b, queue)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_triplet_uses_teacher_hard_negatives_and_skips_same_image():
@@ -343,6 +508,39 @@ def test_token_text_padding_is_ignored_positional_and_attention():
     assert got.item() == pytest.approx(np.concatenate(rows).mean(), rel=1e-5)
 
 
+def test_token_text_positional_across_padding_lengths():
+    """Same tokeniser, different context lengths: trimmed to the common length and matched by position."""
+    s = RNG.normal(size=(2, 6, 3))
+    tt = RNG.normal(size=(2, 4, 3))
+    s_mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=bool)
+    t_mask = s_mask[:, :4]
+    expected = np_one_minus_cos(s[:, :4], tt)[t_mask].mean()
+    for match in ("auto", "position"):
+        got = identity_token_loss(text_match=match)(token_batch(s_txt=s, s_mask=s_mask, t_txt=tt, t_mask=t_mask))
+        assert got.item() == pytest.approx(expected, rel=1e-5), match
+    # teacher longer than student: the same
+    got = identity_token_loss()(token_batch(s_txt=tt, s_mask=t_mask, t_txt=s, t_mask=s_mask))
+    assert got.item() == pytest.approx(np_one_minus_cos(tt, s[:, :4])[t_mask].mean(), rel=1e-5)
+    # attention matching gives another value: the auto path really matched by position
+    att = identity_token_loss(text_match="attention")(token_batch(s_txt=s, s_mask=s_mask, t_txt=tt, t_mask=t_mask))
+    assert abs(att.item() - expected) > 1e-3
+
+
+def test_token_text_disagreeing_tokenisers_use_attention():
+    s = RNG.normal(size=(2, 6, 3))
+    tt = RNG.normal(size=(2, 4, 3))
+    s_mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=bool)  # real tokens beyond length 4
+    t_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=bool)
+    other = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=bool)  # fits, but masks differ
+    for sm in (s_mask, other):
+        b = token_batch(s_txt=s, s_mask=sm, t_txt=tt, t_mask=t_mask)
+        auto = identity_token_loss()(b)
+        att = identity_token_loss(text_match="attention")(b)
+        assert auto.item() == pytest.approx(att.item(), rel=1e-6)
+        with pytest.raises(ValueError, match="cannot be matched by position"):
+            identity_token_loss(text_match="position")(b)
+
+
 def test_token_missing_teacher_tokens_gives_zero_with_graph():
     loss = identity_token_loss()
     out = loss(token_batch(s_tokens=RNG.normal(size=(2, 4, 3)), s_grid=(2, 2)))
@@ -359,6 +557,17 @@ def test_token_projection_maps_widths_and_rejects_bad_grid():
 
 
 # ---------------------------------------------------------------- DDP gather (2 gloo processes)
+def _two_queue_steps(loss, b1: DistillBatch, b2: DistillBatch, queue: TeacherQueue) -> float:
+    """Step 1 fills the queue with the (gathered) teacher rows of b1, step 2 reads it."""
+    from distill.losses.common import gather_pairs
+
+    loss(queued(b1, queue))
+    g = gather_pairs(b1.teacher.img_embed, b1.teacher.txt_embed, b1.image_ids, True)
+    queue.push(g.img, g.txt, g.ids)
+    queue.commit()
+    return loss(queued(b2, queue)).item()
+
+
 def _gather_worker(rank: int, tmp: str, data: dict) -> None:
     import json
 
@@ -370,11 +579,13 @@ def _gather_worker(rank: int, tmp: str, data: dict) -> None:
         rows = slice(2 * rank, 2 * rank + 2)
         b = make_batch(*(data[k][rows] for k in ("s_img", "s_txt", "t_img", "t_txt")), ids=data["ids"][rows].tolist(),
                        student_log_scale=math.log(20.0), step=3, total=10)
+        b2 = make_batch(*(data[k][rows][::-1].copy() for k in ("s_img", "s_txt", "t_img", "t_txt")),
+                        ids=[10 + i for i in data["ids"][rows][::-1].tolist()])
         out = {name: build_loss(name, dims(), **cfg)(b).item()
                for name, cfg in (("student_clip", {}), ("mac", {}))}
-        queued = build_loss("contrastive_distill", dims(), queue_size=6)
-        out["contrastive_distill"] = queued(b).item()
-        out["queue_ids"] = queued.queue_ids.tolist()
+        queue = TeacherQueue(6, 2)
+        out["contrastive_distill"] = _two_queue_steps(build_loss("contrastive_distill", dims(), queue_size=6), b, b2, queue)
+        out["queue_ids"] = queue.ids.tolist()
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump(out, f)
     finally:
@@ -390,8 +601,13 @@ def test_gather_over_two_ranks_equals_full_batch(tmp_path):
     data["ids"] = np.array([0, 1, 1, 2])
     full = make_batch(data["s_img"], data["s_txt"], data["t_img"], data["t_txt"], ids=data["ids"].tolist(),
                       student_log_scale=math.log(20.0), step=3, total=10)
-    expected = {name: build_loss(name, dims(), queue_size=6)(full).item() if name == "contrastive_distill"
-                else build_loss(name, dims())(full).item() for name in ("student_clip", "mac", "contrastive_distill")}
+    expected = {name: build_loss(name, dims())(full).item() for name in ("student_clip", "mac")}
+    # the same two queue steps in one process: rank r's second batch is its rows reversed
+    rev = [1, 0, 3, 2]
+    full2 = make_batch(*(data[k][rev] for k in ("s_img", "s_txt", "t_img", "t_txt")),
+                       ids=[10 + i for i in data["ids"][rev].tolist()])
+    expected["contrastive_distill"] = _two_queue_steps(build_loss("contrastive_distill", dims(), queue_size=6), full,
+                                                       full2, TeacherQueue(6, 2))
     mp.start_processes(_gather_worker, args=(str(tmp_path), data), nprocs=2, start_method="fork")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name, value in expected.items():
@@ -410,9 +626,66 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
                    img_tokens=t(RNG.normal(size=(4, 4, 7))), img_grid=(2, 2),
                    txt_tokens=t(RNG.normal(size=(4, 6, 2))), txt_mask=torch.arange(6) < torch.tensor([[6], [2], [3], [4]]))
     b.s_img.embed = s_img
+    queue = TeacherQueue(5, 6)
+    queue.push(t(rand_unit(3, 6)), t(rand_unit(3, 6)), torch.tensor([0, 7, 8]))
+    queue.commit()
+    b.queue = queue.view()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = build_loss(name, d)(b)
+        out = build_loss(name, d)(EmbedProjections(4, 6).attach(b))
     assert out.dtype == torch.float32 and out.dim() == 0 and torch.isfinite(out)
     out.backward()
     if name != "token":
         assert s_img.grad is not None and torch.isfinite(s_img.grad).all()
+
+
+# ---------------------------------------------------------------- caption-mean target from the loader
+def test_loader_serves_the_caption_mean_of_all_captions(tiny):
+    from distill.cache import TeacherCache
+    from distill.train_data import fetch_teacher
+
+    _, cache_dir = tiny
+    cache = TeacherCache(cache_dir)
+    images = np.array([3, 0, 3, 5])
+    caption = cache.offsets[images] + 1
+    teacher = fetch_teacher(cache, images, caption, np.zeros_like(images), keep_fp16=True)
+    for row, i in enumerate(images):
+        caps = cache.texts(np.arange(cache.offsets[i], cache.offsets[i + 1]))["embed"]
+        assert len(caps) == 2
+        expected = torch.nn.functional.normalize(caps.mean(0), dim=0)
+        torch.testing.assert_close(teacher.txt_embed_mean[row], expected, rtol=1e-5, atol=1e-6)
+    assert teacher.txt_embed_mean.dtype == torch.float32
+    # the sampled caption's own embedding differs from the mean
+    assert not torch.allclose(teacher.txt_embed_mean, teacher.txt_embed.float())
+
+
+# ---------------------------------------------------------------- the distiller's shared projections and queue
+def test_distiller_owns_one_projection_per_modality_and_one_queue():
+    from distill.distiller import build_distiller
+    from students import build_student
+
+    torch.manual_seed(0)
+    student = build_student("vit", embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
+                            patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
+    d = Dims(16, 24, student.image_token_dim, student.text_token_dim, 8, 8)
+    cfg = [{"name": "contrastive_distill", "cfg": {"queue_size": 8}}, {"name": "relation_kl", "cfg": {"queue_size": 4}},
+           {"name": "cosine"}, {"name": "student_clip"}]
+    distiller = build_distiller(student, d, cfg, {"name": "fixed", "cfg": {}})
+    assert set(distiller.projections.linear_maps()) == {"image", "text"} and distiller.queue.size == 8
+    assert all(len(list(loss.parameters())) == 0 for loss in distiller.losses.values())
+    assert not any(n.startswith("queue.") for n in distiller.rollback_buffers())
+    pixels = torch.randn(3, 3, 32, 32)
+    text = student.tokenize(["a dog", "a cat", "the sea"])
+    teacher = TeacherBatch(t(rand_unit(3, 24)), t(rand_unit(3, 24)))
+    out = distiller(pixels, text, teacher, torch.tensor([0, 1, 2]))
+    assert distiller.queue.pending_rows() == 3 and int(distiller.queue.filled) == 0  # written only at commit
+    out.total.backward()
+    for name in ("image", "text"):
+        assert distiller.projections.linear_maps()[name].weight.grad.abs().sum() > 0
+    distiller.commit_queues()
+    assert distiller.queue.ids.tolist()[:3] == [0, 1, 2] and distiller.queue.pending_rows() == 0
+    distiller.eval()
+    with torch.no_grad():
+        distiller(pixels, text, teacher, torch.tensor([3, 4, 5]))
+    assert distiller.queue.pending_rows() == 0  # evaluation forwards never enqueue
+    only_token = build_distiller(student, d, [{"name": "token"}], {"name": "fixed", "cfg": {}})
+    assert only_token.projections is None and only_token.queue is None

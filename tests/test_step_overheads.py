@@ -14,6 +14,7 @@ from tests.test_train import tiny  # noqa: F401  (module fixture)
 
 class QueueLoss(nn.Module):
     rollback_exempt = ("applied_only",)
+    queue_size = 0
 
     def __init__(self) -> None:
         super().__init__()

@@ -216,9 +216,9 @@ def test_nonfinite_gradient_skips_the_update(tiny, tmp_path):
     for k, v in ck[2]["student"].items():  # step 3 (index 2) was skipped: nothing changed ...
         assert torch.equal(v, ck[3]["student"][k]), k
         assert torch.isfinite(ck[4]["student"][k]).all()
-    for k, v in ck[2]["losses"].items():  # ... not even the contrastive queue
-        assert torch.equal(v, ck[3]["losses"][k]), k
-    assert not torch.equal(ck[3]["losses"]["contrastive_distill.queue_ptr"], ck[4]["losses"]["contrastive_distill.queue_ptr"])
+    for k, v in ck[2]["shared"]["queue"].items():  # ... not even the shared teacher queue
+        assert torch.equal(v, ck[3]["shared"]["queue"][k]), k
+    assert not torch.equal(ck[3]["shared"]["queue"]["ptr"], ck[4]["shared"]["queue"]["ptr"])
     changed = [k for k, v in ck[3]["student"].items() if not torch.equal(v, ck[4]["student"][k])]
     assert changed  # training continued after the skipped step
     assert ck[3]["scheduler"]["last_epoch"] == 3

@@ -1,4 +1,5 @@
-"""Balancer registry: ``build_balancer("dynamic", names=[...], **cfg)``."""
+"""Balancer registry: ``build_balancer("dynamic", names=[...], **cfg)``; ``dynamic`` (default), ``dsmd``,
+``fixed``, ``uncertainty``, ``gradnorm``."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -13,6 +14,6 @@ def build_balancer(name: str, names: Sequence[str], **cfg: Any) -> Balancer:
     return BALANCERS.build(name, list(names), **cfg)
 
 
-from distill.balance import dynamic, fixed, uncertainty, gradnorm  # noqa: E402,F401
+from distill.balance import dsmd, dynamic, fixed, uncertainty, gradnorm  # noqa: E402,F401
 
 __all__ = ["BALANCERS", "Balancer", "build_balancer"]

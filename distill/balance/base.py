@@ -10,8 +10,8 @@ class Balancer(nn.Module):
     """``forward(losses, shared_params) -> (total, weights)``.
 
     ``losses`` maps term name -> scalar tensor (with grad). ``weights`` maps name -> float actually
-    applied this step (logged). Stateful balancers keep their state in buffers / ``state_dict`` so
-    checkpoints resume exactly. ``shared_params`` is only used by gradient-based balancers (GradNorm).
+    applied this step (logged; ``dynamic`` applies it to the loss divided by its reference). Stateful
+    balancers keep their state in buffers / ``state_dict`` so checkpoints resume exactly. ``shared_params`` is only used by gradient-based balancers (GradNorm).
     A non-finite term must never make the weights non-finite.
     """
 

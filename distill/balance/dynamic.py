@@ -1,24 +1,45 @@
-"""Dynamic self-adaptive loss balancer (magnitude normalisation x loss-descent-rate softmax, EMA).
+"""``dynamic`` (the default balancer): scale-invariant, rate-driven weights with floors and a cap.
 
-At every step, without gradient through the weights, for the K terms with losses ``L_i(t)``:
+For the K configured terms with raw losses ``L_i(t)`` (one update per balancer call, i.e. per
+micro-batch), without gradient through the weights:
 
-* magnitude normalisation ``m_i = max_j L_j(t) / L_i(t)`` (every weighted term gets the magnitude of
-  the largest one);
-* descent rate (DWA) ``r_i = L_i(t-1) / L_i(t-2)`` on the RAW losses (rates on magnitude-normalised
-  losses would all be equal), ``r_i = 1`` until a term has two past values;
-  ``d_i = K * softmax(r / T)_i``: a term whose loss descends slowly (higher ``r``) gets more weight;
-* target ``w_i ∝ m_i * d_i``, normalised to ``sum_i w_i = K``;
-* smoothed ``ema_i = beta * ema_i + (1 - beta) * w_i`` (the first target of a term initialises it),
-  and the applied weight is ``clamp(ema_i, min_weight, max_weight)``.
+* **reference** ``ref_i``: the mean of the term's first ``ref_steps`` valid values, then frozen. The
+  total is ``sum_i w_i * L_i / ref_i``: multiplying a loss by a constant c multiplies its reference
+  by c, so the total, its gradient and the weights are unchanged (scale invariance). Frozen, not
+  tracking: ``L_i / ref_i`` then measures how far the term has come since its start, so a term
+  heading to zero also fades out of the total. A reference that followed the loss would keep
+  ``L_i / ref_i ~ 1`` and give a vanishing loss an ever larger multiplier (the failure of the
+  ``1 / L_i`` weighting kept as ``dsmd``).
+* **descent rate** ``r_i = exp(fast_i - slow_i)``: the ratio of a fast and a slow geometric EMA of
+  ``L_i`` (bias-corrected EMAs of ``log L_i`` with ``beta_fast`` 0.9, about 10 steps, and
+  ``beta_slow`` 0.99, about 100 steps). The ratio is the same on ``L_i / ref_i``, since ``ref_i`` is a
+  constant factor. ``r < 1``: still descending, ``r ~ 1``: plateaued, ``r > 1``: rising.
+  Geometric, not arithmetic: after a 20x descent an arithmetic slow EMA is dominated by the few
+  early large values and keeps a plateaued term looking "descending" for several slow horizons;
+  in the log domain those values weigh by their log-distance only.
+* **target** ``u_i = p_i * exp(r_i / T)`` (``priors`` p_i, default 1; ``temperature`` T, default
+  0.5: ``r`` 0.7 against 1 is a 1.8x weight ratio, 5% minibatch noise in a loss moves its weight
+  by about 2%). A plateaued term gains weight relative to one that is still descending fast. A
+  term with no more than ``ref_steps`` valid values has no rate yet and gets the mean of the established
+  terms' ``r / T`` (its prior alone), so the first ``ref_steps`` calls use the priors (uniform by
+  default).
+* **weights** ``w_i = clip(s * u_i, floor_i, cap)``, with the one scale ``s`` that makes the mean
+  weight over this step's valid terms 1 (sum K'). ``floors`` defaults to 0.5 on
+  ``contrastive_distill`` and ``student_clip`` when those terms are configured: the
+  retrieval-shaping terms never get less than half the mean weight. Given floors are merged over
+  these defaults; give 0 to remove one. ``cap`` defaults to 3 (three times the mean). If the
+  floors of the valid terms add up to more than K' (possible only with floors above 1 while other
+  terms are skipped), every valid term gets exactly its floor (0 where it has none).
 
-A term whose loss is non-finite or <= 0 gets weight 0 for that step and leaves every state entry
-of that term untouched (its history, EMA), so the state stays finite. All state (loss history, EMA,
-seen flags) lives in float64 buffers so ``state_dict`` resumes with bit-identical next weights.
+``weights`` (as logged) are the ``w_i``. The raw loss is multiplied by ``w_i / ref_i``
+(:meth:`DynamicBalancer.references`). A term whose loss is non-finite or <= 0 gets weight 0 for
+that step and leaves its state untouched. All state (counts, reference sums, EMAs) lives in
+float64 buffers, so ``state_dict`` resumes with bit-identical next weights.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,58 +47,155 @@ from torch import Tensor, nn
 from distill.balance import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values, weighted_total
+from distill.checkpoint import CheckpointError
+from distill.config import ConfigError
+
+DEFAULT_FLOORS = {"contrastive_distill": 0.5, "student_clip": 0.5}
+OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "cap", "floors", "priors")
+
+
+def _number(key: str, value: Any, allow_inf: bool = False) -> float:
+    """``value`` as a float; a ConfigError naming ``balancer.cfg.<key>`` when it is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or (math.isinf(value) and not allow_inf):
+        raise ConfigError(f"balancer.cfg.{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _per_term(key: str, given: Any, names: Sequence[str]) -> dict[str, float]:
+    """A ``{term: number}`` mapping whose names are all configured loss terms."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"balancer.cfg.{key} must map loss names to numbers, got {given!r}")
+    for name in given:
+        if name not in names:
+            raise ConfigError(f"balancer.cfg.{key}.{name}: no loss term named {name!r}; terms are {list(names)}")
+    return {name: _number(f"{key}.{name}", v) for name, v in given.items()}
+
+
+def fit_to_budget(raw: Sequence[float], lo: Sequence[float], hi: Sequence[float], total: float) -> list[float]:
+    """``w_i = clip(s * raw_i, lo_i, hi_i)`` with the scale ``s >= 0`` that makes ``sum(w) = total``
+    (``raw > 0``, ``0 <= lo <= hi``). ``f(s) = sum_i clip(s * raw_i)`` is continuous, non-decreasing and
+    piecewise linear with knots ``lo / raw`` and ``hi / raw``: find the piece that reaches ``total``
+    and solve it exactly. Returns ``lo`` when ``sum(lo) >= total`` and ``hi`` when ``sum(hi) <= total``."""
+    def clip(s: float) -> list[float]:
+        return [min(max(s * r, a), b) for r, a, b in zip(raw, lo, hi)]
+
+    prev = 0.0
+    for knot in sorted({x for r, a, b in zip(raw, lo, hi) for x in (a / r, b / r)}):
+        if sum(clip(knot)) >= total:
+            break
+        prev = knot
+    else:
+        return list(hi)
+    mid = (prev + knot) / 2
+    free = [a < mid * r < b for r, a, b in zip(raw, lo, hi)]
+    if not any(free):
+        return clip(knot)
+    fixed = sum(w for w, f in zip(clip(mid), free) if not f)
+    return clip((total - fixed) / sum(r for r, f in zip(raw, free) if f))
 
 
 class DynamicBalancer(Balancer):
-    def __init__(self, names: list[str], temperature: float = 2.0, beta: float = 0.9,
-                 min_weight: float = 0.0, max_weight: float = math.inf) -> None:
+    def __init__(self, names: list[str], temperature: float = 0.5, beta_fast: float = 0.9, beta_slow: float = 0.99,
+                 ref_steps: int = 20, cap: float = 3.0, floors: Mapping[str, float] | None = None,
+                 priors: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        if temperature <= 0 or not 0 <= beta < 1 or min_weight > max_weight:
-            raise ValueError("dynamic balancer: need temperature > 0, 0 <= beta < 1, min_weight <= max_weight")
         self.names = list(names)
-        self.temperature, self.beta = temperature, beta
-        self.min_weight, self.max_weight = min_weight, max_weight
         k = len(self.names)
-        self.register_buffer("prev1", torch.zeros(k, dtype=torch.float64))  # L(t-1); 0 = unknown
-        self.register_buffer("prev2", torch.zeros(k, dtype=torch.float64))  # L(t-2); 0 = unknown
-        self.register_buffer("ema", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("seen", torch.zeros(k, dtype=torch.bool))
+        self.temperature = _number("temperature", temperature)
+        if self.temperature <= 0:
+            raise ConfigError(f"balancer.cfg.temperature must be > 0, got {temperature!r}")
+        self.beta_fast, self.beta_slow = _number("beta_fast", beta_fast), _number("beta_slow", beta_slow)
+        if not 0 <= self.beta_fast < 1:
+            raise ConfigError(f"balancer.cfg.beta_fast must be in [0, 1), got {beta_fast!r}")
+        if not self.beta_fast < self.beta_slow < 1:
+            raise ConfigError(f"balancer.cfg.beta_slow must be in (beta_fast, 1) = ({beta_fast}, 1), got {beta_slow!r}")
+        if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 1:
+            raise ConfigError(f"balancer.cfg.ref_steps must be an integer >= 1, got {ref_steps!r}")
+        self.ref_steps = ref_steps
+        self.cap = _number("cap", cap, allow_inf=True)
+        if self.cap < 1:
+            raise ConfigError(f"balancer.cfg.cap must be >= 1 (the mean weight is 1), got {cap!r}")
+        floor = {n: v for n, v in DEFAULT_FLOORS.items() if n in self.names} | _per_term("floors", floors, self.names)
+        for name, value in floor.items():
+            if not 0 <= value <= self.cap:
+                raise ConfigError(f"balancer.cfg.floors.{name} must be in [0, cap={self.cap:g}], got {value!r}")
+        if sum(floor.values()) > k:
+            raise ConfigError(f"balancer.cfg.floors add up to {sum(floor.values()):g}, more than the weight budget "
+                              f"{k} of the {k} terms (the mean weight is 1)")
+        prior = _per_term("priors", priors, self.names)
+        for name, value in prior.items():
+            if value <= 0:
+                raise ConfigError(f"balancer.cfg.priors.{name} must be > 0, got {value!r}")
+        self.floors = [floor.get(n, 0.0) for n in self.names]
+        self.priors = [prior.get(n, 1.0) for n in self.names]
+        self.register_buffer("count", torch.zeros(k, dtype=torch.float64))  # valid values seen
+        self.register_buffer("ref_sum", torch.zeros(k, dtype=torch.float64))  # sum of the first ref_steps
+        self.register_buffer("fast", torch.zeros(k, dtype=torch.float64))  # EMAs of log L from 0,
+        self.register_buffer("slow", torch.zeros(k, dtype=torch.float64))  # bias-corrected when read
 
-    def descent_rates(self) -> Tensor:
-        """``r_i = L_i(t-1) / L_i(t-2)`` from the raw loss history (1 where unknown)."""
-        known = (self.prev1 > 0) & (self.prev2 > 0)
-        return torch.where(known, self.prev1 / torch.where(known, self.prev2, 1.0), torch.ones_like(self.prev1))
+    def references(self) -> Tensor:
+        """``ref_i``: mean of the first ``min(count, ref_steps)`` valid values (1 where none yet)."""
+        n = self.count.clamp(max=self.ref_steps)
+        return torch.where(n > 0, self.ref_sum / n.clamp(min=1), torch.ones_like(n))
 
-    def target_weights(self, values: Tensor, valid: Tensor) -> Tensor:
-        """Unsmoothed weights ``∝ m_i * d_i`` summing to K over the valid terms (0 for the others)."""
-        if not bool(valid.any()):
-            return torch.zeros_like(values)
-        safe = torch.where(valid, values, torch.ones_like(values))
-        magnitude = torch.where(valid, values[valid].max() / safe, torch.zeros_like(values))
-        logits = torch.where(valid, self.descent_rates() / self.temperature, torch.full_like(values, -math.inf))
-        descent = len(self.names) * torch.softmax(logits, dim=0)
-        raw = magnitude * descent
-        target = raw * (len(self.names) / raw.sum())
-        return torch.where(valid & torch.isfinite(target), target, torch.zeros_like(target))
+    def rates(self) -> Tensor:
+        """``r_i = exp(fast_i - slow_i)`` of the bias-corrected log-EMAs (1 where no value was seen yet)."""
+        seen = self.count > 0
+        fast = self.fast / (1 - torch.pow(self.beta_fast, self.count))
+        slow = self.slow / (1 - torch.pow(self.beta_slow, self.count))
+        return torch.where(seen, torch.exp(fast - slow), torch.ones_like(slow))
+
+    def weights_from_state(self, valid: Tensor) -> list[float]:
+        """The weights for the ``valid`` terms from the current state (0 for the others)."""
+        idx = [i for i, ok in enumerate(valid.tolist()) if ok]
+        if not idx:
+            return [0.0] * len(self.names)
+        logits = (self.rates() / self.temperature).tolist()
+        established = (self.count > self.ref_steps).tolist()  # reference complete before this step
+        known = [logits[i] for i in idx if established[i]]
+        neutral = sum(known) / len(known) if known else 0.0
+        z = [logits[i] if established[i] else neutral for i in idx]
+        top = max(z)
+        raw = [max(self.priors[i] * math.exp(v - top), 1e-300) for i, v in zip(idx, z)]
+        budget = float(len(idx))
+        lo = [self.floors[i] for i in idx]
+        hi = [max(min(self.cap, budget), a) for a in lo]
+        out = [0.0] * len(self.names)
+        for i, w in zip(idx, fit_to_budget(raw, lo, hi, budget)):
+            out[i] = w
+        return out
 
     @torch.no_grad()
-    def _update(self, values: Tensor, valid: Tensor) -> Tensor:
-        """Advance the state by one step and return the weights to apply."""
-        target = self.target_weights(values, valid)
-        smoothed = torch.where(self.seen, self.beta * self.ema + (1 - self.beta) * target, target)
-        self.ema.copy_(torch.where(valid, smoothed, self.ema))
-        self.seen |= valid
-        self.prev2.copy_(torch.where(valid, self.prev1, self.prev2))
-        self.prev1.copy_(torch.where(valid, values, self.prev1))
-        return torch.where(valid, self.ema.clamp(self.min_weight, self.max_weight), torch.zeros_like(self.ema))
+    def _update(self, values: Tensor, valid: Tensor) -> None:
+        """Fold this step's valid values into the state (invalid terms untouched)."""
+        zero = torch.zeros_like(values)
+        self.ref_sum += torch.where(valid & (self.count < self.ref_steps), values, zero)
+        self.count += valid.double()
+        logs = torch.where(valid, values, torch.ones_like(values)).log()
+        self.fast.copy_(torch.where(valid, self.beta_fast * self.fast + (1 - self.beta_fast) * logs, self.fast))
+        self.slow.copy_(torch.where(valid, self.beta_slow * self.slow + (1 - self.beta_slow) * logs, self.slow))
 
     def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
-        values, finite = loss_values(losses, self.names, self.prev1.device, torch.float64)
+        values, finite = loss_values(losses, self.names, self.count.device, torch.float64)
         valid = finite & (values > 0)
-        weights = self._update(torch.where(valid, values, torch.zeros_like(values)), valid).tolist()
-        return weighted_total(losses, self.names, weights, valid.tolist()), dict(zip(self.names, weights))
+        self._update(torch.where(valid, values, torch.zeros_like(values)), valid)
+        weights = self.weights_from_state(valid)
+        scale = [w / r for w, r in zip(weights, self.references().tolist())]
+        return weighted_total(losses, self.names, scale, valid.tolist()), dict(zip(self.names, weights))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if "prev1" in state_dict and "count" not in state_dict:
+            raise CheckpointError("the checkpoint's balancer state was written by the former `dynamic` formula, "
+                                  "now `dsmd`: resume it with --set balancer.name=dsmd")
+        return super().load_state_dict(state_dict, strict, assign)
 
 
 @BALANCERS.register("dynamic")
-def build(names: list[str], **cfg) -> DynamicBalancer:
+def build(names: list[str], **cfg: Any) -> DynamicBalancer:
+    unknown = sorted(set(cfg) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"balancer.cfg.{unknown[0]}: unknown option of the dynamic balancer; known: {', '.join(OPTIONS)}")
     return DynamicBalancer(names, **cfg)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,6 +18,8 @@ class TeacherBatch:
     txt_tokens: [B, L, Ct] or None; txt_mask: [B, L] bool or None.
     intermediates: name -> [B, C] pooled intermediate-layer features (e.g. "image.11").
     logit_scale: the teacher's exp'd scale.
+    txt_embed_mean: [B, Dt] or None: the L2-normalised mean of the teacher embeddings of ALL captions
+    of row i's image (the caption-mean text target; None where the batch does not provide it).
     """
 
     img_embed: Tensor
@@ -27,6 +30,7 @@ class TeacherBatch:
     txt_mask: Tensor | None = None
     intermediates: dict[str, Tensor] | None = None
     logit_scale: float = 100.0
+    txt_embed_mean: Tensor | None = None
 
 
 @dataclass
@@ -36,6 +40,11 @@ class DistillBatch:
     ``image_ids`` [B] lets losses mask false negatives (two captions of one image in a batch).
     ``step``/``total_steps`` drive schedules (e.g. MAC-loss temperature decay).
     ``student_logit_scale`` is the student's LOG-scale parameter (losses apply ``exp`` and clamp).
+    ``s_img_proj`` / ``s_txt_proj``: the student embeddings mapped into the teacher's embedding space
+    by the Distiller's shared projections (:class:`distill.losses.projection.EmbedProjections`); None
+    when the batch was built without them (losses then need equal widths).
+    ``queue``: the Distiller's shared FIFO of past teacher embeddings (:class:`distill.losses.queue.QueueView`)
+    or None.
     """
 
     s_img: ImageFeatures
@@ -45,6 +54,9 @@ class DistillBatch:
     image_ids: Tensor
     step: int = 0
     total_steps: int = 1
+    s_img_proj: Tensor | None = None
+    s_txt_proj: Tensor | None = None
+    queue: Any = None
 
 
 @dataclass
@@ -60,8 +72,13 @@ class Dims:
 
 
 class DistillLoss(nn.Module):
-    """A loss term: ``forward(batch) -> scalar``. May own learned projections and buffers (queues);
-    these are trained with the student and saved in checkpoints."""
+    """A loss term: ``forward(batch) -> scalar``. May own learned parameters and buffers (e.g. token
+    projections); these are trained with the student and saved in checkpoints. Embedding projections
+    and the teacher queue are shared and owned by the Distiller: a loss sets ``uses_projection`` when
+    it reads ``batch.s_img_proj``/``s_txt_proj`` and ``queue_size`` (> 0) to request the shared queue."""
+
+    uses_projection: bool = False
+    queue_size: int = 0
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

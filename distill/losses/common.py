@@ -1,14 +1,13 @@
-"""Helpers shared by the loss modules: fp32 computation, embedding projections, false-negative
-masks and optional cross-rank gathering."""
+"""Helpers shared by the loss modules: fp32 computation, the student's embeddings in the teacher's
+space, (multi-positive) InfoNCE, false-negative masks and optional cross-rank gathering."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.dist import all_gather_cat
 
@@ -20,24 +19,25 @@ def full_precision(ref: Tensor) -> Iterator[None]:
         yield
 
 
-class EmbedProjection(nn.Module):
-    """Maps L2-normalised student embeddings [B, Ds] into the teacher space [B, Dt] and
-    re-normalises. A learned bias-free linear map when ``Ds != Dt``, the identity otherwise.
+def in_teacher_space(batch: Any, loss: str) -> tuple[Tensor, Tensor]:
+    """The student's (image, text) embeddings in the teacher's space, float32: the Distiller's shared
+    projections (``batch.s_img_proj``/``s_txt_proj``) when present, else the raw embeddings, which is
+    only valid when the widths already match (a loss used outside the Distiller)."""
+    if batch.s_img_proj is not None and batch.s_txt_proj is not None:
+        return batch.s_img_proj.float(), batch.s_txt_proj.float()
+    s_width, t_width = batch.s_img.embed.shape[-1], batch.teacher.img_embed.shape[-1]
+    if s_width != t_width:
+        raise ValueError(f"{loss}: the student embedding ({s_width}) and the teacher's ({t_width}) differ in width "
+                         "and the batch carries no projected embeddings; build the loss through "
+                         "distill.distiller.Distiller (or attach EmbedProjections to the batch)")
+    return batch.s_img.embed.float(), batch.s_txt.embed.float()
 
-    One projection is shared by both modalities so that the student's joint image-text space is
-    mapped consistently (cross-modal terms stay meaningful)."""
 
-    def __init__(self, student_dim: int, teacher_dim: int) -> None:
-        super().__init__()
-        self.linear: nn.Linear | None = None
-        if student_dim != teacher_dim:
-            self.linear = nn.Linear(student_dim, teacher_dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if self.linear is None:
-            return x
-        return F.normalize(self.linear(x), dim=-1)
+def multi_positive_nce(logits: Tensor, positives: Tensor) -> Tensor:
+    """Mean over rows of ``-log sum_{j positive} softmax(logits)_j`` (InfoNCE with several positives;
+    with one positive per row it equals the cross-entropy). Excluded columns carry ``-inf``."""
+    pos = logits.masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos, dim=1)).mean()
 
 
 def same_image(ids_a: Tensor, ids_b: Tensor) -> Tensor:
@@ -69,10 +69,15 @@ def gather_pairs(img: Tensor, txt: Tensor, image_ids: Tensor, enabled: bool) -> 
     return Gathered(all_img, all_txt, all_ids, offset)
 
 
-def mask_false_negatives(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int = 0) -> Tensor:
-    """Set logits[i, j] to -inf where column j is another row of the same image as row i; the
-    positive column ``offset + i`` is kept."""
-    fn = same_image(ids_rows, ids_cols)
+def positives_and_mask(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int,
+                       multi_positive: bool) -> tuple[Tensor, Tensor]:
+    """(logits, positives) for an in-batch block whose own pair is column ``offset + i``: with
+    ``multi_positive`` every column of the same image is a positive, otherwise the other columns of
+    the same image are masked to ``-inf`` (false negatives) and only the own pair is positive."""
+    same = same_image(ids_rows, ids_cols)
+    own = torch.zeros_like(same)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    fn[rows, rows + offset] = False
-    return logits.masked_fill(fn, float("-inf"))
+    own[rows, rows + offset] = True
+    if multi_positive:
+        return logits, same | own
+    return logits.masked_fill(same & ~own, float("-inf")), own

@@ -1,100 +1,100 @@
 """Contrastive distillation: InfoNCE where the teacher's embedding of the same pair is the positive,
-and the other teacher embeddings of the batch plus a FIFO queue of past teacher embeddings are the
-negatives.
+and the other teacher embeddings of the batch plus the shared queue of past teacher embeddings
+(:mod:`distill.losses.queue`) are the other columns. The student side is its embedding mapped into
+the teacher's space by the Distiller's shared projection (``batch.s_img_proj``/``s_txt_proj``).
 
 Terms (``terms`` config, names ``<student modality>_<teacher modality>``): ``img_img``, ``txt_txt``
 (same-modality) and ``img_txt``, ``txt_img`` (cross-modality); the loss is their mean.
 
-False negatives: in-batch rows and queue entries that come from the same image as the anchor (another
-caption of it, or the same image seen again in an earlier step / epoch) are excluded from the
-denominator, because the teacher embeds them close to the positive. The queue therefore stores the
-image id of every entry next to the embeddings.
+``text_target`` picks the teacher text embedding of the ``*_txt`` terms: ``caption`` (the sampled
+caption), ``caption_mean`` (``batch.teacher.txt_embed_mean``: the normalised mean over all captions of
+the image, a less noisy description of the image) or ``both`` (default): the cross-modal ``img_txt``
+term targets the caption mean, the same-modality ``txt_txt`` term the sampled caption (the student
+embeds that caption, so its own teacher embedding is the exact target). Batches without
+``txt_embed_mean`` (a teacher run online) use the caption embedding.
 
-The queue (``queue_img``, ``queue_txt``, ``queue_ids``, ``queue_ptr``, ``queue_filled``) consists of
-buffers, so it is saved in checkpoints; empty slots are never used as negatives. With ``gather`` (default)
-the in-batch candidates and the enqueued rows are the teacher embeddings of all ranks, so every rank
-keeps the same queue.
+Same-image columns: in-batch rows and queue entries that come from the same image as the anchor
+(another caption of it, the same image seen in an earlier step / epoch) are positives with
+``multi_positive`` (default: multi-positive InfoNCE, ``-log sum_{positives} softmax``); with
+``multi_positive: false`` they are excluded from the denominator (false negatives) and only the own
+pair is positive. ``queue_size`` (default 8192, 0: no queue) requests the Distiller's shared queue;
+the queue holds caption (not caption-mean) embeddings.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import EmbedProjection, full_precision, gather_pairs, mask_false_negatives
+from distill.losses.common import (full_precision, gather_pairs, gather_rows, in_teacher_space, multi_positive_nce,
+                                  positives_and_mask, same_image)
 
 TERMS = ("img_img", "txt_txt", "img_txt", "txt_img")
+TEXT_TARGETS = ("caption", "caption_mean", "both")
 
 
 class ContrastiveDistillLoss(DistillLoss):
+    uses_projection = True
+
     def __init__(self, dims: Dims, queue_size: int = 8192, temperature: float = 0.05,
-                 terms: Sequence[str] = TERMS, gather: bool = True) -> None:
+                 terms: Sequence[str] = TERMS, gather: bool = True, text_target: str = "both",
+                 multi_positive: bool = True) -> None:
         super().__init__()
         unknown = [t for t in terms if t not in TERMS]
         if unknown or not terms:
             raise ValueError(f"contrastive_distill: unknown or empty terms {list(terms)}; choose from {TERMS}")
         if queue_size < 0 or temperature <= 0:
             raise ValueError("contrastive_distill: queue_size must be >= 0 and temperature > 0")
+        if text_target not in TEXT_TARGETS:
+            raise ValueError(f"contrastive_distill: text_target must be one of {TEXT_TARGETS}, got {text_target!r}")
         self.terms = tuple(terms)
         self.temperature = temperature
         self.gather = gather
-        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
-        self.register_buffer("queue_img", torch.zeros(queue_size, dims.teacher_embed))
-        self.register_buffer("queue_txt", torch.zeros(queue_size, dims.teacher_embed))
-        self.register_buffer("queue_ids", torch.full((queue_size,), -1, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.text_target = text_target
+        self.multi_positive = multi_positive
+        self.queue_size = queue_size
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
         with full_precision(t.img_embed):
-            student = {"img": self.proj(batch.s_img.embed), "txt": self.proj(batch.s_txt.embed)}
-            t_img, t_txt, all_ids, offset = gather_pairs(t.img_embed.detach().float(), t.txt_embed.detach().float(),
-                                                         batch.image_ids, self.gather)
+            s_img, s_txt = in_teacher_space(batch, "contrastive_distill")
+            student = {"img": s_img, "txt": s_txt}
+            caption = t.txt_embed.detach().float()
+            mean = caption if t.txt_embed_mean is None else t.txt_embed_mean.detach().float()
+            t_img, t_cap, all_ids, offset = gather_pairs(t.img_embed.detach().float(), caption, batch.image_ids, self.gather)
+            t_mean = gather_rows(mean, self.gather)[0]
             ids = batch.image_ids.to(t_img.device)
-            filled = int(self.queue_filled)
-            queue = {"img": self.queue_img[:filled].clone(), "txt": self.queue_txt[:filled].clone()}
-            queue_ids = self.queue_ids[:filled].clone()
-            teacher = {"img": t_img, "txt": t_txt}
+            q = batch.queue if self.queue_size else None
             losses = []
             for term in self.terms:
                 s_mod, t_mod = term.split("_")
-                losses.append(self._info_nce(student[s_mod], teacher[t_mod], queue[t_mod],
-                                             ids, all_ids, queue_ids, offset))
-            loss = torch.stack(losses).mean()
-        self._enqueue(t_img, t_txt, all_ids)
-        return loss
+                if t_mod == "img":
+                    targets = t_img
+                else:
+                    use_mean = self.text_target == "caption_mean" or (self.text_target == "both" and s_mod == "img")
+                    targets = t_mean if use_mean else t_cap
+                queue = None if q is None else (q.img if t_mod == "img" else q.txt, q.ids, q.valid)
+                losses.append(self._info_nce(student[s_mod], targets, ids, all_ids, offset, queue))
+            return torch.stack(losses).mean()
 
-    def _info_nce(self, anchor: Tensor, targets: Tensor, queue: Tensor, ids: Tensor, target_ids: Tensor,
-                  queue_ids: Tensor, offset: int) -> Tensor:
-        """Cross-entropy of each anchor against [in-batch targets | queue], positive = its own pair."""
-        in_batch = mask_false_negatives(anchor @ targets.T / self.temperature, ids, target_ids, offset)
-        from_queue = anchor @ queue.T / self.temperature
-        from_queue = from_queue.masked_fill(ids.reshape(-1, 1) == queue_ids.reshape(1, -1), float("-inf"))
-        logits = torch.cat([in_batch, from_queue], dim=1)
-        labels = torch.arange(anchor.shape[0], device=anchor.device) + offset
-        return F.cross_entropy(logits, labels)
-
-    @torch.no_grad()
-    def _enqueue(self, img: Tensor, txt: Tensor, ids: Tensor) -> None:
-        """Write rows FIFO at ``queue_ptr`` (wrapping around); only the newest ``queue_size`` rows
-        are kept when a batch is larger than the queue."""
-        size = self.queue_ids.shape[0]
-        if size == 0:
-            return
-        skip = max(0, img.shape[0] - size)
-        img, txt, ids = img[skip:], txt[skip:], ids[skip:]
-        start = (int(self.queue_ptr) + skip) % size
-        idx = (start + torch.arange(img.shape[0], device=img.device)) % size
-        self.queue_img[idx] = img.to(self.queue_img.dtype)
-        self.queue_txt[idx] = txt.to(self.queue_txt.dtype)
-        self.queue_ids[idx] = ids.to(self.queue_ids.device, torch.long)
-        self.queue_ptr.fill_((start + img.shape[0]) % size)
-        self.queue_filled.fill_(min(int(self.queue_filled) + img.shape[0] + skip, size))
+    def _info_nce(self, anchor: Tensor, targets: Tensor, ids: Tensor, target_ids: Tensor, offset: int,
+                  queue: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        """Multi-positive InfoNCE of each anchor against [in-batch targets | queue]."""
+        logits, positives = positives_and_mask(anchor @ targets.T / self.temperature, ids, target_ids, offset,
+                                               self.multi_positive)
+        if queue is not None:
+            q_emb, q_ids, q_valid = queue
+            q_logits = (anchor @ q_emb.T / self.temperature).masked_fill(~q_valid, float("-inf"))
+            q_same = same_image(ids, q_ids) & q_valid
+            if self.multi_positive:
+                q_pos = q_same
+            else:
+                q_logits, q_pos = q_logits.masked_fill(q_same, float("-inf")), torch.zeros_like(q_same)
+            logits, positives = torch.cat([logits, q_logits], dim=1), torch.cat([positives, q_pos], dim=1)
+        return multi_positive_nce(logits, positives)
 
 
 @LOSSES.register("contrastive_distill")

@@ -9,21 +9,21 @@ from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import EmbedProjection, full_precision
+from distill.losses.common import full_precision, in_teacher_space
 
 
 class CosineLoss(DistillLoss):
+    uses_projection = True
+
     def __init__(self, dims: Dims) -> None:
         super().__init__()
-        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
         with full_precision(t.img_embed):
-            cos = torch.cat([
-                F.cosine_similarity(self.proj(batch.s_img.embed), t.img_embed.float(), dim=-1),
-                F.cosine_similarity(self.proj(batch.s_txt.embed), t.txt_embed.float(), dim=-1),
-            ])
+            s_img, s_txt = in_teacher_space(batch, "cosine")
+            cos = torch.cat([F.cosine_similarity(s_img, t.img_embed.float(), dim=-1),
+                             F.cosine_similarity(s_txt, t.txt_embed.float(), dim=-1)])
             return 1 - (cos.mean() + 1) / 2
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import EmbedProjection, full_precision
+from distill.losses.common import full_precision, in_teacher_space
 
 
 def _module_key(name: str) -> str:
@@ -23,9 +23,10 @@ def _module_key(name: str) -> str:
 
 
 class DeepMSELoss(DistillLoss):
+    uses_projection = True
+
     def __init__(self, dims: Dims, intermediates: dict[str, int] | None = None, intermediate_weight: float = 1.0) -> None:
         super().__init__()
-        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
         self.intermediates = dict(intermediates or {})
         bad = [n for n in self.intermediates if not n.startswith(("image.", "text."))]
         if bad:
@@ -38,8 +39,8 @@ class DeepMSELoss(DistillLoss):
         t = batch.teacher
         with full_precision(t.img_embed):
             s_img, s_txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
-            loss = (F.mse_loss(self.proj(s_img), t.img_embed.float())
-                    + F.mse_loss(self.proj(s_txt), t.txt_embed.float())) / 2
+            p_img, p_txt = in_teacher_space(batch, "deep_mse")
+            loss = (F.mse_loss(p_img, t.img_embed.float()) + F.mse_loss(p_txt, t.txt_embed.float())) / 2
             if not self.intermediates:
                 return loss
             cached = t.intermediates or {}

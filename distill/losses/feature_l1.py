@@ -6,19 +6,21 @@ from torch import Tensor
 
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import EmbedProjection, full_precision
+from distill.losses.common import full_precision, in_teacher_space
 
 
 class FeatureL1Loss(DistillLoss):
+    uses_projection = True
+
     def __init__(self, dims: Dims) -> None:
         super().__init__()
-        self.proj = EmbedProjection(dims.student_embed, dims.teacher_embed)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
         with full_precision(t.img_embed):
-            img = (self.proj(batch.s_img.embed) - t.img_embed.float()).abs().mean()
-            txt = (self.proj(batch.s_txt.embed) - t.txt_embed.float()).abs().mean()
+            s_img, s_txt = in_teacher_space(batch, "feature_l1")
+            img = (s_img - t.img_embed.float()).abs().mean()
+            txt = (s_txt - t.txt_embed.float()).abs().mean()
             return (img + txt) / 2
 
 

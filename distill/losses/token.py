@@ -12,8 +12,12 @@ Matching student tokens to teacher tokens:
   tokens, which have no grid) and text from different tokenisers: attention matching, where each
   teacher token attends over the real student tokens with ``softmax(q k^T / sqrt(C))`` (q = teacher
   token, k = v = projected student tokens) and the attended feature is compared with the teacher token;
-* text with the same tokeniser (``text_match="position"``, or ``"auto"`` when lengths and masks agree):
-  token by token.
+* text with the same tokeniser (``text_match="position"``, or ``"auto"`` when the tokenisers agree):
+  token by token. Student and teacher may pad to different lengths (context lengths differ): both are
+  trimmed to the shorter length, which is allowed when the longer side has only padding beyond it, and
+  the tokenisers agree when the masks are equal on that overlap. ``"auto"`` falls back to attention
+  matching only when they do not agree (or a side has no mask and the lengths differ);
+  ``"position"`` raises then.
 
 Padding (``mask`` False) never contributes: padded features are zeroed before use, padded student
 tokens get no attention, and padded teacher tokens are excluded from the mean.
@@ -99,21 +103,35 @@ class TokenLoss(DistillLoss):
         student, teacher = self.txt_proj(_zero_padding(s_tokens.float(), s_mask)), t_tokens.float()
         s_mask = s_mask.bool() if s_mask is not None else None
         t_mask = t_mask.bool() if t_mask is not None else None
-        if self._positional(student, s_mask, teacher, t_mask):
+        aligned = self._aligned(student, s_mask, teacher, t_mask)
+        if aligned is not None:
+            student, s_mask, teacher, t_mask = aligned
             both = s_mask if t_mask is None else (t_mask if s_mask is None else s_mask & t_mask)
             student, teacher = _zero_padding(student, both), _zero_padding(teacher, both)
             return _masked_mean(1 - F.cosine_similarity(student, teacher, dim=-1), both)
         return attention_match(student, s_mask, teacher, t_mask)
 
-    def _positional(self, student: Tensor, s_mask: Tensor | None, teacher: Tensor, t_mask: Tensor | None) -> bool:
-        if self.text_match != "auto":
-            if self.text_match == "position" and student.shape[1] != teacher.shape[1]:
-                raise ValueError(f"token: text_match='position' needs equal lengths, got student "
-                                 f"{student.shape[1]} vs teacher {teacher.shape[1]}")
-            return self.text_match == "position"
-        if student.shape[1] != teacher.shape[1]:
-            return False
-        return s_mask is None or t_mask is None or torch.equal(s_mask, t_mask)
+    def _aligned(self, student: Tensor, s_mask: Tensor | None, teacher: Tensor,
+                 t_mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None:
+        """Student/teacher tokens and masks trimmed to a common length when they can be matched by
+        position, else None (attention matching)."""
+        if self.text_match == "attention":
+            return None
+        ls, lt = student.shape[1], teacher.shape[1]
+        n = min(ls, lt)
+        reason = None
+        if ls != lt and (s_mask is None or t_mask is None):
+            reason = f"lengths differ (student {ls} vs teacher {lt}) and a side has no mask"
+        elif (s_mask is not None and s_mask[:, n:].any()) or (t_mask is not None and t_mask[:, n:].any()):
+            reason = f"real tokens beyond the common length {n} (student {ls} vs teacher {lt})"
+        elif s_mask is not None and t_mask is not None and not torch.equal(s_mask[:, :n], t_mask[:, :n]):
+            reason = "the masks differ (another tokeniser)"
+        if reason is None:
+            trim = lambda m: None if m is None else m[:, :n]  # noqa: E731
+            return student[:, :n], trim(s_mask), teacher[:, :n], trim(t_mask)
+        if self.text_match == "position":
+            raise ValueError(f"token: text_match='position' but the text tokens cannot be matched by position: {reason}")
+        return None
 
 
 @LOSSES.register("token")
