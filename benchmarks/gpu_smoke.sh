@@ -12,11 +12,12 @@
 # Options: --device D (cuda) --out DIR (required) --steps N (50) --precisions "fp32 bf16 fp16"
 # (fp16 is CUDA-only) --students "vit pruned pmf mwa" --images N (images of the sample, 300)
 # --image-size PX (128) --batch-size N (32) --timeout S (per stage, 90) --skip-bench --skip-train
-# --tiny (CPU sizes: small models, 16 images, 64 px, no loader workers) --python PY.
+# --tiny (CPU sizes: small models, 16 images, 64 px, no loader workers) --jobs N (2 on CUDA: the
+# benchmarks run beside the training stages; 1 on CPU) --python PY.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEVICE=cuda OUT="" STEPS=50 PRECISIONS="fp32 bf16 fp16" STUDENTS="vit pruned pmf mwa" IMAGES=300
-IMAGE_SIZE=128 BATCH=32 TIMEOUT=90 SKIP_BENCH=0 SKIP_TRAIN=0 TINY=0 WORKERS=4 PY="${PYTHON:-python}"
+IMAGE_SIZE=128 BATCH=32 TIMEOUT=90 SKIP_BENCH=0 SKIP_TRAIN=0 TINY=0 WORKERS=4 JOBS="" PY="${PYTHON:-python}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
@@ -30,13 +31,15 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --skip-bench) SKIP_BENCH=1; shift ;;
     --skip-train) SKIP_TRAIN=1; shift ;;
+    --jobs) JOBS="$2"; shift 2 ;;
     --tiny) TINY=1; IMAGES=16; IMAGE_SIZE=64; BATCH=4; WORKERS=0; shift ;;
     --python) PY="$2"; shift 2 ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_smoke: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$OUT" ] || { echo "gpu_smoke: --out DIR is required" >&2; exit 2; }
+[ -n "$JOBS" ] || { [[ "$DEVICE" == cuda* ]] && JOBS=2 || JOBS=1; }
 case " $PRECISIONS " in *" fp16 "*) [[ "$DEVICE" == cuda* ]] || { echo "gpu_smoke: fp16 needs --device cuda" >&2; exit 2; } ;; esac
 mkdir -p "$OUT/logs" "$OUT/bench" "$OUT/train"
 OUT="$(cd "$OUT" && pwd)"
@@ -79,8 +82,6 @@ for line in (sample / "captions.tsv").read_text(encoding="utf-8").splitlines()[1
 print(f"{len(names)} images, {len(rows) - 1} captions")
 EOF
 DATA=(--data "$OUT/data/captions.tsv" --images-root "$REPO/examples/sample_flickr8k")
-[ "$SKIP_TRAIN" = 1 ] || stage cache "$PY" -m distill.cache_teacher --teacher "lit:$OUT/lit" "${DATA[@]}" --out "$OUT/cache" \
-  --image-tokens full --batch-size 32 --num-workers "$WORKERS" --device "$DEVICE"
 
 # ---------------------------------------------------------------- benchmarks
 BT="openclip:$OUT/bench_teacher.json"
@@ -89,7 +90,8 @@ if [ "$TINY" = 1 ]; then EVAL=(--images 300 --captions 1500 --dim 32 --chunk-siz
 else EVAL=(--images 5000 --captions 25000 --dim 256 --scale 10000x50000); fi
 AMP=(); [[ "$DEVICE" == cuda* ]] && AMP=(--amp)
 bench() { local name="$1"; shift; stage "bench_$name" "$PY" "benchmarks/$name.py" --device "$DEVICE" --out "$OUT/bench/$name.json" "$@"; }
-if [ "$SKIP_BENCH" = 0 ]; then
+run_benchmarks() {
+  [ "$SKIP_BENCH" = 1 ] && return
   bench eval_speed "${EVAL[@]}" --repeats 1
   bench inference_speed --teacher "$BT" --student-cfg "$SCFG" --image-batch 8 --text-batch 16 --repeats 1 "${AMP[@]}"
   bench train_step_speed --teacher "$BT" --student-cfg "$SCFG" --data synthetic --images 16 --batch-size 8 --repeats 1
@@ -97,7 +99,16 @@ if [ "$SKIP_BENCH" = 0 ]; then
   bench token_storage_bytes --teacher "$BT" --data synthetic --images 6 --grid 2
   bench peak_memory --teacher "$BT" --student-cfg "$SCFG" --data synthetic --images 8 --batch-size 4 --steps 2 "${AMP[@]}"
   bench tuning_memory --image-size 64 --batch-size 4 --repeats 1 --recall-steps 2 --recall-train-images 8 --recall-eval-images 4
-fi
+  if [ "$TINY" = 1 ]; then
+    TIN=(--sizes 48,32 --batch-size 8 --train-teacher "$BT" --train-steps 2 --pruned-text-layers 1 --train-batch-size 4
+         --train-workers 0 --train-precision fp32 --student-cfg "$SCFG")
+  else
+    TIN=(--sizes 160,224 --batch-size 32 --train-teacher "lit:$OUT/lit" --train-steps 20 --train-batch-size 128
+         --train-workers 8 --train-precision bf16)
+  fi
+  bench train_input_speed --teacher "$BT" --data synthetic --images 16 --views 2 --warmup 0 --repeats 1 \
+    --train-students vit-gpu,pruned "${TIN[@]}"
+}
 
 # ---------------------------------------------------------------- training: each student x precision
 if [ "$TINY" = 1 ]; then
@@ -123,16 +134,29 @@ train() {  # train NAME STUDENT PRECISION EXTRA...
     --num-workers "$WORKERS" --seed 0 --set train.warmup_steps=5 --set train.checkpoint_every=100000 \
     --set "train.log_every=$(( STEPS < 10 ? 1 : 10 ))" "${sets[@]}" "$@"
 }
-[ "$SKIP_TRAIN" = 1 ] && STUDENTS=""
-for student in $STUDENTS; do
-  for prec in $PRECISIONS; do train "$student-$prec" "$student" "$prec"; done
-done
-# the CUDA-specific switches, once each
-case " $STUDENTS " in *" vit "*) train vit-fp32-deterministic vit fp32 --set train.deterministic=true ;; esac
-case " $STUDENTS " in *" pruned "*)
-  train pruned-gradnorm-"${PRECISIONS##* }" pruned "${PRECISIONS##* }" --set balancer.name=gradnorm
-  train pruned-channels_last pruned fp32 --set train.channels_last=true ;;
-esac
+run_training() {
+  [ "$SKIP_TRAIN" = 1 ] && return
+  stage cache "$PY" -m distill.cache_teacher --teacher "lit:$OUT/lit" "${DATA[@]}" --out "$OUT/cache" \
+    --image-tokens full --batch-size 32 --num-workers "$WORKERS" --device "$DEVICE"
+  for student in $STUDENTS; do
+    for prec in $PRECISIONS; do train "$student-$prec" "$student" "$prec"; done
+  done
+  # the CUDA-specific switches, once each
+  case " $STUDENTS " in *" vit "*) train vit-fp32-deterministic vit fp32 --set train.deterministic=true ;; esac
+  case " $STUDENTS " in *" pruned "*)
+    train pruned-gradnorm-"${PRECISIONS##* }" pruned "${PRECISIONS##* }" --set balancer.name=gradnorm
+    train pruned-channels_last pruned fp32 --set train.channels_last=true ;;
+  esac
+}
+
+if [ "$JOBS" -gt 1 ]; then  # benchmarks and training side by side (smoke, not timing: the figures overlap)
+  run_benchmarks & bench_pid=$!
+  run_training
+  wait "$bench_pid"
+else
+  run_benchmarks
+  run_training
+fi
 
 # ---------------------------------------------------------------- summary
 "$PY" - "$OUT" "$DEVICE" <<'EOF'

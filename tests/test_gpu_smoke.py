@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"
 BENCHMARKS = ["eval_speed", "inference_speed", "train_step_speed", "cache_loader_speed", "token_storage_bytes",
-              "peak_memory", "tuning_memory"]
+              "peak_memory", "tuning_memory", "train_input_speed"]
 STUDENTS = ["vit", "pruned", "pmf", "mwa"]
 STEPS = 3
 
@@ -34,7 +34,7 @@ def smoke(out, *flags: str) -> dict:
 
 @pytest.mark.slow
 def test_smoke_benchmarks(tmp_path):
-    summary = smoke(tmp_path, "--skip-train")
+    summary = smoke(tmp_path, "--skip-train", "--jobs", "2")  # the side-by-side path of the CUDA default
     assert list(summary["stages"]) == ["setup"] + [f"bench_{b}" for b in BENCHMARKS]
     for b in BENCHMARKS:
         record = json.loads((tmp_path / "bench" / f"{b}.json").read_text())
