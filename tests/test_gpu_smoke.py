@@ -24,8 +24,9 @@ def smoke(out, *flags: str) -> dict:
     proc = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out), "--steps", str(STEPS),
                            "--precisions", "fp32 bf16", "--timeout", "300", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert proc.returncode == 0 and summary["ok"], proc.stdout + proc.stderr
+    assert summary["ok"], proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith(f"gpu_smoke: {len(summary['stages'])}/{len(summary['stages'])} stages ok")
     assert summary["device"] == "cpu"
     assert all(s["status"] == "ok" and s["rc"] == 0 and s["seconds"] > 0 for s in summary["stages"].values())
