@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,14 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
 SHARD_JSON = "shard.json"
-VERIFY_MODES = ("none", "size", "full")
+VERIFY_MODES = ("none", "size", "lazy", "full", "auto")
+#: Default integrity check of :class:`TeacherCache`: ``auto`` = ``lazy`` for caches of at most
+#: LAZY_MAX_BYTES_PER_IMAGE stored bytes per image (all views and captions), else ``size``.
+DEFAULT_VERIFY = "auto"
+#: sha256 runs at ~2 GB/s and an epoch decodes each image (~0.7 ms CPU): hashing up to 64 kB per
+#: image stays under 5% of an epoch's data-side time (benchmarks/cache_verify_cost.py measured 49%
+#: for a 700 kB/image ViT-B/16 full-token cache).
+LAZY_MAX_BYTES_PER_IMAGE = 64 * 1024
 _MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "shard_size", "shards", "dims", "offsets")
 #: Rows at least this large are gathered row by row straight into the batch (one copy).
 ROW_COPY_BYTES = 16384
@@ -53,6 +60,10 @@ class CacheVerifyError(CacheError):
     """Recomputed teacher outputs disagree with the cached ones."""
 
 
+class StaleCacheError(CacheMismatchError):
+    """Image files changed (size or modification time) after the cache was built."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -68,10 +79,11 @@ def is_image_array(name: str) -> bool:
 
 
 def check_file(path: Path, entry: dict[str, Any], verify: str) -> None:
-    """Check one cache file against its ``{bytes, sha256}`` record (``verify``: none|size|full)."""
+    """Check one cache file against its ``{bytes, sha256}`` record (``verify``: none|size|lazy|full;
+    ``lazy`` checks the size here and the sha256 on first read, see :meth:`TeacherCache._gather`)."""
     if not path.is_file():
         raise CacheCorruptError(f"missing cache file {path}")
-    if verify in ("size", "full") and path.stat().st_size != entry["bytes"]:
+    if verify in ("size", "lazy", "full") and path.stat().st_size != entry["bytes"]:
         raise CacheCorruptError(f"{path}: size {path.stat().st_size} bytes, expected {entry['bytes']} (truncated or overwritten)")
     if verify == "full" and sha256_file(path) != entry["sha256"]:
         raise CacheCorruptError(f"{path}: sha256 mismatch (the file is corrupt)")
@@ -102,9 +114,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    from distill.manifest_schema import validate_manifest  # imports this module
+
+    validate_manifest(manifest, root, path)
     return manifest
+
+
+def decode_bf16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 numbers stored as their uint16 bit patterns."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 def _as_index(idx: Any, size: int, what: str) -> np.ndarray:
@@ -120,17 +138,23 @@ def _as_index(idx: Any, size: int, what: str) -> np.ndarray:
 class TeacherCache:
     """Memory-mapped view of a teacher cache directory.
 
-    ``verify``: ``"none"`` (trust the files), ``"size"`` (default: every file exists with the
-    recorded size and shape) or ``"full"`` (also re-hash every array with sha256).
+    ``verify``: ``"none"`` (trust the files), ``"size"`` (every file exists with the recorded size
+    and shape), ``"lazy"`` (sizes at open, and each array file's sha256 the first time this
+    process reads from it), ``"full"`` (re-hash every array with sha256 at open) or ``"auto"``
+    (default: ``lazy`` when the cache stores at most :data:`LAZY_MAX_BYTES_PER_IMAGE` per image,
+    where hashing is cheap next to an epoch, else ``size``); :attr:`verify` holds the mode used.
     """
 
-    def __init__(self, path: str | Path, verify: str = "size") -> None:
+    def __init__(self, path: str | Path, verify: str = DEFAULT_VERIFY) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         self.path = Path(path)
         self.verify = verify
         self.manifest = read_manifest(self.path)
         m = self.manifest
+        if verify == "auto":
+            stored = sum(e["bytes"] for s in m["shards"] for e in s["arrays"].values())
+            verify = self.verify = "lazy" if stored <= LAZY_MAX_BYTES_PER_IMAGE * m["dataset"]["num_images"] else "size"
         self.storage: dict[str, Any] = m["storage"]
         self.dims: dict[str, Any] = m["dims"]
         self.num_images = int(m["dataset"]["num_images"])
@@ -148,6 +172,7 @@ class TeacherCache:
         if len(self.offsets) != self.num_images + 1 or self.offsets[-1] != self.num_captions:
             raise CacheCorruptError(f"{offsets_path}: inconsistent with {self.num_images} images / {self.num_captions} captions")
         self._arrays: list[dict[str, np.ndarray]] = []
+        self._hashed: set[tuple[int, str]] = set()
         self._open(verify)
 
     # -- opening / pickling (DataLoader workers re-open the memory maps) --------------------------
@@ -168,6 +193,10 @@ class TeacherCache:
                 row = list(a.shape[2:] if is_image_array(name) else a.shape[1:])
                 old = self._row_shapes.setdefault(name, row)
                 self._row_shapes[name] = [max(x, y) for x, y in zip(old, row)]
+        # arrays stored in fp16 in every shard (``keep_fp16`` passes them through); bf16 bit patterns
+        self._fp16 = {n for n in self._row_shapes if all(a[n].dtype == np.float16 for a in self._arrays)}
+        self._bf16 = {(i, n) for i, s in enumerate(self._shards) for n, e in s["arrays"].items()
+                      if e.get("encoding") == "bfloat16"}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -176,6 +205,7 @@ class TeacherCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._hashed = set()  # lazy verification is per process
         self._open("none")
 
     # -- metadata --------------------------------------------------------------------------------
@@ -213,6 +243,28 @@ class TeacherCache:
                 "num_images": self.num_images, "num_captions": self.num_captions, "num_views": self.num_views,
                 "num_shards": len(self._shards), "storage": self.storage, "dims": self.dims,
                 "total_bytes": total, "bytes_per_sample": bytes_per_sample(self)}
+
+    def _hash_once(self, shard: int, name: str) -> None:
+        """sha256 of one array file (and its int8 scale), the first time this process reads it."""
+        s = self._shards[shard]
+        for n in (name, f"{name}_scale"):
+            if n in s["arrays"] and (shard, n) not in self._hashed:
+                check_file(self.path / s["dir"] / f"{n}.npy", s["arrays"][n], "full")
+                self._hashed.add((shard, n))
+
+    def check_images(self, stats_digest: Callable[[int, int], str]) -> None:
+        """Raise :class:`StaleCacheError` when the images of a shard changed (size or mtime) since
+        the shard was written. ``stats_digest(start, end)`` is the dataset's digest of those images
+        (:meth:`distill.data.ImageTextDataset.stats_digest`); shards written before the digest was
+        recorded are not checked."""
+        stale = [s for s in self._shards if s.get("image_stats") is not None
+                 and s["image_stats"] != stats_digest(*s["image_range"])]
+        if stale:
+            s = stale[0]
+            raise StaleCacheError(f"{self.path}: image files of {len(stale)} shard(s), first {s['dir']} (images "
+                                  f"{s['image_range'][0]}..{s['image_range'][1] - 1}), changed size or modification time "
+                                  "after the cache was built; rerun python -m distill.cache_teacher with the same "
+                                  "arguments to recompute the stale shards")
 
     # -- gathers ---------------------------------------------------------------------------------
     def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0, keep_fp16: bool = False,
@@ -342,14 +394,18 @@ class TeacherCache:
         groups = np.split(order, cuts) if len(ids) else []
         out: dict[str, Tensor] = {}
         for key, name in fields.items():
-            stored = self._arrays[0][name].dtype if self._arrays else np.float32
-            floating = np.float16 if keep_fp16 and stored == np.float16 else np.float32
+            floating = np.float16 if keep_fp16 and name in self._fp16 else np.float32
             dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64,
                      "image_pixels": np.uint8, "image_jpeg_index": np.int64, "view_params_partner": np.int64}.get(name, floating)
             target = np.empty([len(ids), *self._row_shapes[name]], dtype=dtype)
             for sel in groups:
-                arrays = self._arrays[shard_of[sel[0]]]
+                si = int(shard_of[sel[0]])
+                arrays = self._arrays[si]
+                if self.verify == "lazy" and (si, name) not in self._hashed:
+                    self._hash_once(si, name)
                 src, scale = arrays[name], arrays.get(f"{name}_scale")
+                if (si, name) in self._bf16:
+                    src = _Bf16Rows(src)
                 width = src.shape[2 if views is not None else 1] if target.ndim > 1 else None
                 if width is not None and width != target.shape[1]:
                     target[sel, width:] = 0
@@ -367,6 +423,16 @@ class TeacherCache:
                         np.multiply(src[at], scale[at][..., None], out=dst[i], dtype=np.float32)
             out[key] = torch.from_numpy(target)
         return out
+
+
+class _Bf16Rows:
+    """Indexing view of a uint16 bfloat16 array that returns float32 rows."""
+
+    def __init__(self, bits: np.ndarray) -> None:
+        self.bits, self.shape = bits, bits.shape
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return decode_bf16(self.bits[key])
 
 
 def bytes_per_sample(cache: TeacherCache, fp16_as_fp32: bool = False) -> dict[str, float]:

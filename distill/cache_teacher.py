@@ -8,7 +8,9 @@ produces the same bytes as an uninterrupted run; under ``torchrun`` rank r write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib
@@ -34,9 +36,11 @@ from distill.cache import (FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, CacheE
 from distill.config import ConfigError
 from distill.data import BadSampleError, ImageTextDataset, load_dataset
 from distill.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from distill.wds import samples_per_shard
 from distill.mixup import NO_MIX, sample_mix_params, view_image
 from distill.pixels import PixelSettings, crop_pixels, encode_jpeg, pack_jpeg
+from distill.cache_lock import writer_lock
+from distill.output_check import NONFINITE_MODES, OVERFLOW_MODES, ShardOutputs, stored_in_fp16
+from distill.wds import samples_per_shard
 from distill.token_storage import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, build_teacher
 
@@ -184,18 +188,19 @@ def _store_tokens(tokens: Tensor, dtype: str, prefix: str) -> Arrays:
     if dtype == "int8":
         q, scale = quantize_int8(tokens)
         return {prefix: q.cpu().numpy(), f"{prefix}_scale": scale.cpu().numpy().astype(np.float32)}
-    return {prefix: tokens.float().cpu().numpy().astype(np.float16)}
+    return {prefix: tokens.float().cpu().numpy()}  # fp16 cast (and range check) in ShardOutputs
 
 
 def image_arrays(teacher: Teacher, pixels: Tensor, settings: CacheSettings, amp: bool) -> tuple[Arrays, tuple[int, int] | None]:
-    """Encode [n, V, 3, H, W] pixels; returns arrays with leading [n, V] and the stored token grid."""
+    """Encode [n, V, 3, H, W] pixels; returns arrays with leading [n, V] and the stored token grid
+    (float outputs in float32; :class:`ShardOutputs` checks and casts them for storage)."""
     n, v = pixels.shape[:2]
     device = next(iter(teacher.parameters()), torch.empty(0)).device
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
         f = teacher.encode_image(pixels.flatten(0, 1).to(device), layers=settings.image_layers)
-    out: Arrays = {"image_embed": f.embed.float().cpu().numpy().astype(np.float16)}
+    out: Arrays = {"image_embed": f.embed.float().cpu().numpy()}
     for name, x in f.intermediates.items():
-        out[f"inter_{name}"] = x.float().cpu().numpy().astype(np.float16)
+        out[f"inter_{name}"] = x.float().cpu().numpy()
     mode, grid = settings.image_tokens, None
     if mode.kind != "none":
         if f.tokens is None:
@@ -235,9 +240,9 @@ def text_arrays(teacher: Teacher, captions: Sequence[str], settings: CacheSettin
     batch = {k: v.to(device) for k, v in teacher.tokenize(list(captions)).items()}
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
         f = teacher.encode_text(batch, layers=settings.text_layers)
-    out: Arrays = {"text_embed": f.embed.float().cpu().numpy().astype(np.float16)}
+    out: Arrays = {"text_embed": f.embed.float().cpu().numpy()}
     for name, x in f.intermediates.items():
-        out[f"inter_{name}"] = x.float().cpu().numpy().astype(np.float16)
+        out[f"inter_{name}"] = x.float().cpu().numpy()
     mode = settings.text_tokens
     if mode.kind != "none":
         if f.tokens is None:
@@ -289,7 +294,7 @@ def save_array(path: Path, arr: np.ndarray) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path.tmp``, fsync and rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -298,26 +303,43 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(out: Path, plan: ShardPlan, arrays: Arrays, meta: dict[str, Any], rank: int) -> None:
-    """Write a shard into ``<dir>.tmp-<rank>`` and rename it into place; on failure the temporary
-    directory is removed and :class:`CacheWriteError` names the shard."""
+def write_advice(e: OSError) -> str:
+    """What to do after an OSError while writing the cache, by its cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space (or raise the quota) and rerun the same command to resume"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the --out folder writable (or choose another --out) and rerun the same command to resume"
+    if e.errno == errno.ENOENT:
+        return ("a file vanished while writing (was the folder changed or removed by another process?); "
+                "rerun the same command to resume")
+    return "fix the cause above and rerun the same command to resume"
+
+
+def write_shard(out: Path, plan: ShardPlan, arrays: Arrays, meta: dict[str, Any], rank: int,
+                encodings: dict[str, str] | None = None) -> None:
+    """Write a shard into ``<dir>.tmp-<rank>-<pid>`` and rename it into place; on failure the
+    temporary directory is removed and :class:`CacheWriteError` names the shard. ``encodings``
+    marks arrays stored as bit patterns (``{"image_tokens": "bfloat16"}``) in their records."""
     final = out / plan.dir
-    tmp = final.with_name(f"{final.name}.tmp-{rank}")
+    tmp = final.with_name(f"{final.name}.tmp-{rank}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         records = {name: save_array(tmp / f"{name}.npy", arrays[name]) for name in sorted(arrays)}
+        for name, encoding in (encodings or {}).items():
+            records[name]["encoding"] = encoding
         write_json_atomic(tmp / SHARD_JSON, {**meta, "index": plan.index, "dir": plan.dir,
                                             "image_range": list(plan.image_range),
                                             "caption_range": list(plan.caption_range), "arrays": records})
         fsync_dir(tmp)
+        if final.exists():  # a stale/incomplete shard of an earlier run: replaced only now
+            shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise CacheWriteError(f"writing shard {final} failed: {e}. Completed shards are intact; "
-                                  "free space and rerun the same command to resume") from e
+            raise CacheWriteError(f"writing shard {final} failed: {e}. Completed shards are intact; {write_advice(e)}") from e
         raise
 
 
@@ -329,11 +351,17 @@ def read_shard_json(folder: Path) -> dict[str, Any] | None:
 
 
 def shard_is_complete(out: Path, plan: ShardPlan, info: dict[str, Any] | None, source: dict[str, str],
-                      rehash: bool) -> bool:
+                      rehash: bool, image_stats: str | None = None, nonfinite: str = "report") -> bool:
     """Whether the shard on disk belongs to this run and all its files have the recorded size
-    (and sha256 when ``rehash``)."""
+    (and sha256 when ``rehash``); with ``image_stats`` also that its images have the recorded
+    size/mtime digest, and with ``nonfinite="error"`` that it holds no reported non-finite values."""
     if info is None or info.get("source") != source or info.get("index") != plan.index \
             or info.get("image_range") != list(plan.image_range) or info.get("caption_range") != list(plan.caption_range):
+        return False
+    if image_stats is not None and info.get("image_stats") != image_stats:
+        return False
+    checks = info.get("output_check") if isinstance(info.get("output_check"), dict) else {}
+    if nonfinite == "error" and any(isinstance(c, dict) and c.get("nonfinite") for c in checks.values()):
         return False
     try:
         for name, entry in info["arrays"].items():
@@ -373,6 +401,8 @@ def clear_cache(out: Path) -> None:
     shutil.rmtree(out / "shards", ignore_errors=True)
     for name in (MANIFEST, OFFSETS, MANIFEST + ".tmp", OFFSETS + ".tmp"):
         (out / name).unlink(missing_ok=True)
+    for tmp in [*out.glob(MANIFEST + ".tmp-*"), *out.glob(OFFSETS + ".tmp-*")]:
+        tmp.unlink(missing_ok=True)
 
 
 def estimate_cache_size(teacher: Teacher, ds: ImageTextDataset, settings: CacheSettings) -> dict[str, float]:
@@ -390,8 +420,11 @@ def estimate_cache_size(teacher: Teacher, ds: ImageTextDataset, settings: CacheS
             image.update(pack_jpeg(jpeg))
         caps = ds.captions[int(ds.offsets[0]):int(ds.offsets[1])]
         text = text_arrays(teacher, caps, settings, amp=False)
-    sizes = {k: float(a.nbytes) * ds.num_images for k, a in image.items()}
-    sizes.update({k: float(a.nbytes) / len(caps) * ds.num_captions for k, a in text.items()})
+    def stored(name: str, a: np.ndarray) -> float:  # float outputs are cast to fp16 by ShardOutputs
+        return float(a.nbytes) / (2 if a.dtype == np.float32 and stored_in_fp16(name) else 1)
+
+    sizes = {k: stored(k, a) * ds.num_images for k, a in image.items()}
+    sizes.update({k: stored(k, a) / len(caps) * ds.num_captions for k, a in text.items()})
     return sizes
 
 
@@ -412,10 +445,13 @@ def print_size_estimate(sizes: dict[str, float], ds: ImageTextDataset, settings:
 
 # -- the writer ----------------------------------------------------------------------------------
 def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batches: Any, settings: CacheSettings,
-                  batch_size: int, amp: bool, progress: tqdm, caption_progress: tqdm | None = None
-                  ) -> tuple[Arrays, tuple[int, int] | None]:
-    """Consume this shard's image batches from the loader iterator and encode its captions."""
-    parts: dict[str, list[np.ndarray]] = {}
+                  batch_size: int, amp: bool, progress: tqdm, caption_progress: tqdm | None = None,
+                  outputs: ShardOutputs | None = None) -> tuple[Arrays, tuple[int, int] | None]:
+    """Consume this shard's image batches from the loader iterator and encode its captions
+    (``outputs`` counts non-finite / fp16-overflowing values and casts; :meth:`ShardOutputs.check`
+    is left to the caller)."""
+    outputs = outputs if outputs is not None else ShardOutputs(plan.dir)
+    parts = outputs.parts
     grid = None
     params: list[np.ndarray] = []
     jpeg: list[list[np.ndarray]] = []
@@ -426,13 +462,11 @@ def compute_shard(teacher: Teacher, ds: ImageTextDataset, plan: ShardPlan, batch
         arrays, grid = image_arrays(teacher, pixels, settings, amp)
         arrays.update(view_extra_arrays(extra, settings, jpeg))
         params.append(view_params.astype(np.float32))
-        for k, a in arrays.items():
-            parts.setdefault(k, []).append(a)
+        outputs.add(arrays)
         progress.update(len(idx))
     a, b = plan.caption_range
     for start in range(a, b, batch_size):
-        for k, arr in text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp).items():
-            parts.setdefault(k, []).append(arr)
+        outputs.add(text_arrays(teacher, ds.captions[start:min(start + batch_size, b)], settings, amp))
         if caption_progress is not None:
             caption_progress.update(min(start + batch_size, b) - start)
     out = {k: concat_padded(v) for k, v in parts.items()}
@@ -460,19 +494,22 @@ def view_extra_arrays(extra: dict[str, Any], settings: CacheSettings, jpeg: list
 
 def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: CacheSettings, source: dict[str, str],
                  info: DistInfo, batch_size: int = 64, num_workers: int = 2, amp: bool = False,
-                 rehash_existing: bool = False) -> WriteStats:
-    """Compute this rank's missing shards (r, r+W, ...), reusing complete ones on disk."""
+                 rehash_existing: bool = False, nonfinite: str = "error", overflow: str = "error") -> WriteStats:
+    """Compute this rank's missing shards (r, r+W, ...), reusing complete ones on disk (a shard
+    whose image files changed size/mtime since it was written is stale and recomputed)."""
     stats = WriteStats()
     todo: list[ShardPlan] = []
+    image_stats: dict[int, str] = {}
     for plan in plan_shards(ds.offsets, settings.shard_size)[info.rank::info.world_size]:
         folder = out / plan.dir
         for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        if shard_is_complete(out, plan, read_shard_json(folder), source, rehash_existing):
+        image_stats[plan.index] = ds.stats_digest(*plan.image_range)  # before reading: a later change is seen
+        if shard_is_complete(out, plan, read_shard_json(folder), source, rehash_existing, image_stats[plan.index],
+                             nonfinite):
             stats.reused_shards += 1
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        todo.append(plan)
+        todo.append(plan)  # an old folder stays until its replacement is complete (write_shard)
     batches = [list(range(s, min(s + batch_size, p.image_range[1]))) for p in todo for s in range(*p.image_range, batch_size)]
     loader = DataLoader(ViewImages(ds, teacher.image_transform(), settings), batch_sampler=batches,
                         num_workers=num_workers if batches else 0, collate_fn=collate_views)
@@ -483,8 +520,11 @@ def write_shards(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: Ca
     it = iter(loader)
     with torch.inference_mode(), progress, captions:
         for plan in todo:
-            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress, captions)
-            write_shard(out, plan, arrays, {"source": source, "image_grid": list(grid) if grid else None}, info.rank)
+            outputs = ShardOutputs(str(out / plan.dir), nonfinite, overflow)
+            arrays, grid = compute_shard(teacher, ds, plan, it, settings, batch_size, amp, progress, captions, outputs)
+            meta = {"source": source, "image_grid": list(grid) if grid else None,
+                    "image_stats": image_stats[plan.index], "output_check": outputs.check()}
+            write_shard(out, plan, arrays, meta, info.rank, outputs.encodings())
             stats.computed_shards += 1
             stats.computed_images += plan.num_images
     return stats
@@ -510,7 +550,7 @@ def write_manifest(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: 
     if settings.pixels is not None:
         dims["pixels"] = [settings.pixels.size, settings.pixels.size, 3]
     try:
-        tmp = out / (OFFSETS + ".tmp")
+        tmp = out / f"{OFFSETS}.tmp-{os.getpid()}"
         offsets_record = save_array(tmp, ds.offsets)
         os.replace(tmp, out / OFFSETS)
         manifest = {
@@ -527,6 +567,26 @@ def write_manifest(teacher: Teacher, ds: ImageTextDataset, out: Path, settings: 
     except OSError as e:
         raise CacheWriteError(f"writing {out / MANIFEST} failed: {e}; rerun the same command to finish") from e
     return manifest
+
+
+def report_output_checks(manifest: dict[str, Any]) -> None:
+    """Print the stored non-finite counts and widened arrays of a cache to stderr (nothing if clean)."""
+    totals: dict[str, dict[str, int]] = {}
+    widened: dict[str, set[str]] = {}
+    for s in manifest["shards"]:
+        for name, c in (s.get("output_check") or {}).items():
+            t = totals.setdefault(name, {"nonfinite": 0, "overflow": 0})
+            t["nonfinite"] += c.get("nonfinite", 0)
+            t["overflow"] += c.get("overflow", 0)
+            if c.get("stored_as"):
+                widened.setdefault(name, set()).add(c["stored_as"])
+    bad = {n: t["nonfinite"] for n, t in totals.items() if t["nonfinite"]}
+    if bad:
+        print("warning: stored non-finite teacher outputs (--nonfinite report): "
+              + ", ".join(f"{n} {k}" for n, k in bad.items()), file=sys.stderr)
+    if widened:
+        print("note: fp16 overflow, stored wider: " + ", ".join(
+            f"{n} ({totals[n]['overflow']} values; {'/'.join(sorted(w))})" for n, w in widened.items()), file=sys.stderr)
 
 
 def _cosines(a: Tensor, b: Tensor) -> Tensor:
@@ -547,9 +607,10 @@ def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed
 
     def compare(what: str, cached: Tensor, fresh: Tensor, thr: float, names: list[str]) -> None:
         cos = _cosines(cached, fresh.float().cpu())
-        worst[what] = float(cos.min())
-        if worst[what] < thr:
-            k = int(cos.argmin())
+        worst[what] = float(cos.min())  # NaN when any row is NaN
+        bad = torch.nonzero(~(cos >= thr)).flatten()  # NaN compares False: a failure
+        if len(bad):
+            k = int(bad[cos[bad].nan_to_num(-2.0).argmin()])  # a NaN row first, else the worst
             raise CacheVerifyError(f"{out}: cached {what} of {names[k]} differs from the teacher's output "
                                    f"(cosine {cos[k]:.5f} < {thr}); the cache is stale or corrupt")
 
@@ -696,6 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-hash (sha256) shards kept from an earlier run instead of checking sizes only")
     p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher/dataset/settings")
+    p.add_argument("--nonfinite", choices=NONFINITE_MODES, default="error",
+                   help="teacher outputs with NaN/Inf: refuse the shard (error) or store them and record the counts "
+                        "in the manifest (report)")
+    p.add_argument("--overflow", choices=OVERFLOW_MODES, default="error",
+                   help="outputs beyond the fp16 range (|x| > 65504): refuse (error) or store that array of that shard "
+                        "in bf16 / fp32")
     return p
 
 
@@ -737,10 +804,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module(module)
     info = init_distributed(args.device)
     out = Path(args.out)
+    lock = contextlib.ExitStack()
     try:
         teacher = build_teacher(args.teacher, str(info.device))
         probe_teacher(teacher, settings)
         ds = load_dataset(args.data, args.split, args.images_root, on_bad_sample=args.on_bad_sample)
+        if info.is_main:  # one writer per folder (the ranks of one torchrun job share it); taken before
+            out.mkdir(parents=True, exist_ok=True)  # anything is written, after the inputs are checked
+            lock.enter_context(writer_lock(out))
         if ds.skipped and info.is_main:
             print(f"skipped {len(ds.skipped)} bad sample(s):", *(f"  {s.reason}" for s in ds.skipped), sep="\n", file=sys.stderr)
         if args.shard_size is None and samples_per_shard(ds):  # webdataset: one cache shard per tar shard
@@ -756,13 +827,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier()
         (out / "shards").mkdir(parents=True, exist_ok=True)
         stats = write_shards(teacher, ds, out, settings, source, info, args.batch_size, args.num_workers, args.amp,
-                             args.verify_existing)
+                             args.verify_existing, args.nonfinite, args.overflow)
         counts = all_reduce_mean(torch.tensor([stats.computed_shards, stats.reused_shards], dtype=torch.float64))
         computed, reused = (int(round(float(c) * info.world_size)) for c in counts)
         barrier()
         if info.is_main:
             extra = {"compute": {"batch_size": args.batch_size, "amp": bool(args.amp), "device": info.device.type}}
             manifest = write_manifest(teacher, ds, out, settings, source, extra)
+            report_output_checks(manifest)
             if args.verify:
                 worst = verify_cache(out, teacher, ds, args.verify)
                 print("verify OK: min cosine " + ", ".join(f"{k} {v:.5f}" for k, v in worst.items()), file=sys.stderr)
@@ -772,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"in {time.time() - t0:.1f} s, {size / 1e6:.1f} MB -> {out}")
         barrier()
     finally:
+        lock.close()
         cleanup()
     return 0
 

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from distill.cache import DEFAULT_VERIFY, VERIFY_MODES
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: Losses of ``train.warmup_stage`` when it gives none.
@@ -42,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
         # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
         # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
         "pixels": "auto",
+        # Integrity check of the teacher cache: none | size | lazy (sha256 of each array file on
+        # its first read) | full (sha256 of everything at start) | auto (lazy when cheap, else
+        # size); see distill/cache.py.
+        "verify_cache": DEFAULT_VERIFY,
     },
     "student": {"name": "vit"},
     "train": {
@@ -209,6 +215,8 @@ def validate(cfg: dict[str, Any]) -> None:
     bal.setdefault("cfg", {})
     if cfg["data"]["pixels"] not in ("auto", "cache", "decode"):
         raise ConfigError(f"data.pixels must be auto, cache or decode, not {cfg['data']['pixels']!r}")
+    if cfg["data"]["verify_cache"] not in VERIFY_MODES:
+        raise ConfigError(f"data.verify_cache must be one of {', '.join(VERIFY_MODES)}, got {cfg['data']['verify_cache']!r}")
     train = cfg["train"]
     if train["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")

@@ -11,13 +11,16 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
+
+from distill.image_checks import check_png_complete, to_rgb
 
 from distill.config import ConfigError
 
@@ -110,12 +113,24 @@ class ImageTextDataset:
 
     def load_image(self, i: int) -> Image.Image:
         """Decode image ``i`` as RGB; a missing or corrupt file raises :class:`BadSampleError`."""
-        path = self.image_path(i)
+        return decode_image(self.image_path(i), self.image_sources[i])
+
+    def image_stat(self, i: int) -> tuple[int, int]:
+        """(size in bytes, mtime in ns) of image ``i``'s file; (-1, -1) when it cannot be stat'ed."""
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-            raise BadSampleError(f"{self.image_sources[i]}: cannot decode image {path}: {e}") from e
+            st = os.stat(self.image_path(i))
+        except OSError:
+            return -1, -1
+        return st.st_size, st.st_mtime_ns
+
+    def stats_digest(self, start: int = 0, end: int | None = None) -> str:
+        """sha256 over the size and mtime of images ``start:end``; the cache records it per shard
+        to detect image files replaced after caching (the content :meth:`fingerprint` does not
+        change when a file is replaced under the same name)."""
+        h = hashlib.sha256()
+        for i in range(start, self.num_images if end is None else end):
+            h.update(np.asarray(self.image_stat(i), dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     def fingerprint(self) -> str:
         """sha256 over name-independent content: image paths, captions and their grouping."""
@@ -158,11 +173,38 @@ class TransformedImages:
         return self.transform(self.data.load_image(i))
 
 
+def decode_image(path: Path, where: str) -> Image.Image:
+    """Decode ``path`` fully as RGB; refuses truncated files (PNG included) and converts 16-bit
+    images with scaling. Every failure is a :class:`BadSampleError` naming ``where`` and the file."""
+    try:
+        if ImageFile.LOAD_TRUNCATED_IMAGES:  # set by some other library: never accept truncated images
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with Image.open(path) as im:
+            im.load()
+            if im.format == "PNG":
+                check_png_complete(path)
+            return to_rgb(im)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise BadSampleError(f"{where}: cannot decode image {path}: {e}") from e
+
+
+def normalise_image_path(rel: str) -> str:
+    """One spelling per file: ``./images/a.jpg``, ``images//a.jpg`` and ``images/../images/a.jpg``
+    all become ``images/a.jpg`` (lexically; escapes are still refused by :func:`_safe_relpath`)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return rel
+    return posixpath.normpath(rel)
+
+
 def _safe_relpath(root: Path, rel: str, where: str) -> str:
     """Reject absolute paths and paths whose text leaves ``root`` through ``..``. Symlinks inside
     the root (e.g. ``images -> /mnt/big/images``) are the user's own and are followed."""
+    if not isinstance(rel, str):
+        raise BadSampleError(f"{where}: image path must be a string, got {type(rel).__name__} {rel!r}")
     if not rel:
         raise BadSampleError(f"{where}: empty image path")
+    if "\0" in rel:
+        raise BadSampleError(f"{where}: image path {rel!r} contains a NUL byte")
     p = Path(rel)
     if p.is_absolute():
         raise BadSampleError(f"{where}: image path {rel!r} is absolute; paths must be relative to {root}")
@@ -194,6 +236,7 @@ def _assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: st
             if isinstance(row, BadSampleError):
                 raise row
             image, caption, _ = row
+            image = normalise_image_path(image)
             if image in bad_images:
                 raise BadSampleError(f"{where}: image {image!r} was rejected on an earlier row")
             try:
@@ -204,14 +247,12 @@ def _assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: st
                         raise BadSampleError(f"{where}: image file not found: {path} (image paths are relative to "
                                              f"{root}; pass --images-root DIR if the images are elsewhere)")
                     if check_decode:
-                        try:
-                            with Image.open(path) as im:
-                                im.convert("RGB")
-                        except Exception as e:  # noqa: BLE001
-                            raise BadSampleError(f"{where}: cannot decode image {path}: {e}") from e
+                        decode_image(path, where)
             except BadSampleError:
                 bad_images.add(image)
                 raise
+            if caption is not None and not isinstance(caption, str):
+                raise BadSampleError(f"{where}: caption must be a string, got {type(caption).__name__}")
             if caption is None or not caption.strip():
                 raise BadSampleError(f"{where}: empty caption for image {image!r}")
             if image not in order:
@@ -244,11 +285,13 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     the first two columns are image, caption."""
     tsv = path.suffix.lower() in (".tsv", ".txt")
     root = Path(images_root) if images_root else path.parent
-    with open(path, newline="", encoding="utf-8") as f:  # TSV captions may contain bare quotes
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # TSV captions may contain bare quotes
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
-        rows_all = list(reader)
+        rows_all = _read_rows(reader, path)
     if not rows_all:
         raise BadSampleError(f"{path}: empty file")
+    if isinstance(rows_all[0], BadSampleError):
+        raise rows_all[0]
     header = [h.strip().lower() for h in rows_all[0]]
     img_col = next((header.index(k) for k in ("image", "filepath", "file_name", "filename", "path") if k in header), None)
     cap_col = next((header.index(k) for k in ("caption", "title", "text", "sentence") if k in header), None)
@@ -262,6 +305,9 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     def rows():
         for n, r in enumerate(rows_all[start:], start=start + 1):
             where = f"{path}:{n}"
+            if isinstance(r, BadSampleError):
+                yield r
+                continue
             if not any(c.strip() for c in r):
                 continue
             if len(r) <= max(img_col, cap_col):
@@ -274,49 +320,143 @@ def load_csv(path: Path, split: str | None = None, images_root: Path | None = No
     return _assemble(root, rows(), path.stem, split or "all", on_bad_sample, check_decode)
 
 
+def _read_rows(reader: Any, path: Path) -> list[list[str] | BadSampleError]:
+    """All rows of a csv reader over a ``surrogateescape`` text file; a row that is not UTF-8 or
+    that the csv module rejects (e.g. a field over ``csv.field_size_limit()``) becomes a
+    :class:`BadSampleError` naming ``path:line`` in its place, so that it can be skipped."""
+    rows: list[list[str] | BadSampleError] = []
+    while True:
+        try:
+            r = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as e:
+            where = f"{path}:{reader.line_num}"
+            rows.append(BadSampleError(f"{where}: malformed row: {e}", where))
+            continue
+        if any(_has_surrogates(c) for c in r):
+            where = f"{path}:{len(rows) + 1}"
+            rows.append(BadSampleError(f"{where}: row is not valid UTF-8 text", where))
+            continue
+        rows.append(r)
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, under errors="surrogateescape"
+
+
+def _has_surrogates(text: str) -> bool:
+    return _UNDECODABLE.search(text) is not None
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON dataset file; broken JSON or non-UTF-8 bytes raise :class:`BadSampleError`
+    naming the file and position (a whole-file error: not skippable)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadSampleError(f"{path}: byte {e.start}: not valid UTF-8 ({e.reason})", str(path)) from e
+    except json.JSONDecodeError as e:
+        raise BadSampleError(f"{path}:{e.lineno}:{e.colno}: broken JSON: {e.msg} (char {e.pos})", str(path)) from e
+
+
+def _karpathy_entry(im: Any, where: str) -> tuple[str, list[Any]]:
+    """(relative image path, sentences) of one Karpathy ``images[n]`` entry, validated."""
+    if not isinstance(im, dict):
+        raise BadSampleError(f"{where}: expected an object, got {type(im).__name__}", where)
+    name = im.get("filename")
+    if not isinstance(name, str) or not name:
+        raise BadSampleError(f"{where}: 'filename' must be a non-empty string, got {name!r}", where)
+    folder = im.get("filepath")
+    if folder is not None and not isinstance(folder, str):
+        raise BadSampleError(f"{where}: 'filepath' must be a string, got {folder!r}", where)
+    sents = im.get("sentences") or []
+    if not isinstance(sents, list):
+        raise BadSampleError(f"{where}: 'sentences' must be a list, got {type(sents).__name__}", where)
+    return (f"{folder}/{name}" if folder else name), sents
+
+
 def load_karpathy(path: Path, split: str | None = None, images_root: Path | None = None,
                   on_bad_sample: str = "error", check_decode: bool = False) -> ImageTextDataset:
     """Karpathy ``dataset_{flickr30k,coco,flickr8k}.json``: images with ``filename`` (+ ``filepath``
     for COCO), ``split`` and ``sentences[].raw``."""
-    data = json.loads(path.read_text())
+    data = read_json(path)
     root = Path(images_root) if images_root else path.parent
-    known = {im["split"] for im in data["images"] if im.get("split")}
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise BadSampleError(f"{path}: expected an object with an 'images' list (Karpathy format)", str(path))
+    known = {im["split"] for im in data["images"] if isinstance(im, dict) and isinstance(im.get("split"), str)}
     check_split(split, known or file_split(path), path)
 
     def rows():
         for n, im in enumerate(data["images"]):
-            if not _in_split(im.get("split"), split):
+            if isinstance(im, dict) and not _in_split(im.get("split"), split):
                 continue
-            rel = str(Path(im.get("filepath", "")) / im["filename"]) if im.get("filepath") else im["filename"]
-            sents = im.get("sentences") or []
+            try:
+                rel, sents = _karpathy_entry(im, f"{path}: images[{n}]")
+            except BadSampleError as e:
+                yield e
+                continue
             if not sents:
                 yield BadSampleError(f"{path}: images[{n}] ({rel}): no sentences", f"{path}: images[{n}]")
             for k, s in enumerate(sents):
-                yield rel, s.get("raw", " ".join(s.get("tokens", []))), f"{path}: images[{n}].sentences[{k}]"
+                where = f"{path}: images[{n}].sentences[{k}]"
+                if not isinstance(s, dict):
+                    yield BadSampleError(f"{where}: expected an object, got {type(s).__name__}", where)
+                    continue
+                tokens = s.get("tokens", [])
+                text = s["raw"] if "raw" in s else (" ".join(tokens) if isinstance(tokens, list)
+                                                    and all(isinstance(t, str) for t in tokens) else None)
+                yield rel, text, where
 
-    return _assemble(root, rows(), data.get("dataset", path.stem), split or "all", on_bad_sample, check_decode)
+    name = data.get("dataset") if isinstance(data.get("dataset"), str) else path.stem
+    return _assemble(root, rows(), name, split or "all", on_bad_sample, check_decode)
 
 
 def load_coco_captions(path: Path, split: str | None = None, images_root: Path | None = None,
                        on_bad_sample: str = "error", check_decode: bool = False) -> ImageTextDataset:
     """COCO ``captions_*.json`` (``images[].file_name`` + ``annotations[].caption``)."""
-    data = json.loads(path.read_text())
+    data = read_json(path)
     root = Path(images_root) if images_root else path.parent
     check_split(split, file_split(path), path)
-    files = {im["id"]: im["file_name"] for im in data["images"]}
-    by_image: dict[int, list[tuple[int, str]]] = {}
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise BadSampleError(f"{path}: expected an object with 'images' and 'annotations' lists (COCO format)", str(path))
+    files: dict[Any, str] = {}
+    declared: dict[Any, int] = {}  # image id -> first images[] row
+    order: list[Any] = []
     unknown: list[BadSampleError] = []
-    for n, a in enumerate(data["annotations"]):
-        if a["image_id"] not in files:
-            unknown.append(BadSampleError(f"{path}: annotations[{n}]: unknown image_id {a['image_id']}", f"{path}: annotations[{n}]"))
+    ambiguous: set[Any] = set()
+    for n, im in enumerate(data["images"]):
+        where = f"{path}: images[{n}]"
+        if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)) or isinstance(im.get("id"), bool) \
+                or not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            unknown.append(BadSampleError(f"{where}: expected {{id, file_name}} with a string file_name, got {im!r}"[:300], where))
             continue
-        by_image.setdefault(a["image_id"], []).append((n, a.get("caption", "")))
+        i = im["id"]
+        if i in declared:
+            if normalise_image_path(files.get(i, "")) != normalise_image_path(im["file_name"]) or i in ambiguous:
+                ambiguous.add(i)
+                unknown.append(BadSampleError(f"{where}: image id {i!r} is declared twice, as images[{declared[i]}] "
+                                              f"({files.pop(i, '?')!r}) and here ({im['file_name']!r})", where))
+            continue  # the same file declared twice: one image
+        declared[i] = n
+        files[i] = im["file_name"]
+        order.append(i)
+    by_image: dict[Any, list[tuple[int, Any]]] = {}
+    for n, a in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{n}]"
+        i = a.get("image_id") if isinstance(a, dict) else None
+        if i in ambiguous:
+            unknown.append(BadSampleError(f"{where}: image_id {i!r} is declared twice in images[]", where))
+        elif not isinstance(a, dict) or i not in files:
+            unknown.append(BadSampleError(f"{where}: unknown image_id {i!r}", where))
+        else:
+            by_image.setdefault(i, []).append((n, a.get("caption", "")))
 
     def rows():
         yield from unknown
-        for im in data["images"]:
-            for n, cap in by_image.get(im["id"], []):
-                yield files[im["id"]], cap, f"{path}: annotations[{n}]"
+        for i in order:
+            for n, cap in by_image.get(i, []) if i in files else []:
+                yield files[i], cap, f"{path}: annotations[{n}]"
 
     return _assemble(root, rows(), path.stem, split or "all", on_bad_sample, check_decode)
 
@@ -333,13 +473,17 @@ def load_flickr8k(folder: Path, split: str | None = None, on_bad_sample: str = "
         if not sf.is_file():
             check_split(split, [p.stem for p in (folder / "splits").glob("*.txt")], folder)
             raise FileNotFoundError(f"{folder}: no split file {sf}")
-        keep = [line.strip() for line in sf.read_text().splitlines() if line.strip()]
+        keep = [line.strip() for line in sf.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+                if line.strip()]
     by_image: dict[str, list[tuple[str, str]]] = {}
     malformed: list[BadSampleError] = []
-    with open(caps_file, encoding="utf-8") as f:
+    with open(caps_file, encoding="utf-8", errors="surrogateescape") as f:
         for n, line in enumerate(f, start=1):
             parts = line.rstrip("\n").split("\t")
             where = f"{caps_file}:{n}"
+            if _has_surrogates(line):
+                malformed.append(BadSampleError(f"{where}: line is not valid UTF-8 text", where))
+                continue
             if n == 1 and parts[0].lower() == "image":
                 continue
             if not line.strip():
@@ -390,8 +534,7 @@ def load_dataset(path: str | Path, split: str | None = None, images_root: str | 
     if suffix in (".csv", ".tsv", ".txt"):
         return load_csv(path, split, root, on_bad_sample, check)
     if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            head = json.load(f)
+        head = read_json(path)
         if isinstance(head, dict) and "annotations" in head:
             return load_coco_captions(path, split, root, on_bad_sample, check)
         if isinstance(head, dict) and "images" in head:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from distill import dist as D
-from distill.cache import TeacherCache
+from distill.cache import VERIFY_MODES, TeacherCache
 from distill.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint, set_rng_state
 from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | cuda (device; default: cuda when available)")
     p.add_argument("--seed", type=int, help="seed for init, shuffling and caption/view choice (seed)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers per rank (data.num_workers)")
+    p.add_argument("--verify-cache", choices=VERIFY_MODES,
+                   help="teacher cache integrity check (data.verify_cache; lazy: sha256 of each array file on first read; "
+                        "full: everything at start; size: sizes only; auto (default): lazy for caches of <= 64 kB "
+                        "per image, else size; none: also skips the changed-image check)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="resume from OUT/checkpoints/latest.pt (auto) or a checkpoint file")
@@ -66,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve the full config: defaults <- preset <- files <- flags <- --set."""
     flags = {"data.cache": args.cache, "data.path": args.data, "data.split": args.split,
              "data.images_root": args.images_root, "data.num_workers": args.num_workers, "student.name": args.student,
+             "data.verify_cache": args.verify_cache,
              "out": args.out, "train.steps": args.steps, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
              "train.lr": args.lr, "device": args.device, "seed": args.seed, "train.precision": args.precision}
     overrides = list(args.overrides)
@@ -121,12 +126,14 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     data, train = cfg["data"], cfg["train"]
     if not data["cache"] or not data["path"]:
         raise SystemExit("error: --cache and --data are required (or data.cache / data.path in the config)")
-    cache = TeacherCache(data["cache"])
+    cache = TeacherCache(data["cache"], verify=data["verify_cache"])
     manifest_ds = cache.manifest.get("dataset", {})
     split = data["split"] if data["split"] is not None else manifest_ds.get("split")
     on_bad = "skip" if manifest_ds.get("skipped") else "error"
     dataset = load_dataset(data["path"], split, data["images_root"], on_bad_sample=on_bad)
     check_alignment(dataset, cache)
+    if data["verify_cache"] != "none":
+        cache.check_images(dataset.stats_digest)  # images replaced after caching -> StaleCacheError
 
     torch.manual_seed(cfg["seed"])
     from students import build_student

@@ -21,6 +21,6 @@ def build_teacher(spec: str, device: str = "cpu") -> Teacher:
     return teacher.to(device).freeze()
 
 
-from teachers import openclip, hf, lit, mllm  # noqa: E402,F401  (registration side effects)
+from teachers import openclip, hf, lit, mllm, ensemble  # noqa: E402,F401  (registration side effects)
 
 __all__ = ["TEACHERS", "Teacher", "TextBatch", "build_teacher"]

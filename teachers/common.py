@@ -80,3 +80,11 @@ def tokenize_padded(tokenizer: Any, texts: Sequence[str], max_length: int) -> di
     """A transformers tokenizer's ids and attention mask, padded/truncated to ``max_length``."""
     out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the trailing columns that are padding in every row (``attention_mask`` all 0), so a batch
+    of short captions does not pay for ``max_length`` tokens; masked pooling is unchanged."""
+    mask = batch["attention_mask"]
+    keep = max(int(mask.sum(dim=1).max().item()) if mask.numel() else 0, 1)
+    return {k: v[:, :keep] for k, v in batch.items()}

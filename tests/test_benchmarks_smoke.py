@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (cache_loader_speed, common, eval_speed, inference_speed, peak_memory, token_storage_bytes,
-                        train_step_speed)
+from benchmarks import (cache_loader_speed, cache_verify_cost, common, eval_speed, inference_speed, peak_memory,
+                        token_storage_bytes, train_step_speed)
 from distill.metrics import retrieval_metrics
 
 TINY_TEACHER = {"embed_dim": 16,
@@ -84,6 +84,17 @@ def test_cache_loader_speed(teacher_spec, tmp_path, capsys):
     assert r["loader_fraction_of_memcpy"] == pytest.approx(r["loader_samples_per_s"] / r["memcpy_samples_per_s"])
     with pytest.raises(SystemExit, match="--clock wall"):
         cache_loader_speed.main(["--num-workers", "1", "--out", str(tmp_path / "x.json")])
+
+
+def test_cache_verify_cost(teacher_spec, tmp_path, capsys):
+    rec = run(cache_verify_cost, tmp_path, capsys, "--teacher", teacher_spec, "--data", "synthetic", "--images", "12",
+              "--batch-size", "4", "--repeats", "1", "--warmup", "0")
+    r = rec["results"]
+    assert r["num_images"] == 12 and r["stored_bytes_per_image"] == pytest.approx(r["cache_bytes"] / 12)
+    assert r["default_verify_picks"] == "lazy"  # a few kB per image: below the 64 kB threshold
+    t = r["targets"]
+    assert t["hash_fraction_of_epoch_lower_bound"]["value"] == pytest.approx(r["hash_fraction_of_epoch_lower_bound"])
+    assert t["default_is_lazy_only_when_cheap"]["pass"] == (t["hash_fraction_of_epoch_lower_bound"]["value"] < 0.05)
 
 
 def test_token_storage_bytes(teacher_spec, tmp_path, capsys):

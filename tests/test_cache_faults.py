@@ -173,3 +173,262 @@ def test_verify_detects_wrong_teacher(tiny_tsv, tmp_path):
     assert verify_cache(out, build_teacher("toy:0"), ds, 4)["image embed"] > 0.999
     with pytest.raises(CacheVerifyError, match=r"cached image embed of image \d+ view 0 .*cosine"):
         verify_cache(out, build_teacher("toy:1"), ds, 4)
+
+
+# -- non-finite / fp16-overflowing teacher outputs (issue 13.1) ---------------------------------
+class NaNToyTeacher(ToyTeacher):
+    """NaN in column 0 of image_embed for the 3rd image batch (shard 1's first batch with BASE);
+    single-image forwards (the writer's layer probe and size estimate) are not counted."""
+
+    calls = 0
+
+    def encode_image(self, pixels, layers=()):
+        f = super().encode_image(pixels, layers)
+        if pixels.shape[0] == 1:
+            return f
+        NaNToyTeacher.calls += 1
+        if NaNToyTeacher.calls == 3:
+            f.embed[:, 0] = float("nan")
+        return f
+
+
+class BigToyTeacher(ToyTeacher):
+    """Image tokens scaled beyond the fp16 range."""
+
+    def encode_image(self, pixels, layers=()):
+        f = super().encode_image(pixels, layers)
+        f.tokens = f.tokens * 1e6
+        return f
+
+
+for _name, _cls in (("nantoy", NaNToyTeacher), ("bigtoy", BigToyTeacher)):
+    if _name not in TEACHERS:
+        TEACHERS.register(_name)(lambda rest, _cls=_cls: _cls(seed=int(rest or 0)))
+
+
+def _with_teacher(spec):
+    return [a if a != "toy:0" else spec for a in BASE]
+
+
+def test_nonfinite_output_refused_naming_array_shard_count(tiny_tsv, tmp_path):
+    from distill.output_check import NonFiniteOutputError
+
+    out = tmp_path / "c"
+    NaNToyTeacher.calls = 0
+    with pytest.raises(NonFiniteOutputError, match=r"shard .*shards/00001: .*non-finite .*image_embed: 3\b"):
+        main([*_with_teacher("nantoy:0"), "--data", str(tiny_tsv), "--out", str(out)])
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000"]  # shard 0 kept, nothing of shard 1
+    assert not (out / "manifest.json").exists()
+
+
+def test_nonfinite_report_stores_counts_and_verify_fails_on_nan(tiny_tsv, tmp_path, capsys):
+    out = tmp_path / "c"
+    NaNToyTeacher.calls = 0
+    assert main([*_with_teacher("nantoy:0"), "--data", str(tiny_tsv), "--out", str(out), "--nonfinite", "report"]) == 0
+    assert "stored non-finite teacher outputs (--nonfinite report): image_embed 3" in capsys.readouterr().err
+    cache = TeacherCache(out)
+    checks = [s["output_check"] for s in cache.manifest["shards"]]
+    assert [c["image_embed"]["nonfinite"] for c in checks] == [0, 3, 0]
+    assert all(c["text_embed"] == {"nonfinite": 0, "overflow": 0} for c in checks)
+    assert torch_isnan_rows(cache) == [5, 6, 7]
+    # rerunning in error mode does not silently reuse the shard that holds NaN: it refuses it
+    from distill.output_check import NonFiniteOutputError
+    NaNToyTeacher.calls = 2  # only shard 1 is recomputed: its first batch is the NaN one again
+    with pytest.raises(NonFiniteOutputError, match="00001"):
+        main([*_with_teacher("nantoy:0"), "--data", str(tiny_tsv), "--out", str(out)])
+    # --verify treats a NaN cosine as a failure (nan < thr is False)
+    with pytest.raises(CacheVerifyError, match=r"cached image embed of image [567] view 0 .*cosine nan"):
+        verify_cache(out, build_teacher("toy:0"), load_dataset(tiny_tsv), 12)
+
+
+def torch_isnan_rows(cache):
+    import torch
+
+    return torch.nonzero(torch.isnan(cache.images(range(cache.num_images))["embed"]).any(1)).flatten().tolist()
+
+
+def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
+    import torch
+
+    from distill.output_check import FP16OverflowError
+    from tests.test_cache import teacher_images
+
+    with pytest.raises(FP16OverflowError, match=r"shards/00000: .*fp16 range .*image_tokens: \d+"):
+        main([*_with_teacher("bigtoy:0"), "--data", str(tiny_tsv), "--out", str(tmp_path / "e")])
+    ds = load_dataset(tiny_tsv)
+    ref = teacher_images(BigToyTeacher(seed=0), ds, [0, 6, 11]).tokens
+    assert ref.abs().max() > 65504
+    for mode, tol in (("fp32", 0.0), ("bf16", 2 ** -8)):
+        out = tmp_path / mode
+        assert main([*_with_teacher("bigtoy:0"), "--data", str(tiny_tsv), "--out", str(out), "--overflow", mode]) == 0
+        assert f"fp16 overflow, stored wider: image_tokens" in capsys.readouterr().err
+        cache = TeacherCache(out, verify="full")
+        check = cache.manifest["shards"][0]["output_check"]["image_tokens"]
+        assert check["stored_as"] == mode and check["overflow"] > 0
+        rec = cache.manifest["shards"][0]["arrays"]["image_tokens"]
+        assert rec["dtype"] == ("float32" if mode == "fp32" else "uint16")
+        assert rec.get("encoding") == (None if mode == "fp32" else "bfloat16")
+        assert cache.manifest["shards"][0]["arrays"]["image_embed"]["dtype"] == "float16"  # only the overflowing array
+        for keep in (False, True):
+            got = cache.images([0, 6, 11], keep_fp16=keep)["tokens"]
+            assert got.dtype == torch.float32 and torch.isfinite(got).all()
+            if tol == 0:
+                torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)  # the toy's float32 output, exactly
+            else:
+                assert ((got - ref).abs() <= tol * ref.abs() + 1e-3).all()
+
+
+# -- integrity by default (issue 13.4) ------------------------------------------------------------
+def test_default_lazy_verify_catches_bit_flip_on_first_read(tiny_tsv, tmp_path):
+    out = tmp_path / "c"
+    build(tiny_tsv, out)  # ~2 kB per image: "auto" (the default) picks lazy
+    target = out / "shards" / "00001" / "image_embed.npy"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x10
+    target.write_bytes(bytes(data))
+    cache = TeacherCache(out)  # opening only checks sizes ...
+    assert cache.verify == "lazy"
+    cache.images([0, 1])  # ... shard 0 is intact ...
+    with pytest.raises(CacheCorruptError, match=r"shards/00001/image_embed\.npy: sha256 mismatch"):
+        cache.images([6])  # ... the first read of shard 1's image_embed hashes it
+    cache.texts([12])  # other arrays of shard 1 are fine
+    TeacherCache(out, verify="size").images([6])  # the explicit cheap mode still returns the flipped bytes
+
+
+def test_auto_verify_is_size_for_large_caches(tiny_tsv, tmp_path, monkeypatch):
+    import distill.cache as cache_mod
+
+    out = tmp_path / "c"
+    build(tiny_tsv, out)
+    per_image = sum(e["bytes"] for s in TeacherCache(out).manifest["shards"] for e in s["arrays"].values()) / 12
+    monkeypatch.setattr(cache_mod, "LAZY_MAX_BYTES_PER_IMAGE", int(per_image) - 1)
+    assert TeacherCache(out).verify == "size"
+    monkeypatch.setattr(cache_mod, "LAZY_MAX_BYTES_PER_IMAGE", int(per_image) + 1)
+    assert TeacherCache(out).verify == "lazy"
+
+
+def test_train_student_verify_cache_flag_and_config():
+    from distill.config import ConfigError, resolve_config
+    from distill.train_student import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--cache", "c", "--data", "d", "--verify-cache", "full"])
+    assert config_from_args(args)["data"]["verify_cache"] == "full"
+    assert resolve_config()["data"]["verify_cache"] == "auto"
+    with pytest.raises(ConfigError, match="data.verify_cache must be one of none, size, lazy, full, auto"):
+        resolve_config(overrides=["data.verify_cache=sha"])
+
+
+def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
+    from distill.cache_lock import LOCK_NAME, CacheLockedError, writer_lock
+
+    out = tmp_path / "c"
+    out.mkdir()
+    with writer_lock(out):
+        info = json.loads((out / LOCK_NAME).read_text())
+        assert info["pid"] == os.getpid()
+        for extra in ([], ["--overwrite"]):
+            with pytest.raises(CacheLockedError, match=rf"being written by process {os.getpid()} on host .*{LOCK_NAME}"):
+                main([*BASE, "--data", str(tiny_tsv), "--out", str(out), *extra])
+        assert not (out / "shards").exists()  # the refused run touched nothing
+    assert not (out / LOCK_NAME).exists()
+    build(tiny_tsv, out)
+    assert not (out / LOCK_NAME).exists()  # released after a run
+
+
+def _unused_pid() -> int:
+    """A pid no process has right now (counting down from the kernel's maximum)."""
+    from pathlib import Path
+
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
+    import socket
+
+    from distill.cache_lock import LOCK_NAME
+
+    dead = _unused_pid()
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
+    build(tiny_tsv, out)
+    assert f"taking over stale lock {out / LOCK_NAME} of process {dead}" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": "some-other-host", "started": "x"}))
+    from distill.cache_lock import CacheLockedError
+    with pytest.raises(CacheLockedError, match="some-other-host"):  # another host's pid cannot be checked
+        build(tiny_tsv, out)
+
+
+@pytest.mark.parametrize("err, advice", [
+    (errno.ENOSPC, "free disk space"),
+    (errno.EACCES, "make the --out folder writable"),
+    (errno.ENOENT, "another process"),
+])
+def test_write_error_advice_matches_cause(tiny_tsv, tmp_path, monkeypatch, err, advice):
+    real_save = np.save
+
+    def failing_save(file, arr, *a, **k):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(CacheWriteError, match=rf"shards/00000 failed: .*{os.strerror(err)}.*{advice}") as e:
+        main([*BASE, "--data", str(tiny_tsv), "--out", str(tmp_path / "c")])
+    monkeypatch.setattr(np, "save", real_save)
+    if err != errno.ENOSPC:
+        assert "free" not in str(e.value)
+
+
+def test_replaced_image_makes_its_shard_stale(tiny_tsv, tmp_path, capsys):
+    from distill.cache import StaleCacheError
+
+    out = tmp_path / "c"
+    build(tiny_tsv, out)
+    before = tree_bytes(out / "shards")
+    ds = load_dataset(tiny_tsv)
+    cache = TeacherCache(out)
+    cache.check_images(ds.stats_digest)  # unchanged: fine
+    img = tiny_tsv.parent / "images" / "img007.jpg"  # shard 1 (images 5..9)
+    other = (tiny_tsv.parent / "images" / "img003.jpg").read_bytes()
+    img.write_bytes(other)
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    assert load_dataset(tiny_tsv).fingerprint() == ds.fingerprint()  # same names and captions ...
+    with pytest.raises(StaleCacheError, match=r"1 shard\(s\), first shards/00001 \(images 5\.\.9\).*rerun"):
+        TeacherCache(out).check_images(ds.stats_digest)  # ... but the shard is stale
+    capsys.readouterr()
+    build(tiny_tsv, out)
+    assert "(1 computed, 2 reused" in capsys.readouterr().out
+    after = tree_bytes(out / "shards")
+    assert {k for k in after if after[k] != before.get(k)} >= {"00001/image_embed.npy"}
+    assert all(after[k] == before[k] for k in after if k.startswith(("00000/", "00002/")))
+    TeacherCache(out).check_images(load_dataset(tiny_tsv).stats_digest)
+
+
+def test_stat_cost_over_flickr8k_is_small(flickr8k):
+    ds = load_dataset(flickr8k)
+    t0 = time.perf_counter()
+    ds.stats_digest()
+    assert time.perf_counter() - t0 < 2.0  # ~8k stat() calls
+
+
+def test_train_student_refuses_a_cache_older_than_its_images(tiny_tsv, tmp_path):
+    from distill import train_student as ts
+    from distill.cache import StaleCacheError
+    from tests.test_train import build_cache as train_cache, train_args
+
+    cache = train_cache(tiny_tsv, tmp_path / "c")
+    img = tiny_tsv.parent / "images" / "img002.jpg"
+    img.write_bytes((tiny_tsv.parent / "images" / "img009.jpg").read_bytes())  # replaced under the same name
+    with pytest.raises(StaleCacheError, match=r"changed size or modification time after the cache was built.*rerun"):
+        ts.main(train_args(cache, tiny_tsv, tmp_path / "run", 1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    summary = ts.main(train_args(cache, tiny_tsv, tmp_path / "run2", 1, "--verify-cache", "none"))  # explicit opt-out
+    assert summary["steps"] == 1

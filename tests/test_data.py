@@ -145,3 +145,161 @@ def test_flickr8k_split_sizes(flickr8k):
         assert ds.image_path(0).is_file()
     assert sizes == {"train": 6000, "val": 1000, "test": 1000}
     assert load_dataset(flickr8k, split="dev").images == load_dataset(flickr8k, split="val").images
+
+
+# -- malformed files and rows (issue 13.5) -----------------------------------------------------
+def test_non_utf8_row_names_file_and_row_and_is_skippable(tmp_path):
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=3, caps_per_image=1)
+    tsv.write_bytes(b"image\tcaption\nimages/img000.jpg\tzero\nimages/img001.jpg\tcaf\xe9 latin-1\n"
+                    b"images/img002.jpg\ttwo\n")
+    with pytest.raises(BadSampleError, match=r"captions\.tsv:3: row is not valid UTF-8"):
+        load_dataset(tsv)
+    ds = load_dataset(tsv, on_bad_sample="skip")
+    assert ds.captions == ["zero", "two"] and [s.where for s in ds.skipped] == [f"{tsv}:3"]
+
+
+def test_flickr8k_layout_non_utf8_line(tmp_path):
+    make_tiny_dataset(tmp_path / "f", n_images=2, caps_per_image=1)
+    (tmp_path / "f" / "splits").mkdir()
+    (tmp_path / "f" / "captions.tsv").write_bytes(b"image\tcaption_id\tcaption\nimg000.jpg\t0\tfine\n"
+                                                  b"img001.jpg\t0\tbad \xff byte\nimg001.jpg\t1\tgood\n")
+    with pytest.raises(BadSampleError, match=r"captions\.tsv:3: line is not valid UTF-8"):
+        load_dataset(tmp_path / "f")
+    assert load_dataset(tmp_path / "f", on_bad_sample="skip").captions == ["fine", "good"]
+
+
+def test_nul_byte_in_path(tmp_path):
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=2, caps_per_image=1)
+    write_tsv(tsv, ["images/img000.jpg\tfine", "images/img001.jpg\x00.png\tnul"])
+    with pytest.raises(BadSampleError, match=r"captions\.tsv:3: image path .* contains a NUL byte"):
+        load_dataset(tsv)
+    assert load_dataset(tsv, on_bad_sample="skip").images == ["images/img000.jpg"]
+
+
+def test_over_long_csv_field(tmp_path):
+    make_tiny_dataset(tmp_path / "d", n_images=2, caps_per_image=1)
+    csv_path = tmp_path / "d" / "data.csv"
+    csv_path.write_text("image,caption\nimages/img000.jpg,fine\n"
+                        f'images/img001.jpg,"{"x" * 200_000}"\nimages/img001.jpg,short\n')
+    with pytest.raises(BadSampleError, match=r"data\.csv:3: malformed row: field larger than field limit"):
+        load_dataset(csv_path)
+    ds = load_dataset(csv_path, on_bad_sample="skip")
+    assert ds.captions == ["fine", "short"] and len(ds.skipped) == 1
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"filepath": "images", "split": "train", "sentences": [{"raw": "a"}]}, r"images\[1\]: 'filename' must be a non-empty string, got None"),
+    ({"filename": 7, "sentences": [{"raw": "a"}]}, r"images\[1\]: 'filename' must be a non-empty string, got 7"),
+    ("img001.jpg", r"images\[1\]: expected an object, got str"),
+    ({"filename": "img001.jpg", "filepath": "images", "sentences": ["a"]}, r"images\[1\]\.sentences\[0\]: expected an object"),
+    ({"filename": "img001.jpg", "filepath": "images", "sentences": [{"raw": 5}]}, r"images\[1\]\.sentences\[0\]: caption must be a string"),
+])
+def test_karpathy_bad_entries_are_rows(tmp_path, entry, message):
+    make_tiny_dataset(tmp_path / "d", n_images=2, caps_per_image=1)
+    path = tmp_path / "d" / "dataset_x.json"
+    path.write_text(json.dumps({"images": [
+        {"filepath": "images", "filename": "img000.jpg", "sentences": [{"raw": "ok"}]}, entry]}))
+    with pytest.raises(BadSampleError, match=message):
+        load_dataset(path)
+    ds = load_dataset(path, on_bad_sample="skip")
+    assert ds.captions == ["ok"] and len(ds.skipped) == 1
+
+
+def test_broken_json_is_a_file_error_with_position(tmp_path):
+    path = tmp_path / "dataset_x.json"
+    path.write_text('{"images": [\n  {"filename": "a.jpg",\n  }\n]}')
+    for mode in ("error", "skip"):
+        with pytest.raises(BadSampleError, match=r"dataset_x\.json:3:3: broken JSON"):
+            load_dataset(path, on_bad_sample=mode)
+    path.write_bytes(b'{"images": ["\xff"]}')
+    with pytest.raises(BadSampleError, match=r"dataset_x\.json: byte 13: not valid UTF-8"):
+        load_dataset(path)
+
+
+def test_spellings_of_one_file_are_one_image(tmp_path):
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=2, caps_per_image=1)
+    write_tsv(tsv, ["images/img000.jpg\ta", "./images/img000.jpg\tb", "images//img000.jpg\tc",
+                    "images/../images/img000.jpg\td", "images/img001.jpg\te"])
+    ds = load_dataset(tsv)
+    assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.captions == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(ds.offsets, [0, 4, 5])
+
+
+def test_coco_duplicate_image_id(tmp_path):
+    make_tiny_dataset(tmp_path / "d", n_images=3, caps_per_image=1)
+    path = tmp_path / "d" / "captions_x.json"
+    images = [{"id": 1, "file_name": "img000.jpg"}, {"id": 2, "file_name": "img001.jpg"}, {"id": 1, "file_name": "img002.jpg"}]
+    anns = [{"image_id": 1, "caption": "one"}, {"image_id": 2, "caption": "two"}]
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    root = tmp_path / "d" / "images"
+    with pytest.raises(BadSampleError, match=r"images\[2\]: image id 1 is declared twice, as images\[0\] \('img000\.jpg'\) "
+                                             r"and here \('img002\.jpg'\)"):
+        load_dataset(path, images_root=root)
+    ds = load_dataset(path, images_root=root, on_bad_sample="skip")  # the ambiguous id is dropped, counted
+    assert ds.images == ["img001.jpg"] and len(ds.skipped) == 2
+    images[2]["file_name"] = "./img000.jpg"  # the same file declared twice: one image
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    ds = load_dataset(path, images_root=root)
+    assert ds.images == ["img000.jpg", "img001.jpg"] and ds.captions == ["one", "two"]
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=1, caps_per_image=1)
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "d" / "images" / "g16.png")
+    write_tsv(tsv, ["images/g16.png\tgray"])
+    got = np.asarray(load_dataset(tsv).load_image(0))
+    assert got.shape == (64, 64, 3) and (got == 255).mean() < 0.01
+    np.testing.assert_array_equal(got[..., 0], (ramp >> 8).astype(np.uint8))
+
+
+def _png_with_short_pixel_data(path, size=64):
+    """A PNG whose chunks and zlib stream are intact (IHDR, IDAT, IEND) but whose pixel data stops
+    half-way: PIL decodes it with the missing rows zero-filled."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    pixels = (np.random.default_rng(1).random((size, size * 3)) * 255).astype(np.uint8)
+    rows = b"".join(b"\0" + r.tobytes() for r in pixels)
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows[: len(rows) // 2]))
+                     + chunk(b"IEND", b""))
+
+
+def test_truncated_images_are_refused(tmp_path, monkeypatch):
+    from PIL import Image, ImageFile
+
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=1, caps_per_image=1)
+    images = tmp_path / "d" / "images"
+    _png_with_short_pixel_data(images / "short.png")
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(images / "full.png")
+    data = (images / "full.png").read_bytes()
+    (images / "cut.png").write_bytes(data[: len(data) // 2])
+    write_tsv(tsv, ["images/full.png\tfine", "images/short.png\tshort", "images/cut.png\tcut"])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library might set it
+    ds = load_dataset(tsv)
+    assert ds.load_image(0).size == (64, 64)
+    with pytest.raises(BadSampleError, match=r"captions\.tsv:3: cannot decode image .*short\.png: truncated PNG"):
+        ds.load_image(1)
+    with pytest.raises(BadSampleError, match=r"captions\.tsv:4: cannot decode image .*cut\.png"):
+        ds.load_image(2)
+    skipped = load_dataset(tsv, on_bad_sample="skip")
+    assert skipped.images == ["images/full.png"] and len(skipped.skipped) == 2
+
+
+def test_stats_digest_sees_a_replaced_file(tmp_path):
+    import os
+
+    tsv = make_tiny_dataset(tmp_path / "d", n_images=3, caps_per_image=1)
+    ds = load_dataset(tsv)
+    whole, first = ds.stats_digest(), ds.stats_digest(0, 1)
+    img = tmp_path / "d" / "images" / "img002.jpg"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert ds.stats_digest() != whole and ds.stats_digest(0, 1) == first
+    assert load_dataset(tsv).fingerprint() == ds.fingerprint()  # content fingerprint: names + captions

