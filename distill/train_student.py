@@ -474,7 +474,7 @@ def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
                   "without training (pass another --out, or a larger --steps, to train more)", flush=True)
         print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{rsum}; "
               f"student saved to {out / 'student'}", flush=True)
-    D.barrier()
+    D.wait_for_main()
     D.cleanup()
     return summary
 
