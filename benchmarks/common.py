@@ -77,14 +77,30 @@ def setup(args: argparse.Namespace) -> torch.device:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     import_plugins(args.plugin)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if getattr(args, "clock", None) == "auto":
         args.clock = "cpu" if device.type == "cpu" else "wall"
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {args.device} requested but CUDA is not available")
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device with an index on CUDA: ``cuda`` becomes ``cuda:<current
+    device>`` (``torch.cuda.set_device`` and the memory statistics need the index)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name!r} is not a device (cpu | cuda | cuda:<i>): {e}") from e
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but CUDA is not available")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 

@@ -80,6 +80,11 @@ DEFAULTS: dict[str, Any] = {
         # The Distiller's shared student->teacher embedding projections: auto (identity when the
         # widths match) | linear (always a learned map); see distill/losses/projection.py.
         "embed_projection": "auto",
+        # SyncBatchNorm for students with trainable BatchNorm under DDP on CUDA: auto | true | false
+        # (auto: on when world_size > 1 on CUDA and the student has trainable BatchNorm layers).
+        "sync_bn": "auto",
+        "compile": False,  # torch.compile the student's encode_image / encode_text
+        "channels_last": False,  # channels_last memory format for the student and its input pixels
     },
     "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
     "balancer": {"name": "dynamic", "cfg": {}},
@@ -221,6 +226,11 @@ def validate(cfg: dict[str, Any]) -> None:
     check_settings(cfg)
     if train["warmup_stage"] is not None:
         _check_warmup_stage(train)
+    if train["sync_bn"] not in ("auto", True, False):
+        raise ConfigError(f"train.sync_bn must be auto, true or false, got {train['sync_bn']!r}")
+    for key in ("compile", "channels_last", "deterministic"):
+        if not isinstance(train[key], bool):
+            raise ConfigError(f"train.{key} must be true or false, got {train[key]!r}")
 
 
 # -- value checks -------------------------------------------------------------------------------

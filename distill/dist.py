@@ -2,6 +2,7 @@
 when running as a single process."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -35,16 +36,41 @@ def init_distributed(device: str | None = None) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local)
+        # torchrun: one GPU per local rank; a single process keeps an explicit index (cuda:1)
+        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        init_wait_group()
     return DistInfo(rank, world, local, dev)
 
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+#: How long the other ranks wait for rank 0's solo work (evaluation, checkpoint and student writes).
+WAIT_TIMEOUT = datetime.timedelta(hours=12)
+_wait_group: object | None = None
+
+
+def init_wait_group(timeout: datetime.timedelta = WAIT_TIMEOUT) -> None:
+    """Create (collectively, on every rank) the gloo group :func:`wait_for_main` waits on."""
+    global _wait_group
+    _wait_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def wait_for_main() -> None:
+    """Barrier after work that only rank 0 does: a CPU (gloo) barrier with a long timeout, so the
+    waiting ranks do not hit the NCCL watchdog's timeout during a long evaluation (a plain
+    :func:`barrier` when no wait group was made)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _wait_group is None:
+        dist.barrier()
+    else:
+        dist.barrier(group=_wait_group)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -68,5 +94,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    global _wait_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _wait_group = None

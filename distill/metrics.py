@@ -21,8 +21,9 @@ are not image queries.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +68,43 @@ def _as_index(caption_image: Tensor | np.ndarray | Sequence[int], num_images: in
     if lo < 0 or hi >= num_images:
         raise ValueError(f"caption_image holds indices outside [0, {num_images}): min {lo}, max {hi}")
     return idx
+
+
+def _precision_backends() -> list[object]:
+    """The matmul backends with an ``fp32_precision`` setting in this torch (cuBLAS, oneDNN)."""
+    found = []
+    for backend in (torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)):
+        try:
+            if backend is not None and isinstance(backend.fp32_precision, str):
+                found.append(backend)
+        except (AttributeError, RuntimeError):
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """float32 matrix products in full IEEE precision inside the block (no TF32 on CUDA, no bf16
+    on oneDNN), whatever the process set: TF32 rounds scores to ~1e-3 and misranks near-ties. Uses
+    the per-backend ``fp32_precision`` API (the legacy ``allow_tf32`` flag on older torch) and
+    restores the previous settings on exit."""
+    backends = _precision_backends()
+    if not backends:  # torch without fp32_precision
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        return
+    previous = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, previous):
+            b.fp32_precision = value
 
 
 def _exact_scores(img: Tensor, txt: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
@@ -172,11 +210,12 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor |
     def exact(images: Tensor, caps: Tensor) -> Tensor:
         return _exact_scores(img, txt, images, caps, dtype)
 
-    for r0 in range(0, n, tile):
-        for c0 in range(0, m, tile):
-            scores = img[r0:r0 + tile] @ txt[c0:c0 + tile].T  # [rows, cols]
-            t2i.add(scores, r0, c0, exact)
-            i2t.add(scores, r0, c0, exact)
+    with full_precision_matmul():  # the tolerance band assumes float32 products, not TF32
+        for r0 in range(0, n, tile):
+            for c0 in range(0, m, tile):
+                scores = img[r0:r0 + tile] @ txt[c0:c0 + tile].T  # [rows, cols]
+                t2i.add(scores, r0, c0, exact)
+                i2t.add(scores, r0, c0, exact)
     return i2t.count.masked_fill(best_col == m, -1), t2i.count
 
 

@@ -30,6 +30,7 @@ from distill.checkpoint import (CheckpointError, ResumeMismatchError, check_run_
 from distill.cli import ArgumentParser, check_device, cli_main, import_plugins
 from distill.config import ConfigError, presets, resolve_config, save_config, warmup_steps
 from distill.data import load_dataset
+from distill.determinism import enable_determinism
 from distill.distiller import Distiller, build_distiller, loss_dims
 from distill.pixels import student_pixels
 from distill.target_check import NonFiniteTargetError, screen_batch
@@ -147,6 +148,7 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     student = build_student(cfg["student"]["name"], **student_kw)
     distiller = build_distiller(student, loss_dims(student, cache), cfg["losses"], cfg["balancer"],
                                 train["warmup_stage"], train["embed_projection"]).to(info.device)
+    _student_runtime(student, train, info)
     model: nn.Module = distiller
     if info.enabled:
         model = DistributedDataParallel(distiller, device_ids=[info.device.index] if info.device.type == "cuda" else None,
@@ -184,6 +186,20 @@ def setup(cfg: dict[str, Any], info: D.DistInfo) -> Run:
     return Run(cfg, info, student, distiller, model, optimizer, scheduler, scaler, sampler, loader, total, cache)
 
 
+def _student_runtime(student: nn.Module, train: dict[str, Any], info: D.DistInfo) -> None:
+    """``train.sync_bn``, ``train.channels_last`` and ``train.compile`` (distill/student_runtime.py)."""
+    from distill import student_runtime as SR
+
+    if SR.wants_sync_bn(train["sync_bn"], info.world_size, info.device, student):
+        n = SR.convert_sync_bn(student)
+        if info.is_main:
+            print(f"distill: {n} BatchNorm layers synchronised across {info.world_size} ranks (SyncBatchNorm)", flush=True)
+    if train["channels_last"]:
+        SR.to_channels_last(student)
+    if train["compile"]:
+        SR.compile_student(student)
+
+
 def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, int, TrainBatch]]:
     """Endless (epoch, position after this batch, batch), starting ``position`` batches into ``epoch``."""
     while True:
@@ -194,11 +210,31 @@ def epoch_batches(run: Run, epoch: int, position: int) -> Iterator[tuple[int, in
         epoch, position = epoch + 1, 0
 
 
+def _rollback_buffers(distiller: Distiller) -> dict[str, Tensor]:
+    """The part of :meth:`Distiller.rollback_buffers` a skipped step can have changed: of the
+    student's buffers only the running statistics of BatchNorm layers in training mode (the others
+    are constants, frozen eval-mode statistics included), and none that its module lists in
+    ``rollback_exempt`` (buffer names it only changes once the step is applied, e.g. GradNorm's
+    weights in ``end_step``)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    modules = dict(distiller.named_modules())
+    out: dict[str, Tensor] = {}
+    for name, b in distiller.rollback_buffers().items():
+        owner, _, leaf = name.rpartition(".")
+        m = modules[owner]
+        if (owner == "student" or owner.startswith("student.")) and not (isinstance(m, _BatchNorm) and m.training):
+            continue
+        if leaf not in getattr(m, "rollback_exempt", ()):
+            out[name] = b
+    return out
+
+
 def _state_snapshot(distiller: Distiller) -> dict[str, Tensor]:
-    """Copy of the buffers a forward changes (the student's normalisation statistics, balancer
-    statistics) to undo a skipped step; parameters need no copy, since a skipped step never reaches
-    the optimizer, nor the teacher queue, which only changes at ``commit_queues`` after the step."""
-    return {name: b.clone() for name, b in distiller.rollback_buffers().items()}
+    """Copy of :func:`_rollback_buffers` to undo a skipped step; parameters need no copy, since a
+    skipped step never reaches the optimizer, nor the teacher queue, which only changes at
+    ``commit_queues`` after the step."""
+    return {name: b.clone() for name, b in _rollback_buffers(distiller).items()}
 
 
 def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
@@ -208,13 +244,22 @@ def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
             buffers[name].copy_(value)
 
 
-def _all_finite(flag: bool, device: torch.device) -> bool:
-    """True only if ``flag`` holds on every rank."""
-    if not torch.distributed.is_initialized():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() == 0.0
+def _all_finite(ok: Tensor) -> bool:
+    """True only if the bool tensor ``ok`` holds on every rank: the step's one host sync."""
+    bad = (~ok).to(torch.float32).reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad)
+    return bad.item() == 0.0
+
+
+def host_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with its tensor values as Python floats, converted in one device-to-host copy
+    (``train_step`` leaves losses and the gradient norm on the device until a log step needs them)."""
+    keys = [k for k, v in fields.items() if isinstance(v, Tensor)]
+    if not keys:
+        return dict(fields)
+    values = torch.stack([fields[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**fields, **dict(zip(keys, values))}
 
 
 def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: int) -> tuple[dict[str, Any], int, int, bool]:
@@ -226,32 +271,38 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     accum, device = train["accum_steps"], run.info.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train["precision"])
     snap = _state_snapshot(run.distiller)
+    balancer = run.distiller.warmup_balancer if run.distiller.stage(step) == 1 else run.distiller.balancer
+    balancer.begin_step(run.scaler.get_scale() if balancer.uses_loss_scale and run.scaler.is_enabled() else 1.0)
     run.optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
-    total_sum = 0.0
+    total_sum = torch.zeros((), device=device)
     epoch = position = 0
     for micro in range(accum):
         epoch, position, batch = _next_finite_batch(run, batches)
         text = {k: v.to(device) for k, v in run.student.tokenize(batch.texts).items()}
+        pixels = student_pixels(batch, run.student, device)
+        if train["channels_last"]:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         sync = run.model.no_sync() if isinstance(run.model, DistributedDataParallel) and micro < accum - 1 \
             else contextlib.nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = run.model(student_pixels(batch, run.student, device), text, batch.teacher, batch.image_index,
-                                step, run.total_steps)
+                out = run.model(pixels, text, batch.teacher, batch.image_index, step, run.total_steps)
             run.scaler.scale(out.total / accum).backward()
-        total_sum += float(out.total.detach())
+        total_sum = total_sum + out.total.detach().float()
         for name, value in out.losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float()
         weights = dict(out.weights)
     if run.scaler.is_enabled():
         run.scaler.unscale_(run.optimizer)
     params = [p for p in run.distiller.parameters() if p.grad is not None]
     clip = float(train["grad_clip"]) or math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-    finite = math.isfinite(total_sum) and math.isfinite(grad_norm) and all(map(math.isfinite, sums.values()))
-    applied = _all_finite(finite, device)  # a non-finite term counts even when the balancer gave it weight 0
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).float() if params else torch.zeros((), device=device)
+    finite = torch.isfinite(total_sum) & torch.isfinite(grad_norm)
+    for value in sums.values():  # a non-finite term counts even when the balancer gave it weight 0
+        finite = finite & torch.isfinite(value)
+    applied = _all_finite(finite)
     if applied:
         run.scaler.step(run.optimizer)
         run.distiller.commit_queues()
@@ -259,6 +310,7 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
         run.optimizer.zero_grad(set_to_none=True)
         run.distiller.discard_pending()
         _restore_snapshot(run.distiller, snap)
+    balancer.end_step(applied)
     if run.scaler.is_enabled():
         run.scaler.update()
     lr = run.optimizer.param_groups[0]["lr"]
@@ -295,7 +347,7 @@ def evaluate(run: Run, eval_ds: Any) -> dict[str, float]:
                                                                run.info.device).items()
                        if isinstance(v, (int, float))}
         run.student.train(was_training)
-    D.barrier()
+    D.wait_for_main()
     return metrics
 
 
@@ -370,6 +422,8 @@ def _init_projections(run: Run, samples: int) -> None:
 def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run training as configured, optionally resuming (``"auto"`` or a checkpoint path) or replacing
     an earlier run in ``out`` (``overwrite``); returns a summary dict (also printed as one line by rank 0)."""
+    if cfg["train"]["deterministic"]:
+        enable_determinism()  # before anything touches CUDA (cuBLAS reads its workspace setting once)
     import_plugins(cfg["plugins"])
     check_device(cfg["device"], "device")
     info = D.init_distributed(cfg["device"])
@@ -377,8 +431,6 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
     check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
-    if cfg["train"]["deterministic"]:
-        torch.use_deterministic_algorithms(True)
     run = setup(cfg, info)
     if info.is_main:
         prepare_run_dir(out, resume, overwrite)
@@ -409,30 +461,34 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
     bar = tqdm(total=run.total_steps, initial=step, disable=not info.is_main, desc="distill", unit="step",
                file=sys.stderr, dynamic_ncols=True)
     started, last, metrics = time.time(), {}, {}
+    interval_steps, interval_s = 0, 0.0  # training steps and their seconds since the last log step
     while step < run.total_steps:
         t0 = time.time()
         fields, epoch, position, applied = train_step(run, batches, step)
         skipped += not applied
         step += 1
-        rate = global_batch / max(time.time() - t0, 1e-9)
-        last = {"kind": "train", "step": step, "epoch": epoch, **fields, "samples_per_s": rate,
-                "skipped_nonfinite": skipped}
-        if logger and (step % train_cfg["log_every"] == 0 or step == run.total_steps):
-            logger.log(last)
+        interval_steps, interval_s = interval_steps + 1, interval_s + time.time() - t0
         bar.update(1)
+        if step % train_cfg["log_every"] == 0 or step == run.total_steps:  # the only host copy of the log values
+            rate = global_batch * interval_steps / max(interval_s, 1e-9)
+            interval_steps, interval_s = 0, 0.0
+            last = host_fields({"kind": "train", "step": step, "epoch": epoch, **fields, "samples_per_s": rate,
+                                "skipped_nonfinite": skipped})
+            if logger:
+                logger.log(last)
+            bar.set_postfix(loss=f"{last['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
         if step == run.distiller.warmup_steps and info.is_main:
             bar.write(f"distill: warm-up stage done after {step} steps ({', '.join(run.distiller.warmup_losses)}); "
                       f"now training with {', '.join(run.distiller.losses)}")
-        bar.set_postfix(loss=f"{fields['total']:.4f}", samples_s=f"{rate:.0f}", skipped=skipped)
         if eval_ds is not None and eval_cfg["every"] and (step % eval_cfg["every"] == 0 or step == run.total_steps):
             metrics = evaluate(run, eval_ds)
             if logger:
                 logger.log({"kind": "eval", "step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                bar.write(format_eval(step, metrics, fields["total"]))
+                bar.write(format_eval(step, metrics, float(fields["total"])))
         if step % train_cfg["checkpoint_every"] == 0 or step == run.total_steps:
             if info.is_main:
                 save_checkpoint(out, step, _checkpoint_state(run, epoch, position, skipped), train_cfg["keep_checkpoints"])
-            D.barrier()
+            D.wait_for_main()
     bar.close()
     if eval_ds is not None and not eval_cfg["every"]:
         metrics = evaluate(run, eval_ds)
@@ -459,7 +515,7 @@ def train(cfg: dict[str, Any], resume: str | None = None, overwrite: bool = Fals
                   "without training (pass another --out, or a larger --steps, to train more)", flush=True)
         print(f"distill: {step} steps, final total loss {final}, {skipped} skipped non-finite{dropped}{rsum}; "
               f"student saved to {out / 'student'}", flush=True)
-    D.barrier()
+    D.wait_for_main()
     D.cleanup()
     return summary
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from distill.losses import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision
+from distill.losses.pooling import adaptive_avg_pool2d
 
 TEXT_MATCH = ("auto", "position", "attention")
 
@@ -95,7 +96,7 @@ class TokenLoss(DistillLoss):
             raise ValueError(f"token: grids {s_grid} (student) / {t_grid} (teacher) do not match token "
                              f"counts {n} / {t_tokens.shape[1]}")
         grid = s_tokens.transpose(1, 2).reshape(b, c, *s_grid)
-        pooled = F.adaptive_avg_pool2d(grid, t_grid).flatten(2).transpose(1, 2)
+        pooled = adaptive_avg_pool2d(grid, t_grid).flatten(2).transpose(1, 2)
         return (1 - F.cosine_similarity(self.img_proj(pooled), t_tokens, dim=-1)).mean()
 
     def text_term(self, s_tokens: Tensor, s_mask: Tensor | None, t_tokens: Tensor, t_mask: Tensor | None) -> Tensor:
