@@ -226,9 +226,9 @@ def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
                                own["text_model.encoder.layer.5.output.dense.weight"])
     again = tmp_path / "again"  # continue from the fine-tuned folder, training other blocks: both are kept
     report2 = train_lit_main([*argv[:argv.index("--out")], "--out", str(again), "--mode", "finetune", "--epochs", "1",
-                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3",
+                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3", "--captions", "all",
                               "--trainable-image-blocks", "1", "--trainable-text-layers", "0", "--device", "cpu"])
-    assert report2["trained"] == ["backbone.18."] and "probe" not in report2
+    assert report2["trained"] == ["backbone.18."] and "probe" not in report2 and report2["captions"] == "all"
     saved2 = load_file(str(again / "towers.safetensors"))
     assert sorted(saved2) == sorted(saved)
     assert all(torch.equal(saved2[k], saved[k]) for k in saved if not k.startswith("backbone.18."))
