@@ -304,3 +304,17 @@ def test_lit_efficientnet_lite0_backbone(tmp_path):
     t.save(tmp_path)
     again = build_teacher(f"lit:{tmp_path}")
     assert again.cfg.backbone == "efficientnet_lite0" and torch.equal(again.encode_image(px).embed, f.embed)
+
+
+@pytest.mark.slow
+def test_lit_tower_weight_errors(lit_default, tmp_path):
+    with pytest.raises(ValueError, match=r"tower weights \['backbone.99.weight'\] do not exist"):
+        lit_default.load_towers({"backbone.99.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"other shapes than this teacher: \['backbone.18.0.weight: \(2,\) vs"):
+        lit_default.load_towers({"backbone.18.0.weight": torch.zeros(2)})
+    lit_default.save(tmp_path)
+    cfg = json.loads((tmp_path / "lit.json").read_text())
+    assert cfg["towers"] is None and not (tmp_path / "towers.safetensors").exists()
+    (tmp_path / "lit.json").write_text(json.dumps({**cfg, "towers": "towers.safetensors"}))
+    with pytest.raises(FileNotFoundError, match="towers.safetensors not found .*fine-tuned tower weights"):
+        build_teacher(f"lit:{tmp_path}")
