@@ -141,7 +141,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
               backbone: str = "mobilenet_v2", backbone_weights: str | None = None, text_model: str | None = None,
               device: str = "cpu", seed: int = 0, feature_batch_size: int = 64, workers: int = 0,
               max_images: int | None = None, max_length: int = 32, *, images_root: str | None = None,
-              mode: str = "probe", backbone_lr: float = 1e-4, trainable_image_blocks: int = 4,
+              mode: str = "probe", backbone_lr: float = 5e-5, trainable_image_blocks: int = 4,
               trainable_text_layers: int = 2, captions: str = "one", augment: bool = True,
               init: str | None = None, probe_epochs: int = 10, val_every: int = 1) -> dict[str, Any]:
     """Train a LiT teacher and save it into ``out`` (loadable as ``lit:<out>``); returns the report
@@ -244,7 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the projections and logit scale")
-    p.add_argument("--backbone-lr", type=float, default=1e-4, help="finetune: learning rate of the tower blocks")
+    p.add_argument("--backbone-lr", type=float, default=5e-5, help="finetune: learning rate of the tower blocks")
     p.add_argument("--trainable-image-blocks", type=int, default=4, help="finetune: train the last K image blocks")
     p.add_argument("--trainable-text-layers", type=int, default=2, help="finetune: train the last K text layers")
     p.add_argument("--captions", choices=("one", "all"), default="one",

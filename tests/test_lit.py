@@ -226,9 +226,9 @@ def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
                                own["text_model.encoder.layer.5.output.dense.weight"])
     again = tmp_path / "again"  # continue from the fine-tuned folder, training other blocks: both are kept
     report2 = train_lit_main([*argv[:argv.index("--out")], "--out", str(again), "--mode", "finetune", "--epochs", "1",
-                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3",
+                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3", "--captions", "all",
                               "--trainable-image-blocks", "1", "--trainable-text-layers", "0", "--device", "cpu"])
-    assert report2["trained"] == ["backbone.18."] and "probe" not in report2
+    assert report2["trained"] == ["backbone.18."] and "probe" not in report2 and report2["captions"] == "all"
     saved2 = load_file(str(again / "towers.safetensors"))
     assert sorted(saved2) == sorted(saved)
     assert all(torch.equal(saved2[k], saved[k]) for k in saved if not k.startswith("backbone.18."))
@@ -304,3 +304,17 @@ def test_lit_efficientnet_lite0_backbone(tmp_path):
     t.save(tmp_path)
     again = build_teacher(f"lit:{tmp_path}")
     assert again.cfg.backbone == "efficientnet_lite0" and torch.equal(again.encode_image(px).embed, f.embed)
+
+
+@pytest.mark.slow
+def test_lit_tower_weight_errors(lit_default, tmp_path):
+    with pytest.raises(ValueError, match=r"tower weights \['backbone.99.weight'\] do not exist"):
+        lit_default.load_towers({"backbone.99.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"other shapes than this teacher: \['backbone.18.0.weight: \(2,\) vs"):
+        lit_default.load_towers({"backbone.18.0.weight": torch.zeros(2)})
+    lit_default.save(tmp_path)
+    cfg = json.loads((tmp_path / "lit.json").read_text())
+    assert cfg["towers"] is None and not (tmp_path / "towers.safetensors").exists()
+    (tmp_path / "lit.json").write_text(json.dumps({**cfg, "towers": "towers.safetensors"}))
+    with pytest.raises(FileNotFoundError, match="towers.safetensors not found .*fine-tuned tower weights"):
+        build_teacher(f"lit:{tmp_path}")
