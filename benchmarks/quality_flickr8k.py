@@ -59,9 +59,9 @@ EXTRA_ROWS = ["puma", "coma", "pmf", "mwa"]
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
         "steps": 150, "batch_size": 32, "seeds": "0,1", "workers": 2, "image_size": 160,
-        "probe_epochs": 30, "teacher_epochs": 2, "teacher_batch_size": 64, "teacher_lr": 1e-3,
+        "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
         "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
-        "views": 6, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
+        "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
         "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512,
         "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
     },
