@@ -20,7 +20,8 @@ Rows (``--rows``; ``core`` = all of these; ``_s<k>`` = seed k, seeds from ``--se
     abl_fixed             pruned, all losses with fixed equal weights (no balancer)
     abl_dsmd              pruned, the released DSMD balancer formula
     abl_one_view          pruned, only the clean view of each image
-Extra rows (``--rows all`` or by name): puma, coma, pmf, mwa (related methods, see README).
+Extra rows (``--rows all`` or by name): puma, coma, pmf, mwa (related methods, see README);
+teacher_ensemble (the teacher of record + an EfficientNet-Lite0 probe LiT, ``ensemble:`` spec).
 
 Profiles (``--profile``) set every default; any flag given explicitly overrides it:
     cpu   fits about an hour on 2 CPU cores (the CI machine)
@@ -53,7 +54,7 @@ GLOBAL = ["contrastive_distill", "feature_l1", "cosine", "student_clip"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 SEEDED = ["pruned_distilled", "pruned_no_teacher", "vit_distilled", "vit_no_teacher"]
 ABLATIONS = ["abl_global_only", "abl_fixed", "abl_dsmd", "abl_one_view"]
-EXTRA_ROWS = ["puma", "coma", "pmf", "mwa"]
+EXTRA_ROWS = ["puma", "coma", "pmf", "mwa", "teacher_ensemble"]
 
 #: Every default of a profile; ``None`` in argparse means "take the profile's value".
 PROFILES: dict[str, dict[str, Any]] = {
@@ -123,6 +124,12 @@ class Bench:
 
     def probe_teacher(self) -> str:
         return self._lit("teacher_probe", ["--mode", "probe", "--epochs", str(self.args.probe_epochs)])
+
+    def ensemble_teacher(self) -> str:
+        """The teacher of record and an EfficientNet-Lite0 probe LiT, similarities averaged."""
+        effnet = self._lit("teacher_effnet_probe", ["--mode", "probe", "--backbone", "efficientnet_lite0",
+                                                   "--epochs", str(self.args.probe_epochs)])
+        return f"ensemble:{self.teacher()}+{effnet}"
 
     def teacher(self) -> str:
         """The teacher of record: the probe teacher's towers fine-tuned (their last blocks/layers)."""
@@ -269,6 +276,8 @@ class Bench:
             "abl_fixed": lambda s: self.student_row("abl_fixed", self.pruned_args(), "balancer={name: fixed, cfg: {}}"),
             "abl_dsmd": lambda s: self.student_row("abl_dsmd", self.pruned_args(), "balancer={name: dsmd, cfg: {}}"),
             "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_args(), "data.use_views=false"),
+            "teacher_ensemble": lambda s: self.evaluate(
+                "teacher_ensemble", lambda: build_teacher(self.ensemble_teacher(), self.args.device)),
             "puma": lambda s: self.student_row("puma", self.pruned_args(), preset="puma"),
             "coma": lambda s: self.student_row("coma", self.pruned_args(), *self.coma_sets()),
             "pmf": lambda s: self.student_row("pmf", self.pruned_args("pmf")),
