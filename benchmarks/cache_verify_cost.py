@@ -101,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # largest bytes/image whose hash stays under TARGET of this epoch's data-side time
             "lazy_break_even_bytes_per_image": TARGET * (read_s + decode_s) / cache.num_images * total_bytes / hash_s,
             "default_verify_picks": auto,
-            "targets": {"hash_fraction_of_epoch_lower_bound": {"max": TARGET, "value": frac, "pass": frac < TARGET},
-                        "default_is_lazy_only_when_cheap": {"value": auto, "pass": (auto == "lazy") == (frac < TARGET)}},
+            "targets": {"hash_fraction_of_epoch_lower_bound": {"target": TARGET, "value": frac, "met": frac < TARGET},
+                        "default_is_lazy_only_when_cheap": {"value": auto, "target": "lazy iff hash < target",
+                                                            "met": (auto == "lazy") == (frac < TARGET)}},
             "cache_dims": cache.dims, "storage": cache.storage,
         }
         settings = {**{k: v for k, v in vars(args).items() if k != "out"}, "dataset": data_desc,

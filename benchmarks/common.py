@@ -351,9 +351,11 @@ def build_cache(teacher: str, tsv: Path, out: Path, batch_size: int, device: tor
 # ------------------------------------------------------------------------------------ results
 def write_result(name: str, out: Path, device: torch.device, settings: dict[str, Any], results: dict[str, Any],
                  notes: Sequence[str] = ()) -> Path:
-    """Write ``{benchmark, created, environment, settings, results, notes}`` as JSON to ``out``."""
+    """Write ``{benchmark, created, environment, settings, results, targets, notes}`` as JSON to ``out``
+    (``targets``: the ``targets`` block of ``results``, each ``{value, target, met}``, when it has one)."""
     record = {"benchmark": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "environment": environment(device), "settings": settings, "results": results, "notes": list(notes)}
+              "environment": environment(device), "settings": settings, "results": results,
+              "targets": results.get("targets", {}), "notes": list(notes)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     return out
