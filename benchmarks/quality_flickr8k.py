@@ -21,7 +21,8 @@ Rows (``--rows``; ``core`` = all of these; ``_s<k>`` = seed k, seeds from ``--se
     abl_dsmd              pruned, the released DSMD balancer formula
     abl_one_view          pruned, only the clean view of each image
 Extra rows (``--rows all`` or by name): puma, coma, pmf, mwa (related methods, see README);
-teacher_ensemble (the teacher of record + an EfficientNet-Lite0 probe LiT, ``ensemble:`` spec).
+teacher_ensemble (the teacher of record + an EfficientNet-Lite0 probe LiT, ``ensemble:`` spec);
+tokens_int8, tokens_grid2 (the pruned distilled student on an int8 / 2x2-pooled token cache).
 
 Profiles (``--profile``) set every default; any flag given explicitly overrides it:
     cpu   fits about an hour on 2 CPU cores (the CI machine)
@@ -54,7 +55,7 @@ GLOBAL = ["contrastive_distill", "feature_l1", "cosine", "student_clip"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
 SEEDED = ["pruned_distilled", "pruned_no_teacher", "vit_distilled", "vit_no_teacher"]
 ABLATIONS = ["abl_global_only", "abl_fixed", "abl_dsmd", "abl_one_view"]
-EXTRA_ROWS = ["puma", "coma", "pmf", "mwa", "teacher_ensemble"]
+EXTRA_ROWS = ["puma", "coma", "pmf", "mwa", "teacher_ensemble", "tokens_int8", "tokens_grid2"]
 
 #: Every default of a profile; ``None`` in argparse means "take the profile's value".
 PROFILES: dict[str, dict[str, Any]] = {
@@ -141,23 +142,24 @@ class Bench:
             "--trainable-image-blocks", str(a.teacher_image_blocks), "--trainable-text-layers",
             str(a.teacher_text_layers), "--seed", "0"])
 
-    def cache(self) -> Path:
-        """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size."""
+    def cache(self, name: str = "cache", *extra: str) -> Path:
+        """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size
+        (``extra``: further ``cache_teacher`` flags of a variant cache, e.g. ``--dtype int8``)."""
         from distill import cache_teacher
 
-        a, out = self.args, self.work / "cache"
+        a, out = self.args, self.work / name
         argv = ["--teacher", self.teacher(), "--data", a.data, "--split", "train", "--out", str(out),
                 "--image-tokens", "full", "--device", a.device, "--num-workers", str(a.workers),
                 "--batch-size", str(a.cache_batch_size), "--views", str(a.views),
-                "--mixup-views", str(a.mixup_views)]
+                "--mixup-views", str(a.mixup_views), *extra]
         if a.pixels:
             argv += ["--pixels", str(a.pixels)]
-        stamp = self.work / "cache.argv.json"
+        stamp = self.work / f"{name}.argv.json"
         if not ((out / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv):
             start = time.perf_counter()
             cache_teacher.main([*argv, "--overwrite"])
             stamp.write_text(json.dumps(argv))
-            (self.work / "cache.seconds").write_text(f"{time.perf_counter() - start:.1f}")
+            (self.work / f"{name}.seconds").write_text(f"{time.perf_counter() - start:.1f}")
         return out
 
     def image_layers(self) -> int:
@@ -244,10 +246,11 @@ class Bench:
         return result
 
     def student_row(self, row: str, student_args: list[str], *sets: str, preset: str = "cpu",
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, cache: Path | None = None) -> dict[str, Any]:
         from students import load_student
 
-        folder = self.train(row, self.train_argv(row, self.cache(), student_args, *sets, preset=preset, seed=seed))
+        cache = cache or self.cache()
+        folder = self.train(row, self.train_argv(row, cache, student_args, *sets, preset=preset, seed=seed))
         result = self.evaluate(row, lambda: load_student(folder, device=self.args.device))
         log = self.work / row / "summary.json"
         student = json.loads((folder / "student.json").read_text())["config"]
@@ -278,6 +281,10 @@ class Bench:
             "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_args(), "data.use_views=false"),
             "teacher_ensemble": lambda s: self.evaluate(
                 "teacher_ensemble", lambda: build_teacher(self.ensemble_teacher(), self.args.device)),
+            "tokens_int8": lambda s: self.student_row("tokens_int8", self.pruned_args(),
+                                                      cache=self.cache("cache_int8", "--dtype", "int8")),
+            "tokens_grid2": lambda s: self.student_row("tokens_grid2", self.pruned_args(),
+                                                       cache=self.cache("cache_grid2", "--image-tokens", "grid:2")),
             "puma": lambda s: self.student_row("puma", self.pruned_args(), preset="puma"),
             "coma": lambda s: self.student_row("coma", self.pruned_args(), *self.coma_sets()),
             "pmf": lambda s: self.student_row("pmf", self.pruned_args("pmf")),
