@@ -60,6 +60,10 @@ def test_targets_use_seed_means_and_spread():
     assert t["pruned_distilled_vs_no_teacher_rsum"]["met"]
     assert not t["full_vs_abl_global_only"]["met"]  # 3 points better, but within the seed spread of 4
     assert t["full_vs_abl_dsmd"]["met"]
+    one = {k: v for k, v in by.items() if not k.endswith("_s1")}  # one seed: no spread to judge against
+    t1 = q.targets(one, q.aggregate(one))
+    assert t1["full_vs_abl_dsmd"]["met"] is None and t1["full_vs_abl_dsmd"]["value"] == 14.0
+    assert t1["pruned_distilled_vs_no_teacher_rsum"]["met"]
 
 
 @pytest.mark.slow
