@@ -2,7 +2,7 @@
 
 A DataLoader reads one shuffled epoch of teacher features (image embedding + image tokens, one
 caption's embedding + tokens + mask per sample) from a real cache through
-:func:`distill.train_data.fetch_teacher` (memory-mapped gathers; fp16 stays fp16 as in training, int8 -> float32). The
+:func:`distill.pipeline.train.data.fetch_teacher` (memory-mapped gathers; fp16 stays fp16 as in training, int8 -> float32). The
 baseline copies the same number of stored bytes per batch from one RAM buffer into another
 (``np.copyto``). Rounds are interleaved; the first (untimed) round also warms the page cache.
 Target: loader samples/s >= 50% of the copy's samples/s. (Whether the loader keeps up with a
@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.cache import TeacherCache, bytes_per_sample  # noqa: E402
-from distill.losses.base import TeacherBatch  # noqa: E402
-from distill.train_data import fetch_teacher  # noqa: E402
+from distill.core.cache.reader import TeacherCache, bytes_per_sample  # noqa: E402
+from distill.core.features import TeacherBatch  # noqa: E402
+from distill.pipeline.train.data import fetch_teacher  # noqa: E402
 
 NAME = "cache_loader_speed"
 TARGET = 0.5
@@ -129,6 +129,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

@@ -6,7 +6,7 @@ output shapes) of Flickr8k images and times, interleaved round by round:
 
 * ``hash``: sha256 of every array file of the cache (what lazy verification adds per process);
 * ``cache_read``: one shuffled training epoch of teacher lookups (one view and one caption per
-  image, :func:`distill.train_data.fetch_teacher`, fp16 kept as in training);
+  image, :func:`distill.pipeline.train.data.fetch_teacher`, fp16 kept as in training);
 * ``image_decode``: one epoch of decoding the images and the student's 224 px transform.
 
 A training epoch does at least ``cache_read + image_decode`` (plus the student's forward and
@@ -29,9 +29,9 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.cache import TeacherCache, sha256_file  # noqa: E402
-from distill.data import load_dataset  # noqa: E402
-from distill.train_data import fetch_teacher  # noqa: E402
+from distill.core.cache.reader import TeacherCache, sha256_file  # noqa: E402
+from distill.core.data.dataset import load_dataset  # noqa: E402
+from distill.pipeline.train.data import fetch_teacher  # noqa: E402
 
 NAME = "cache_verify_cost"
 TARGET = 0.05

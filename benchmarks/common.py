@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from distill.cli import import_plugins
+from distill.core.registry import load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -65,7 +65,7 @@ def add_student_args(p: argparse.ArgumentParser) -> None:
 
 
 def student_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``build_student("vit", **cfg)`` keyword arguments selected by :func:`add_student_args`."""
+    """The ``create_student("vit", **cfg)`` keyword arguments selected by :func:`add_student_args`."""
     return {"preset": args.student_preset, **args.student_cfg}
 
 
@@ -76,7 +76,7 @@ def setup(args: argparse.Namespace) -> torch.device:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    import_plugins(args.plugin)
+    load_plugins(args.plugin)
     device = resolve_device(args.device)
     if getattr(args, "clock", None) == "auto":
         args.clock = "cpu" if device.type == "cpu" else "wall"
@@ -339,7 +339,7 @@ def build_cache(teacher: str, tsv: Path, out: Path, batch_size: int, device: tor
                 extra: Sequence[str] = ()) -> Path:
     """Write a real teacher cache of ``tsv`` with ``python -m distill.cache_teacher`` (in-process,
     its report and progress bar suppressed so that the benchmark prints one line)."""
-    from distill.cache_teacher import main as cache_main
+    from distill.pipeline.cache_teacher import main as cache_main
 
     argv = ["--teacher", teacher, "--data", str(tsv), "--out", str(out), "--batch-size", str(batch_size),
             "--num-workers", "0", "--device", str(device), *[a for m in plugins for a in ("--plugin", m)], *extra]

@@ -1,4 +1,4 @@
-"""Exact Recall@K evaluation time and memory (:func:`distill.metrics.retrieval_metrics`).
+"""Exact Recall@K evaluation time and memory (:func:`distill.core.metrics.retrieval_metrics`).
 
 Synthetic L2-normalised embeddings (each caption = its image's embedding + noise, 5 captions per
 image) of ``--images`` x ``--captions`` are ranked exactly; timed side by side with the bare tiled
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.metrics import CPU_TILE, CUDA_TILE, retrieval_metrics  # noqa: E402
+from distill.core.metrics import CPU_TILE, CUDA_TILE, retrieval_metrics  # noqa: E402
 
 NAME = "eval_speed"
 TARGET_S = 2.0
@@ -139,6 +139,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

@@ -162,7 +162,7 @@ fi
 "$PY" - "$OUT" "$DEVICE" <<'EOF'
 import json, math, sys
 from pathlib import Path
-from distill.train_log import read_log
+from distill.pipeline.train.log import read_log
 out, device = Path(sys.argv[1]), sys.argv[2]
 stages = {}
 for line in (out / "stages.tsv").read_text().splitlines():

@@ -2,7 +2,7 @@
 
 Both models encode the same batch of random 224 px images and the same tokenized captions
 (tokenization excluded), in interleaved rounds, under ``torch.inference_mode``. Also reported:
-parameter counts and forward GFLOPs per image (:mod:`distill.profile`), so the measured speedup
+parameter counts and forward GFLOPs per image (:mod:`distill.core.profile`), so the measured speedup
 can be read against the compute ratio. Target: student >= 10x the teacher's images/s and texts/s.
 
     python benchmarks/inference_speed.py                       # CPU defaults
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.profile import count_params, image_gflops  # noqa: E402
+from distill.core.profile import count_params, image_gflops  # noqa: E402
 
 NAME = "inference_speed"
 TARGET = 10.0
@@ -49,11 +49,11 @@ def captions(n: int, seed: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     device = C.setup(args)
-    from students import build_student
-    from teachers import build_teacher
+    from students import create_student
+    from teachers import create_teacher
 
-    teacher = build_teacher(args.teacher, str(device))
-    student = build_student("vit", **C.student_config(args)).to(device).eval()
+    teacher = create_teacher(args.teacher, str(device))
+    student = create_student("vit", **C.student_config(args)).to(device).eval()
     texts = captions(args.text_batch, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     pixels = {name: torch.randn(args.image_batch, 3, m.image_size, m.image_size, generator=g).to(device)
@@ -98,6 +98,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

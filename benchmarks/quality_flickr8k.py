@@ -109,7 +109,7 @@ class Bench:
     # -- teachers and cache --------------------------------------------------------------------
     def _lit(self, name: str, argv: list[str]) -> str:
         """Train the LiT teacher ``name`` once (reused while its command line is unchanged)."""
-        from teachers import train_lit
+        from distill.pipeline.lit import train as train_lit
 
         folder, stamp = self.work / name, self.work / f"{name}.argv.json"
         argv = ["--data", self.args.data, "--split", "train", "--out", str(folder), "--image-size",
@@ -145,7 +145,7 @@ class Bench:
     def cache(self, name: str = "cache", *extra: str) -> Path:
         """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size
         (``extra``: further ``cache_teacher`` flags of a variant cache, e.g. ``--dtype int8``)."""
-        from distill import cache_teacher
+        from distill.pipeline import cache_teacher
 
         a, out = self.args, self.work / name
         argv = ["--teacher", self.teacher(), "--data", a.data, "--split", "train", "--out", str(out),
@@ -203,7 +203,7 @@ class Bench:
     def train(self, row: str, argv: list[str]) -> Path:
         """Train ``row`` (resuming an interrupted run). ``<row>/argv.json`` records the command line; a
         row trained with other settings is deleted and retrained, never silently reused."""
-        from distill import train_student
+        from distill.pipeline.train import main as train_student
 
         run, stamp = self.work / row, self.work / row / "argv.json"
         same = stamp.is_file() and json.loads(stamp.read_text()) == argv
@@ -223,9 +223,9 @@ class Bench:
 
     def evaluate(self, row: str, build: Callable[[], Any]) -> dict[str, Any]:
         """Evaluate ``build()`` on the test split (reusing ``<row>/eval.json``)."""
-        from distill.data import load_dataset
-        from distill.evaluate import evaluate_model
-        from distill.profile import count_params, image_gflops
+        from distill.core.data.dataset import load_dataset
+        from distill.pipeline.evaluate import evaluate_model
+        from distill.core.profile import count_params, image_gflops
 
         path = self.work / row / "eval.json"
         if path.is_file():
@@ -259,14 +259,14 @@ class Bench:
     # -- rows ----------------------------------------------------------------------------------
     def row_table(self) -> dict[str, Callable[[int], dict[str, Any]]]:
         """Row name (without seed) -> builder taking the seed."""
-        from teachers import build_teacher
+        from teachers import create_teacher
 
         vit_preset = self.args.vit_preset
         no_teacher = losses_override(["student_clip"])
         return {
-            "teacher": lambda s: self.evaluate("teacher", lambda: build_teacher(self.teacher(), self.args.device)),
+            "teacher": lambda s: self.evaluate("teacher", lambda: create_teacher(self.teacher(), self.args.device)),
             "teacher_probe": lambda s: self.evaluate("teacher_probe",
-                                                     lambda: build_teacher(self.probe_teacher(), self.args.device)),
+                                                     lambda: create_teacher(self.probe_teacher(), self.args.device)),
             "pruned_distilled": lambda s: self.student_row(f"pruned_distilled_s{s}", self.pruned_args(), seed=s),
             "pruned_no_teacher": lambda s: self.student_row(f"pruned_no_teacher_s{s}",
                                                             self.pruned_args(teacher_init=False), no_teacher, seed=s),
@@ -280,7 +280,7 @@ class Bench:
             "abl_dsmd": lambda s: self.student_row("abl_dsmd", self.pruned_args(), "balancer={name: dsmd, cfg: {}}"),
             "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_args(), "data.use_views=false"),
             "teacher_ensemble": lambda s: self.evaluate(
-                "teacher_ensemble", lambda: build_teacher(self.ensemble_teacher(), self.args.device)),
+                "teacher_ensemble", lambda: create_teacher(self.ensemble_teacher(), self.args.device)),
             "tokens_int8": lambda s: self.student_row("tokens_int8", self.pruned_args(),
                                                       cache=self.cache("cache_int8", "--dtype", "int8")),
             "tokens_grid2": lambda s: self.student_row("tokens_grid2", self.pruned_args(),
@@ -427,6 +427,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

@@ -2,7 +2,7 @@
 
 Real caches of the same images are written with ``--image-tokens full --dtype fp16`` (``full_fp16``),
 ``--image-tokens grid:<g>`` (``grid<g>_fp16``) and ``--dtype int8`` (``full_int8``), read back
-with :func:`distill.cache.bytes_per_sample`. ``full_fp32`` is not a cache option: it is the
+with :func:`distill.core.cache.reader.bytes_per_sample`. ``full_fp32`` is not a cache option: it is the
 ``full_fp16`` layout with every float array at 4 bytes (an uncompressed float32 dump). Text
 tokens are padded to the longest caption of each shard, so text bytes depend on the captions.
 (The RSUM cost of each mode comes from the quality benchmark, not from here.)
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.cache import TeacherCache, bytes_per_sample  # noqa: E402
+from distill.core.cache.reader import TeacherCache, bytes_per_sample  # noqa: E402
 
 NAME = "token_storage_bytes"
 KEYS = ("image_total", "text_total", "per_image_with_captions")
@@ -75,6 +75,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

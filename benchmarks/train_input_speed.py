@@ -19,7 +19,7 @@ Part 2 (``--device cuda``, or ``--train-steps N`` on any device): training sampl
 training step (:func:`distill.train_student.train_step`, reading pixels from the cache) of the
 pruned student (``lit:default`` teacher's towers, half its image FLOPs) and of the ViT-S/16 ``gpu``
 preset in bf16, the model FLOPs utilisation (3 x forward FLOPs per sample from
-:func:`distill.profile.count_flops`, over ``--peak-tflops``) and the input path's share of the step.
+:func:`distill.core.profile.count_flops`, over ``--peak-tflops``) and the input path's share of the step.
 Targets (CUDA only): pruned >= 20,000 samples/s; ViT-S/16 >= 35% of bf16 peak; input share < 10%.
 
     python benchmarks/train_input_speed.py                       # CPU: 160 and 224 px, Flickr8k images
@@ -44,10 +44,10 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.cache import TeacherCache  # noqa: E402
-from distill.data import load_dataset  # noqa: E402
-from distill.pixels import decode_jpeg_batch, normalise_pixels  # noqa: E402
-from distill.train_data import DistillTrainSet, TeacherCollate  # noqa: E402
+from distill.core.cache.reader import TeacherCache  # noqa: E402
+from distill.core.data.dataset import load_dataset  # noqa: E402
+from distill.core.data.pixels import decode_jpeg_batch, normalise_pixels  # noqa: E402
+from distill.pipeline.train.data import DistillTrainSet, TeacherCollate  # noqa: E402
 
 NAME = "train_input_speed"
 TARGET_SPEEDUP = 15.0
@@ -154,11 +154,11 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def train_speed(args: argparse.Namespace, tsv: Path, tmp: Path, device: torch.device, student: str) -> dict[str, Any]:
     """Part 2: the real training step of one student reading pixels from a ``--pixels`` cache."""
-    from distill import train_student as ts
-    from distill.config import resolve_config
-    from distill.dist import DistInfo
-    from distill.pixels import student_pixels
-    from distill.profile import count_flops
+    from distill.pipeline.train import main as ts
+    from distill.pipeline.train.config import resolve_config
+    from distill.core.dist import DistInfo
+    from distill.core.data.pixels import student_pixels
+    from distill.core.profile import count_flops
 
     if student == "pruned":
         from students.pruned import half_compute_layers
@@ -171,9 +171,9 @@ def train_speed(args: argparse.Namespace, tsv: Path, tmp: Path, device: torch.de
     else:
         raise SystemExit(f"error: unknown --train-students entry {student!r} (pruned, vit-gpu)")
     probe = resolve_config(preset, [], {}, overrides)
-    from students import build_student
+    from students import create_student
 
-    size = int(build_student(probe["student"]["name"], **{k: v for k, v in probe["student"].items() if k != "name"}).image_size)
+    size = int(create_student(probe["student"]["name"], **{k: v for k, v in probe["student"].items() if k != "name"}).image_size)
     cache = tmp / f"train_cache_{size}"
     if not (cache / "manifest.json").is_file():
         C.build_cache(args.train_teacher, tsv, cache, 64, device, args.plugin,

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill import train_student as ts  # noqa: E402
-from distill.augment import apply_view  # noqa: E402
-from distill.config import resolve_config  # noqa: E402
-from distill.dist import DistInfo  # noqa: E402
-from distill.losses.base import TeacherBatch  # noqa: E402
-from distill.train_data import DistillTrainSet, TrainBatch  # noqa: E402
+from distill.pipeline.train import main as ts
+from distill.core.data.augment import apply_view  # noqa: E402
+from distill.pipeline.train.config import resolve_config  # noqa: E402
+from distill.core.dist import DistInfo  # noqa: E402
+from distill.core.features import TeacherBatch  # noqa: E402
+from distill.pipeline.train.data import DistillTrainSet, TrainBatch  # noqa: E402
 
 NAME = "train_step_speed"
 TARGET = 0.9
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     device = C.setup(args)
     C.require_wall_clock_for_workers(args)
-    from teachers import build_teacher
+    from teachers import create_teacher
 
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               ["--image-tokens", args.image_tokens])
         run = ts.setup(train_config(args, cache, tsv, tmp / "run"), DistInfo(0, 1, 0, device))
         run.distiller.train()
-        teacher = build_teacher(args.teacher, str(device))
+        teacher = create_teacher(args.teacher, str(device))
 
         cached = ts.epoch_batches(run, 0, 0)
         online = online_batches(run, teacher, device)
@@ -176,6 +176,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

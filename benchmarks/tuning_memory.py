@@ -36,7 +36,7 @@ from torch import Tensor
 
 from benchmarks.common import (FLICKR8K, WORDS, add_common_args, cuda_peak_mb, fmt, print_summary, ratio, setup,
                                sync, time_interleaved, write_result)
-from students import Student, build_student
+from students import Student, create_student
 from teachers.lit import LiTConfig, LiTTeacher
 
 NAME = "tuning_memory"
@@ -65,10 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_mode(mode: str, spec: str, teacher: LiTTeacher, args: argparse.Namespace) -> Student:
     """The student of one mode, on the CPU; ``full`` gets the teacher's projections and scale."""
     if mode == "mwa":
-        return build_student("mwa", teacher=spec, **args.mwa_cfg)
+        return create_student("mwa", teacher=spec, **args.mwa_cfg)
     if mode == "pmf":
-        return build_student("pmf", teacher=spec, **args.pmf_cfg)
-    s = build_student("pruned", teacher=spec, image_layers=len(teacher.backbone),
+        return create_student("pmf", teacher=spec, **args.pmf_cfg)
+    s = create_student("pruned", teacher=spec, image_layers=len(teacher.backbone),
                       text_layers=len(teacher.text_model.encoder.layer), embed_dim=teacher.embed_dim)
     state = teacher.projection_state()
     with torch.no_grad():
@@ -149,7 +149,7 @@ def load_split(split: str, n: int):
     """First ``n`` images of a Flickr8k split (None when the data set is absent)."""
     if not (FLICKR8K / "captions.tsv").is_file():
         return None
-    from distill.data import load_dataset
+    from distill.core.data.dataset import load_dataset
 
     data = load_dataset(FLICKR8K, split)
     return data.subset(range(min(n, data.num_images)))
@@ -172,7 +172,7 @@ def bench_batch(teacher: LiTTeacher, n: int, seed: int) -> tuple[Tensor, list[st
 def recall_run(mode: str, spec: str, teacher: LiTTeacher, train_px: Tensor, train_caps: list[list[str]], eval_data,
                args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Train a fresh student of ``mode`` for ``--recall-steps`` steps, then evaluate retrieval."""
-    from distill.evaluate import evaluate_model
+    from distill.pipeline.evaluate import evaluate_model
 
     torch.manual_seed(args.seed)
     student = build_mode(mode, spec, teacher, args).to(device).train()
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run_recall(modes: list[str], spec: str, teacher: LiTTeacher, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any] | None:
     """Recall of the untrained LiT model and of every mode after a short training (None without Flickr8k)."""
-    from distill.evaluate import evaluate_model
+    from distill.pipeline.evaluate import evaluate_model
 
     train, evald = load_split("train", args.recall_train_images), load_split("test", args.recall_eval_images)
     if train is None or evald is None:
@@ -262,7 +262,7 @@ def run_recall(modes: list[str], spec: str, teacher: LiTTeacher, args: argparse.
     tf = teacher.image_transform()
     train_px = torch.stack([tf(train.load_image(i)) for i in range(train.num_images)])
     train_caps = [train.captions_of(i) for i in range(train.num_images)]
-    start = build_student("mwa", teacher=spec).to(device).eval()  # an untrained mwa is exactly the LiT model
+    start = create_student("mwa", teacher=spec).to(device).eval()  # an untrained mwa is exactly the LiT model
     with torch.no_grad():
         out: dict[str, Any] = {"start": evaluate_model(start, evald, 64, device, progress=False)}
     del start
@@ -285,6 +285,6 @@ def summary_text(results: dict[str, Any], modes: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    from distill.cli import cli_main
+    from distill.pipeline.cli import cli_main
 
     cli_main(main)

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distill.balance import build_balancer
 from distill.balance.base import Balancer
-from distill.features import ImageFeatures, TextFeatures
-from distill.losses import DistillBatch, DistillLoss, Dims, TeacherBatch, build_loss
+from distill.core.features import ImageFeatures, TeacherBatch, TextFeatures
+from distill.core.registry import create_balancer, create_loss
+from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
 
@@ -185,7 +185,7 @@ def build_losses(dims: Dims, loss_cfg: Sequence[dict[str, Any]]) -> dict[str, Di
     losses = {}
     for item in loss_cfg:
         try:
-            loss = build_loss(item["name"], dims, **(item.get("cfg") or {}))
+            loss = create_loss(item["name"], dims, **(item.get("cfg") or {}))
         except TypeError as e:
             raise TypeError(f"loss {item['name']!r}: bad options {item.get('cfg')}: {e}") from e
         if hasattr(loss, "gather"):
@@ -200,10 +200,10 @@ def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str,
     (``{steps, losses, weights}``: its losses under a ``fixed`` balancer), the shared projections
     (mode ``projection``) and queue."""
     losses = build_losses(dims, loss_cfg)
-    balancer = build_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
+    balancer = create_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
     if not warmup_stage:
         return Distiller(student, losses, balancer, dims=dims, projection=projection)
     warmup_losses = build_losses(dims, warmup_stage["losses"])
-    warmup_balancer = build_balancer("fixed", list(warmup_losses), weights=warmup_stage.get("weights") or {})
+    warmup_balancer = create_balancer("fixed", list(warmup_losses), weights=warmup_stage.get("weights") or {})
     return Distiller(student, losses, balancer, warmup_losses, warmup_balancer, int(warmup_stage["steps"]),
                      dims=dims, projection=projection)

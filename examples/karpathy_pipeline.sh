@@ -32,7 +32,8 @@ default_preset() {
 preflight() {
     "$PY" - "$1" "$2" <<'EOF' || exit 2
 import sys
-from distill.data import BadSampleError, load_dataset
+from distill.core.data.dataset import load_dataset
+from distill.core.errors import BadSampleError
 
 sizes = []
 for split in ("train", "val", "test"):

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures
+from distill.core.features import ImageFeatures, TextFeatures
 
 TextBatch = dict[str, Tensor]
 
@@ -17,7 +17,7 @@ class Student(nn.Module, ABC):
 
     ``encode_image``/``encode_text`` return L2-normalised embeddings plus token features
     (``tokens`` at the tower's width, used by the token-level losses). ``config()`` returns the JSON
-    from which :func:`students.build_student` rebuilds the same architecture; checkpoints store it.
+    from which :func:`students.create_student` rebuilds the same architecture; checkpoints store it.
     """
 
     name: str

@@ -2,7 +2,7 @@
 
 A saved student is a folder with ``student.safetensors`` (weights) and ``student.json``::
 
-    {"format_version": 1, "config": {"name": "vit", ...},   # kwargs of students.build_student
+    {"format_version": 1, "config": {"name": "vit", ...},   # kwargs of students.create_student
      "tokenizer": {...}, "preprocess": {...}, "num_params": N}
 
 :func:`load_student` also reads training checkpoints: a ``torch.save``'d dict with
@@ -56,11 +56,11 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
 
 
 def _build(config: Any, source: Path) -> Student:
-    from students import build_student
+    from distill.core.registry import create_student
 
     if not isinstance(config, dict) or "name" not in config:
         raise ValueError(f"{source}: student config must be a dict with a 'name', got {config!r}")
-    return build_student(**config)
+    return create_student(**config)
 
 
 def _load_folder(folder: Path) -> Student:
@@ -90,7 +90,7 @@ def _load_checkpoint(path: Path) -> Student:
     if not isinstance(ckpt, dict) or "student_config" not in ckpt or "student" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a checkpoint with 'student_config' and 'student', found {keys}")
-    from distill.checkpoint import CHECKSUM_KEY, checksum
+    from distill.core.checkpoint import CHECKSUM_KEY, checksum
 
     if CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != checksum(ckpt):
         raise ValueError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum")

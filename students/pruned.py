@@ -1,6 +1,6 @@
 """The ``pruned`` student: the teacher's first k image blocks / text layers plus new projections.
 
-``build_student("pruned", teacher="openclip:ViT-B-32:...", image_layers=6, text_layers=6, embed_dim=256)``
+``create_student("pruned", teacher="openclip:ViT-B-32:...", image_layers=6, text_layers=6, embed_dim=256)``
 copies the towers with :meth:`teachers.base.Teacher.pruned_towers` and keeps the teacher's
 tokenizer and image transform. ``frozen_image_layers=f`` keeps the first f kept image blocks (and
 the stem) frozen, in eval mode: on CPU this cuts the step time of a CNN tower several-fold, since
@@ -18,11 +18,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize
-from distill.profile import count_flops
-from students import STUDENTS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
+from distill.core.profile import count_flops
+from distill.core.registry import STUDENTS, create_teacher
 from students.base import Student, TextBatch
-from teachers import Teacher, build_teacher
 
 
 @STUDENTS.register("pruned")
@@ -34,7 +33,7 @@ class PrunedStudent(Student):
     def __init__(self, teacher: str, image_layers: int, text_layers: int, embed_dim: int = 256,
                  frozen_image_layers: int = 0, freeze_text_embeddings: bool = False) -> None:
         super().__init__()
-        t = build_teacher(teacher)
+        t = create_teacher(teacher)
         towers = t.pruned_towers(image_layers, text_layers)
         _check_copied(t, towers.image, towers.text)
         self.teacher_spec, self.image_layers, self.text_layers = teacher, image_layers, text_layers
@@ -119,7 +118,7 @@ def _freeze_prefix(tower: nn.Module, n: int, depth: int) -> list[nn.Module]:
     return modules
 
 
-def _check_copied(teacher: Teacher, *towers: nn.Module) -> None:
+def _check_copied(teacher: Any, *towers: nn.Module) -> None:
     """The teacher is dropped after pruning, so its towers must not share its weights."""
     teacher_storage = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
     for tower in towers:
@@ -135,12 +134,12 @@ def _last_matrix(module: nn.Module, what: str) -> nn.Parameter:
     return weights[-1]
 
 
-def half_compute_layers(teacher: Teacher | str, fraction: float = 0.5) -> int:
+def half_compute_layers(teacher: Any, fraction: float = 0.5) -> int:
     """The deepest number of image blocks k whose pruned tower costs at most ``fraction`` of the
     teacher's full image encoder (FLOPs on one image; 1 if even one block costs more). Block costs
     differ (a CNN's early high-resolution blocks cost most), so every depth is measured, from 1 up,
     until the budget is passed."""
-    t = build_teacher(teacher) if isinstance(teacher, str) else teacher
+    t = create_teacher(teacher) if isinstance(teacher, str) else teacher
     pixels = torch.zeros(1, 3, t.image_size, t.image_size, device=next(t.parameters()).device)
     budget = fraction * count_flops(lambda x: t.encode_image(x), pixels)
     k = 1

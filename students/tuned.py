@@ -6,7 +6,7 @@ mode so BatchNorm statistics never move) and add small trainable modules. Traina
 modules, both projections and the logit scale. ``trainable_share()`` = trainable / all parameters.
 
 ``mwa`` — multiway adapters (after "MultiWay-Adapter: Adapting large-scale multi-modal models for
-scalable image-text retrieval", Long et al. 2023), ``build_student("mwa", teacher="lit:DIR")``:
+scalable image-text retrieval", Long et al. 2023), ``create_student("mwa", teacher="lit:DIR")``:
 
 * text: a bottleneck adapter (``down -> GELU -> up``, width ``text_adapter_width``) parallel to the
   FFN of every MiniLM layer: ``LN(FFN(h) + h + adapter(h))`` with ``h`` the attention output;
@@ -24,7 +24,7 @@ embeddings exactly. Differences from the paper: its backbone is a BEiT-3 multiwa
 the towers are separate (a CNN and a BERT) and the enhancer is a single block on the embeddings.
 
 ``pmf`` — deep-layer interactive prompting (after "Efficient Multimodal Fusion via Interactive
-Prompting", Li et al., CVPR 2023), ``build_student("pmf", teacher="lit:DIR", prompt_layers=2)``.
+Prompting", Li et al., CVPR 2023), ``create_student("pmf", teacher="lit:DIR", prompt_layers=2)``.
 In the paper, each of the last ``L_f`` layers of two frozen unimodal transformers runs twice: a
 *query stage* ``layer_m([x_m; QCP_m; QP_m])`` whose query-prompt (QP) outputs pass a non-linear
 mapper to the *other* modality, and a *fusion stage* ``layer_n([x_n; FCP_n; mapped QP_m])``; prompts
@@ -55,12 +55,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize
-from students import STUDENTS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
+from distill.core.registry import STUDENTS, TEACHERS, create_teacher
+from distill.core.towers import feature_map_tokens, pool_text, tokenize_padded
 from students.base import Student, TextBatch
-from teachers import build_teacher
-from teachers.common import feature_map_tokens, tokenize_padded
-from teachers.lit import LiTTeacher, pool_text
 
 # torchvision's residual "expand -> depthwise -> project" blocks (MobileNetV2/V3, EfficientNet)
 RESIDUAL_BLOCKS = ("InvertedResidual", "MBConv", "FusedMBConv")
@@ -73,8 +71,8 @@ class _TunedStudent(Student):
 
     def __init__(self, teacher: str) -> None:
         super().__init__()
-        t = build_teacher(teacher)
-        if not isinstance(t, LiTTeacher):
+        t = create_teacher(teacher)
+        if not isinstance(t, TEACHERS.get("lit")):
             raise ValueError(f"student {self.name!r} needs a lit: teacher (lit:<folder> or lit:default), "
                              f"got {teacher!r} ({type(t).__name__})")
         self.teacher_spec = teacher

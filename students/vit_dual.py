@@ -16,8 +16,9 @@ from open_clip.transform import image_transform
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
-from students import STUDENTS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.errors import ConfigError, UnknownNameError
+from distill.core.registry import STUDENTS
 from students.base import Student, TextBatch
 from students.tokenizers import CLIP_PAD_ID, CLIP_VOCAB_SIZE, clip_tokenize
 
@@ -65,12 +66,26 @@ VIT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@STUDENTS.register("vit")
 class ViTDualStudent(Student):
-    """Image-level dual encoder backed by an ``open_clip.CLIP`` model."""
+    """Image-level dual encoder backed by an ``open_clip.CLIP`` model.
+
+    ``create_student("vit", preset="vit-ti16-128", embed_dim=512)``: a preset of :data:`VIT_PRESETS`
+    (default ``vit-s16``) with field overrides; or ``ViTDualStudent(ViTDualConfig(...))``."""
 
     name = "vit"
 
-    def __init__(self, cfg: ViTDualConfig) -> None:
+    def __init__(self, cfg: ViTDualConfig | None = None, *, preset: str | None = None, **overrides: Any) -> None:
+        if cfg is None:
+            if preset is not None and preset not in VIT_PRESETS:
+                raise UnknownNameError(f"unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
+            known = {f.name for f in fields(ViTDualConfig)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise ConfigError(f"unknown vit student option(s) {unknown}; known: {sorted(known)}")
+            cfg = ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides})
+        elif preset is not None or overrides:
+            raise ConfigError("ViTDualStudent: give either a ViTDualConfig or a preset with overrides, not both")
         super().__init__()
         self.cfg = cfg
         self.embed_dim = cfg.embed_dim
@@ -188,16 +203,3 @@ class ViTDualStudent(Student):
         take = sorted({i % n for i in layers})
         x, inter = transformer.forward_intermediates(x, attn_mask=attn_mask, indices=take)
         return x, dict(zip(take, inter))
-
-
-@STUDENTS.register("vit")
-def build_vit_student(preset: str | None = None, **overrides: Any) -> ViTDualStudent:
-    """``build_student("vit", preset="vit-ti16-128", embed_dim=512)``; presets: :data:`VIT_PRESETS`."""
-    if preset is not None and preset not in VIT_PRESETS:
-        raise KeyError(f"unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
-    known = {f.name for f in fields(ViTDualConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"unknown vit student option(s) {unknown}; known: {sorted(known)}")
-    return ViTDualStudent(ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides}))
-

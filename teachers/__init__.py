@@ -1,26 +1,11 @@
-"""Frozen teacher adapters. ``build_teacher("openclip:ViT-B-32:laion2b_s34b_b79k")`` etc.
-
-A spec is ``<backend>:<rest>``; each backend module registers itself with ``TEACHERS`` and parses
-``<rest>`` on its own. Adding a backend is one new file plus one import line below.
-"""
+"""Frozen teacher adapters, one backend per file, each class registered with
+``@TEACHERS.register(backend)`` (declared in :mod:`distill.core.registry`) and built from a spec
+``<backend>:<rest>`` with ``create_teacher("openclip:ViT-B-32:laion2b_s34b_b79k")``; the backend
+class parses ``<rest>`` in its ``from_spec``. Importing this package registers the built-in backends."""
 from __future__ import annotations
 
-from distill.registry import Registry
+from distill.core.registry import TEACHERS, create_teacher
 from teachers.base import Teacher, TextBatch
+from teachers import openclip, hf, lit, mllm, ensemble  # noqa: F401  (registration side effects)
 
-TEACHERS: Registry[Teacher] = Registry("teacher")
-
-
-def build_teacher(spec: str, device: str = "cpu") -> Teacher:
-    """Build a frozen teacher from ``<backend>:<args>`` and move it to ``device``."""
-    backend, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"teacher spec {spec!r} must look like '<backend>:<args>', backends: {TEACHERS.names()}")
-    teacher = TEACHERS.build(backend, rest)
-    teacher.spec = spec
-    return teacher.to(device).freeze()
-
-
-from teachers import openclip, hf, lit, mllm, ensemble  # noqa: E402,F401  (registration side effects)
-
-__all__ = ["TEACHERS", "Teacher", "TextBatch", "build_teacher"]
+__all__ = ["TEACHERS", "Teacher", "TextBatch", "create_teacher"]

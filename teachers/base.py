@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures
+from distill.core.features import ImageFeatures, TextFeatures
 
 TextBatch = dict[str, Tensor]
 

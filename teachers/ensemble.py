@@ -45,9 +45,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
 
-from distill.config import ConfigError
-from distill.features import ImageFeatures, TextFeatures, l2_normalize
-from teachers import TEACHERS, build_teacher
+from distill.core.errors import ConfigError
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
+from distill.core.registry import TEACHERS, create_teacher
 from teachers.base import PrunedTowers, Teacher, TextBatch
 
 
@@ -89,8 +89,15 @@ def parse_members(rest: str) -> list[tuple[str, float]]:
     return [(s, w / total) for s, w in members]
 
 
+@TEACHERS.register("ensemble")
 class EnsembleTeacher(Teacher):
     """Frozen teachers combined as described in the module docstring."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "EnsembleTeacher":
+        """Build from the spec after ``ensemble:``: ``rest`` is ``SPEC1+SPEC2[+...]`` or a members file."""
+        members = parse_members(rest)
+        return cls([create_teacher(spec) for spec, _ in members], [w for _, w in members])
 
     def __init__(self, members: Sequence[Teacher], weights: Sequence[float]) -> None:
         super().__init__()
@@ -202,12 +209,6 @@ class _Normalized(nn.Module):
     def forward(self, pixels: Tensor):
         return self.tower((pixels - self.mean) / self.std)
 
-
-@TEACHERS.register("ensemble")
-def build_ensemble(rest: str) -> EnsembleTeacher:
-    """Registry factory: ``rest`` is ``SPEC1+SPEC2[+...]`` or a members file."""
-    members = parse_members(rest)
-    return EnsembleTeacher([build_teacher(spec) for spec, _ in members], [w for _, w in members])
 
 
 __all__ = ["EnsembleTeacher", "parse_members"]

@@ -20,16 +20,26 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel, SiglipModel
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
-from teachers import TEACHERS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.errors import ConfigError
+from distill.core.registry import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
-from teachers.common import check_layers, check_prune_depth, require_dir, tokenize_padded
+from teachers.common import check_layers, check_prune_depth, require_dir
+from distill.core.towers import tokenize_padded
 
 SUPPORTED = (CLIPModel, SiglipModel)
 
 
+@TEACHERS.register("hf")
 class HFTeacher(Teacher):
     """A transformers CLIP / SigLIP dual encoder behind the :class:`Teacher` interface."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "HFTeacher":
+        """Build from the spec after ``hf:``: ``rest`` is a local folder."""
+        if not rest:
+            raise ConfigError("hf spec needs a folder: hf:<local folder>")
+        return cls(rest)
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
@@ -163,11 +173,3 @@ class HFTextPrefix(nn.Module):
         mask = batch["attention_mask"]
         out = self.tower(input_ids=batch["input_ids"], attention_mask=None if self.is_siglip else mask)
         return out.pooler_output, out.last_hidden_state, mask.bool()
-
-
-@TEACHERS.register("hf")
-def build_hf(rest: str) -> HFTeacher:
-    """Registry factory: ``rest`` is a local folder."""
-    if not rest:
-        raise ValueError("hf spec needs a folder: hf:<local folder>")
-    return HFTeacher(rest)

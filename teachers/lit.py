@@ -35,11 +35,12 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 from transformers import AutoModel, AutoTokenizer
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
-from teachers import TEACHERS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.errors import ConfigError
+from distill.core.registry import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
-from teachers.common import (OutputCapture, check_layers, check_prune_depth, feature_map_tokens, require_dir, seeded,
-                             tokenize_padded)
+from teachers.common import OutputCapture, check_layers, check_prune_depth, require_dir, seeded
+from distill.core.towers import feature_map_tokens, pool_text, tokenize_padded
 
 CONFIG_FILE, WEIGHTS_FILE, TOWERS_FILE = "lit.json", "projections.safetensors", "towers.safetensors"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -150,13 +151,17 @@ class TimmTrunk(nn.Module):
         return self.model.forward_features(x)
 
 
-def pool_text(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    """Sentence feature: masked mean over tokens (``"mean"``) or the first token (``"cls"``)."""
-    return masked_mean(hidden, mask) if pooling == "mean" else hidden[:, 0]
 
-
+@TEACHERS.register("lit")
 class LiTTeacher(Teacher):
     """Frozen image backbone + frozen text encoder + trained linear projections."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "LiTTeacher":
+        """Build from the spec after ``lit:``: ``rest`` is ``default`` or a folder with ``lit.json``."""
+        if not rest:
+            raise ConfigError("lit spec needs a folder or 'default': lit:<folder> | lit:default")
+        return cls(LiTConfig()) if rest == "default" else cls.from_folder(rest)
 
     def __init__(self, cfg: LiTConfig, projections: dict[str, Tensor] | None = None,
                  towers: dict[str, Tensor] | None = None) -> None:
@@ -368,11 +373,3 @@ class LiTTextPrefix(nn.Module):
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         pooled = masked_mean(hidden, mask.bool()) if self.pooling == "mean" else hidden[:, 0]
         return pooled, hidden, mask.bool()
-
-
-@TEACHERS.register("lit")
-def build_lit(rest: str) -> LiTTeacher:
-    """Registry factory: ``rest`` is ``default`` or a folder with ``lit.json``."""
-    if not rest:
-        raise ValueError("lit spec needs a folder or 'default': lit:<folder> | lit:default")
-    return LiTTeacher(LiTConfig()) if rest == "default" else LiTTeacher.from_folder(rest)

@@ -25,8 +25,9 @@ from PIL import Image
 from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
-from teachers import TEACHERS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.errors import ConfigError
+from distill.core.registry import TEACHERS
 from teachers.base import Teacher, TextBatch
 from teachers.common import check_layers, require_dir
 
@@ -63,8 +64,16 @@ class MLLMConfig:
         return cls(**data)
 
 
+@TEACHERS.register("mllm")
 class MLLMTeacher(Teacher):
     """A VLM (Llava-style) prompted to summarise an image or a sentence into its last hidden state."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "MLLMTeacher":
+        """Build from the spec after ``mllm:``: ``rest`` is a local folder."""
+        if not rest:
+            raise ConfigError("mllm spec needs a folder: mllm:<local folder>")
+        return cls(rest)
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
@@ -188,11 +197,3 @@ class MLLMTeacher(Teacher):
     @property
     def logit_scale(self) -> float:
         return float(self.cfg.logit_scale)
-
-
-@TEACHERS.register("mllm")
-def build_mllm(rest: str) -> MLLMTeacher:
-    """Registry factory: ``rest`` is a local folder."""
-    if not rest:
-        raise ValueError("mllm spec needs a folder: mllm:<local folder>")
-    return MLLMTeacher(rest)

@@ -29,10 +29,11 @@ from open_clip.transformer import TextTransformer, VisionTransformer, text_globa
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
-from teachers import TEACHERS
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.registry import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
-from teachers.common import OutputCapture, check_layers, check_prune_depth, feature_map_tokens, require_dir, seeded
+from teachers.common import OutputCapture, check_layers, check_prune_depth, require_dir, seeded
+from distill.core.towers import feature_map_tokens
 
 SCHEMAS = ("local-dir:", "hf-hub:")
 
@@ -118,8 +119,14 @@ def _create(model: str, pretrained: str | None) -> nn.Module:
         return open_clip.create_model(model, pretrained=pretrained, pretrained_text=False, **kwargs)
 
 
+@TEACHERS.register("openclip")
 class OpenClipTeacher(Teacher):
     """An open_clip CLIP / CustomTextCLIP model behind the :class:`Teacher` interface."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "OpenClipTeacher":
+        """Build from the spec after ``openclip:``: ``rest`` is ``<model>[:<pretrained>]``."""
+        return cls(*parse_spec(rest))
 
     def __init__(self, model: str, pretrained: str | None = None) -> None:
         super().__init__()
@@ -319,9 +326,3 @@ class OpenClipTextPrefix(nn.Module):
         causal = self.attn_mask[: ids.shape[1], : ids.shape[1]] if self.attn_mask is not None else None
         x = self.ln_final(self.transformer(x, attn_mask=causal))
         return text_global_pool(x, ids, self.pool_type, self.eos_id), x, mask
-
-
-@TEACHERS.register("openclip")
-def build_openclip(rest: str) -> OpenClipTeacher:
-    """Registry factory: ``rest`` is ``<model>[:<pretrained>]``."""
-    return OpenClipTeacher(*parse_spec(rest))

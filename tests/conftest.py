@@ -64,6 +64,6 @@ def flickr8k() -> Path:
 @pytest.fixture
 def toy_teacher():
     import tests.toy_teacher  # noqa: F401  (registers "toy")
-    from teachers import build_teacher
+    from teachers import create_teacher
 
-    return build_teacher("toy:0")
+    return create_teacher("toy:0")

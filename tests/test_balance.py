@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.balance import BALANCERS, build_balancer
+from distill.balance import BALANCERS, create_balancer
 
 
 def L(**values: float) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def test_registry():
 
 # ---------------------------------------------------------------- dsmd (the former dynamic)
 def test_dsmd_magnitude_normalisation_first_step():
-    bal = build_balancer("dsmd", ["a", "b"])
+    bal = create_balancer("dsmd", ["a", "b"])
     total, w = bal(L(a=4.0, b=1.0))
     # m = [1, 4], rates = 1 -> d = [1, 1]; normalised to sum 2 -> [0.4, 1.6]; weighted terms are equal
     assert w["a"] == pytest.approx(0.4) and w["b"] == pytest.approx(1.6)
@@ -34,7 +34,7 @@ def test_dsmd_magnitude_normalisation_first_step():
 
 
 def test_dsmd_rates_use_raw_losses_and_slower_descent_gets_more_weight():
-    bal = build_balancer("dsmd", ["fast", "slow"], beta=0.0)
+    bal = create_balancer("dsmd", ["fast", "slow"], beta=0.0)
     # "fast" halves every step, "slow" shrinks by 10%; magnitudes differ by 100x
     for step in range(3):
         rates = bal.descent_rates().tolist()  # the rates this step will use
@@ -53,7 +53,7 @@ def test_dsmd_rates_use_raw_losses_and_slower_descent_gets_more_weight():
 
 
 def test_dsmd_combines_magnitude_and_rate():
-    bal = build_balancer("dsmd", ["a", "b"], beta=0.0, temperature=1.0)
+    bal = create_balancer("dsmd", ["a", "b"], beta=0.0, temperature=1.0)
     for la, lb in ((8.0, 2.0), (4.0, 1.8)):
         bal(L(a=la, b=lb))
     _, w = bal(L(a=2.0, b=1.0))
@@ -63,14 +63,14 @@ def test_dsmd_combines_magnitude_and_rate():
 
 
 def test_dsmd_ema_smoothing():
-    bal = build_balancer("dsmd", ["a", "b"])  # beta 0.9
+    bal = create_balancer("dsmd", ["a", "b"])  # beta 0.9
     bal(L(a=4.0, b=1.0))  # target [0.4, 1.6] initialises the EMA
     _, w = bal(L(a=1.0, b=1.0))  # target [1, 1] (rates still 1)
     assert [w["a"], w["b"]] == pytest.approx([0.9 * 0.4 + 0.1, 0.9 * 1.6 + 0.1])
 
 
 def test_dsmd_zero_and_nan_losses_get_zero_weight_and_state_stays_finite():
-    bal = build_balancer("dsmd", ["a", "b", "c"])
+    bal = create_balancer("dsmd", ["a", "b", "c"])
     bal(L(a=2.0, b=1.0, c=3.0))
     before = {k: v.clone() for k, v in bal.state_dict().items()}
     total, w = bal(L(a=float("nan"), b=1.0, c=0.0))
@@ -89,16 +89,16 @@ def test_dsmd_zero_and_nan_losses_get_zero_weight_and_state_stays_finite():
 
 
 def test_dsmd_min_max_clamp():
-    bal = build_balancer("dsmd", ["a", "b"], min_weight=0.5, max_weight=1.2)
+    bal = create_balancer("dsmd", ["a", "b"], min_weight=0.5, max_weight=1.2)
     _, w = bal(L(a=4.0, b=1.0))  # unclamped [0.4, 1.6]
     assert (w["a"], w["b"]) == (0.5, 1.2)
 
 
 def test_dsmd_state_dict_round_trip_gives_identical_next_weights():
-    bal = build_balancer("dsmd", ["a", "b", "c"])
+    bal = create_balancer("dsmd", ["a", "b", "c"])
     for step in range(4):
         bal(L(a=3.0 / (step + 1), b=1.0 + 0.1 * step, c=0.5 * 0.8**step))
-    restored = build_balancer("dsmd", ["a", "b", "c"])
+    restored = create_balancer("dsmd", ["a", "b", "c"])
     restored.load_state_dict(bal.state_dict())
     nxt = L(a=0.7, b=1.3, c=0.2)
     assert bal(nxt)[1] == restored(nxt)[1]
@@ -107,7 +107,7 @@ def test_dsmd_state_dict_round_trip_gives_identical_next_weights():
 @pytest.mark.parametrize("name", ["dynamic", "dsmd"])
 def test_balancer_rejects_unknown_terms(name):
     with pytest.raises(KeyError, match="missing \\['b'\\]"):
-        build_balancer(name, ["a", "b"])(L(a=1.0))
+        create_balancer(name, ["a", "b"])(L(a=1.0))
 
 
 # ---------------------------------------------------------------- dynamic
@@ -125,7 +125,7 @@ def np_dynamic_weights(history: np.ndarray, temperature: float = 0.5, beta_fast:
 
 
 def test_dynamic_warmup_uses_priors_and_normalises_by_the_reference():
-    bal = build_balancer("dynamic", ["a", "b", "c"], ref_steps=3, priors={"a": 2.0})
+    bal = create_balancer("dynamic", ["a", "b", "c"], ref_steps=3, priors={"a": 2.0})
     losses = L(a=8.0, b=0.5, c=2.0)
     total, w = bal(losses)
     assert [w["a"], w["b"], w["c"]] == pytest.approx([1.5, 0.75, 0.75])  # priors [2, 1, 1], mean 1
@@ -146,7 +146,7 @@ def test_dynamic_weights_are_the_rate_softmax():
     steps = np.arange(40)
     history = np.stack([3.0 * 0.97**steps, 0.2 + 0.0 * steps, 1.0 / (1 + 0.1 * steps)], axis=1)
     history *= 1 + 0.05 * rng.standard_normal(history.shape)
-    bal = build_balancer("dynamic", ["a", "b", "c"], cap=math.inf)  # no floors on these names
+    bal = create_balancer("dynamic", ["a", "b", "c"], cap=math.inf)  # no floors on these names
     for row in history:
         total, w = bal(L(a=row[0], b=row[1], c=row[2]))
     expected = np_dynamic_weights(history)
@@ -158,7 +158,7 @@ def test_dynamic_weights_are_the_rate_softmax():
 
 def test_dynamic_plateaued_term_gains_weight():
     rng = np.random.default_rng(1)
-    bal = build_balancer("dynamic", ["steady", "stalls"])
+    bal = create_balancer("dynamic", ["steady", "stalls"])
     trace = []
     for t in range(400):
         noise = 1 + 0.05 * rng.standard_normal(2)
@@ -174,7 +174,7 @@ def test_dynamic_scale_invariance():
     """Multiplying one loss by 100 changes neither the weights nor the gradient of the total."""
     theta = torch.nn.Parameter(torch.tensor([1.0, -0.5, 2.0]))
     names = ["contrastive_distill", "feature_l1", "triplet"]
-    plain, scaled = build_balancer("dynamic", names), build_balancer("dynamic", names)
+    plain, scaled = create_balancer("dynamic", names), create_balancer("dynamic", names)
     rng = np.random.default_rng(2)
     for t in range(80):
         point = torch.tensor([1.0, -0.5, 2.0]) * 0.98**t + torch.from_numpy(0.05 * rng.standard_normal(3)).float()
@@ -196,7 +196,7 @@ def test_dynamic_scale_invariance():
 def test_dynamic_term_heading_to_zero_does_not_take_the_budget():
     rng = np.random.default_rng(3)
     names = RETRIEVAL + ["feature_l1", "triplet"]
-    bal, old = build_balancer("dynamic", names), build_balancer("dsmd", names)
+    bal, old = create_balancer("dynamic", names), create_balancer("dsmd", names)
     shares = []
     for t in range(600):
         noise = 1 + 0.05 * rng.standard_normal(4)
@@ -222,7 +222,7 @@ def test_dynamic_term_heading_to_zero_does_not_take_the_budget():
 
 
 def test_dynamic_floors_and_cap_are_respected_exactly():
-    bal = build_balancer("dynamic", ["a", "b", "c"], priors={"a": 100.0}, cap=2.0, floors={"b": 0.8})
+    bal = create_balancer("dynamic", ["a", "b", "c"], priors={"a": 100.0}, cap=2.0, floors={"b": 0.8})
     _, w = bal(L(a=1.0, b=1.0, c=1.0))
     # raw [100, 1, 1] on a budget of 3: a capped at 2, the remaining 1 split equally would give b 0.5 < 0.8
     assert [w["a"], w["b"], w["c"]] == pytest.approx([2.0, 0.8, 0.2])
@@ -234,10 +234,10 @@ def test_dynamic_floors_and_cap_are_respected_exactly():
 
 
 def test_dynamic_default_floors_on_the_retrieval_terms():
-    assert build_balancer("dynamic", RETRIEVAL + ["x"]).floors == [0.5, 0.5, 0.0]
-    assert build_balancer("dynamic", ["x", "student_clip"], floors={"student_clip": 0.0}).floors == [0.0, 0.0]
-    assert build_balancer("dynamic", RETRIEVAL, floors={"student_clip": 0.9}).floors == [0.5, 0.9]
-    assert build_balancer("dynamic", ["x", "y"]).floors == [0.0, 0.0]
+    assert create_balancer("dynamic", RETRIEVAL + ["x"]).floors == [0.5, 0.5, 0.0]
+    assert create_balancer("dynamic", ["x", "student_clip"], floors={"student_clip": 0.0}).floors == [0.0, 0.0]
+    assert create_balancer("dynamic", RETRIEVAL, floors={"student_clip": 0.9}).floors == [0.5, 0.9]
+    assert create_balancer("dynamic", ["x", "y"]).floors == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -259,7 +259,7 @@ def test_fit_to_budget_matches_bisection(seed):
 
 
 def test_dynamic_zero_and_nan_losses_get_zero_weight_and_leave_state_untouched():
-    bal = build_balancer("dynamic", ["a", "b", "c"], ref_steps=5)
+    bal = create_balancer("dynamic", ["a", "b", "c"], ref_steps=5)
     for _ in range(3):
         bal(L(a=2.0, b=1.0, c=3.0))
     before = {k: v.clone() for k, v in bal.state_dict().items()}
@@ -281,13 +281,13 @@ def test_dynamic_zero_and_nan_losses_get_zero_weight_and_leave_state_untouched()
 def test_dynamic_state_dict_round_trip_gives_identical_next_weights():
     rng = np.random.default_rng(4)
     names = RETRIEVAL + ["feature_l1"]
-    bal = build_balancer("dynamic", names, ref_steps=5)
+    bal = create_balancer("dynamic", names, ref_steps=5)
     for step in range(30):
         v = (1 + 0.1 * rng.standard_normal(3)) * np.array([3.0 / (step + 1), 1.0 + 0.1 * step, 0.5 * 0.8**step])
         bal(L(**dict(zip(names, v.tolist()))))
     state = bal.state_dict()
     assert all(t.dtype == torch.float64 for t in state.values())
-    restored = build_balancer("dynamic", names, ref_steps=5)
+    restored = create_balancer("dynamic", names, ref_steps=5)
     restored.load_state_dict(state)
     for v in ((0.7, 1.3, 0.2), (0.6, 1.2, 0.1)):
         nxt = L(**dict(zip(names, v)))
@@ -296,12 +296,12 @@ def test_dynamic_state_dict_round_trip_gives_identical_next_weights():
 
 
 def test_dynamic_refuses_a_dsmd_state_with_a_clear_error():
-    from distill.checkpoint import CheckpointError
+    from distill.core.errors import CheckpointError
 
-    old = build_balancer("dsmd", ["a", "b"])
+    old = create_balancer("dsmd", ["a", "b"])
     old(L(a=1.0, b=2.0))
     with pytest.raises(CheckpointError, match="balancer.name=dsmd"):
-        build_balancer("dynamic", ["a", "b"]).load_state_dict(old.state_dict())
+        create_balancer("dynamic", ["a", "b"]).load_state_dict(old.state_dict())
 
 
 @pytest.mark.parametrize("cfg, key", [
@@ -323,22 +323,22 @@ def test_dynamic_refuses_a_dsmd_state_with_a_clear_error():
 ])
 def test_dynamic_bad_config_names_the_key(cfg, key):
     with pytest.raises(ValueError, match=f"balancer.cfg.{key}" if "add up" not in key else key):
-        build_balancer("dynamic", ["student_clip", "triplet"], **cfg)
+        create_balancer("dynamic", ["student_clip", "triplet"], **cfg)
 
 
 # ---------------------------------------------------------------- fixed / uncertainty
 def test_fixed_weights_and_nan_term_skipped():
-    bal = build_balancer("fixed", ["a", "b"], weights={"b": 0.5})
+    bal = create_balancer("fixed", ["a", "b"], weights={"b": 0.5})
     total, w = bal(L(a=2.0, b=4.0))
     assert w == {"a": 1.0, "b": 0.5} and total.item() == pytest.approx(4.0)
     total, w = bal(L(a=float("nan"), b=4.0))
     assert w == {"a": 0.0, "b": 0.5} and total.item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="unknown terms \\['z'\\]"):
-        build_balancer("fixed", ["a"], weights={"z": 1.0})
+        create_balancer("fixed", ["a"], weights={"z": 1.0})
 
 
 def test_uncertainty_total_and_gradients():
-    bal = build_balancer("uncertainty", ["a", "b"])
+    bal = create_balancer("uncertainty", ["a", "b"])
     with torch.no_grad():
         bal.log_vars.copy_(torch.tensor([0.5, -1.0]))
     total, w = bal(L(a=2.0, b=3.0))
@@ -368,7 +368,7 @@ def weighted_grad_norms(weight: torch.nn.Parameter, w: dict[str, float]) -> list
 
 def test_gradnorm_moves_weights_towards_equal_gradient_norms():
     shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    bal = build_balancer("gradnorm", ["big", "small"], lr=0.05)
+    bal = create_balancer("gradnorm", ["big", "small"], lr=0.05)
     _, w0 = bal(toy_losses(shared), [shared])
     assert w0 == {"big": 1.0, "small": 1.0}
     g0 = weighted_grad_norms(shared, w0)
@@ -385,10 +385,10 @@ def test_gradnorm_moves_weights_towards_equal_gradient_norms():
 
 def test_gradnorm_state_round_trip_nan_term_and_requires_params():
     shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    bal = build_balancer("gradnorm", ["big", "small"])
+    bal = create_balancer("gradnorm", ["big", "small"])
     for _ in range(3):
         bal(toy_losses(shared), [shared])
-    restored = build_balancer("gradnorm", ["big", "small"])
+    restored = create_balancer("gradnorm", ["big", "small"])
     restored.load_state_dict(bal.state_dict())
     assert bal(toy_losses(shared), [shared])[1] == restored(toy_losses(shared), [shared])[1]
     losses = toy_losses(shared)
@@ -403,14 +403,14 @@ def test_gradnorm_state_round_trip_nan_term_and_requires_params():
 def test_weights_png_from_the_train_log(tmp_path):
     from PIL import Image
 
-    from distill.train_log import TrainLogger, plot_losses, plot_weights
+    from distill.pipeline.train.log import TrainLogger, plot_losses, plot_weights
 
     log = TrainLogger(tmp_path, tensorboard=False)
     log.log({"kind": "train", "step": 1, "loss/a": 2.0})
     log.close()
     assert plot_weights(tmp_path) is None  # no weights logged
     log = TrainLogger(tmp_path, tensorboard=False)
-    bal = build_balancer("dynamic", ["student_clip", "feature_l1"], ref_steps=2)
+    bal = create_balancer("dynamic", ["student_clip", "feature_l1"], ref_steps=2)
     for step in range(1, 30):
         losses = {"student_clip": 3.0, "feature_l1": 0.5 * 0.9**step}
         _, w = bal(L(**losses))

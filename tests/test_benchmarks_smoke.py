@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import (cache_loader_speed, cache_verify_cost, common, eval_speed, inference_speed, peak_memory,
                         token_storage_bytes, train_step_speed)
-from distill.metrics import retrieval_metrics
+from distill.core.metrics import retrieval_metrics
 
 TINY_TEACHER = {"embed_dim": 16,
                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -158,7 +158,7 @@ def test_quality_rows_are_reused_resumed_or_retrained(tmp_path, monkeypatch):
     resumes in place, and one trained with other settings is deleted (eval.json included) and
     retrained."""
     from benchmarks import quality_flickr8k as q
-    from distill import train_student
+    from distill.pipeline.train import main as train_student
 
     calls: list[list[str]] = []
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
-from distill.augment import IDENTITY, apply_view
-from distill.cache import TeacherCache, bytes_per_sample
-from distill.cache_teacher import CacheSettings, image_view_params, main
-from distill.data import load_dataset
+from distill.core.data.augment import IDENTITY, apply_view
+from distill.core.cache.reader import TeacherCache, bytes_per_sample
+from distill.pipeline.cache_teacher import CacheSettings, image_view_params, main
+from distill.core.data.dataset import load_dataset
 from tests.conftest import REPO
 
 BASE = ["--plugin", "tests.toy_teacher", "--teacher", "toy:0", "--num-workers", "0", "--batch-size", "3",
@@ -194,7 +194,7 @@ def test_row_copy_and_batched_gathers_agree(tiny_tsv, tmp_path, monkeypatch):
     """Token rows above ``ROW_COPY_BYTES`` are copied row by row; the result (order across shards,
     views per sample, int8 dequantisation, text padding, fp16 pass-through) equals the per-shard
     batched gather."""
-    import distill.cache as cache_mod
+    import distill.core.cache.reader as cache_mod
 
     ids, caps, views = [11, 0, 6, 3, 7, 0], [20, 1, 9, 14, 2], [1, 0, 1, 1, 0, 1]
     for extra in ([], ["--dtype", "int8"]):

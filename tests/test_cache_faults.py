@@ -16,10 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from distill.cache import CacheCorruptError, CacheMismatchError, CacheVerifyError, CacheWriteError, ManifestError, TeacherCache
-from distill.cache_teacher import main, verify_cache
-from distill.data import BadSampleError, load_dataset
-from teachers import TEACHERS, build_teacher
+from distill.core.cache.reader import TeacherCache
+from distill.core.errors import BadSampleError, CacheCorruptError, CacheMismatchError, CacheVerifyError, CacheWriteError, ManifestError
+from distill.pipeline.cache_teacher import main, verify_cache
+from distill.core.data.dataset import load_dataset
+from teachers import TEACHERS, create_teacher
 from tests.conftest import REPO, make_tiny_dataset
 from tests.test_cache import BASE, build, tree_bytes
 from tests.toy_teacher import ToyTeacher
@@ -31,8 +32,7 @@ class SlowToyTeacher(ToyTeacher):
         return super().encode_image(pixels, layers)
 
 
-if "slowtoy" not in TEACHERS:
-    TEACHERS.register("slowtoy")(lambda rest: SlowToyTeacher(seed=int(rest or 0)))
+TEACHERS.register("slowtoy")(SlowToyTeacher)
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_tsv, tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_mismatched_teacher_dataset_or_settings(tiny_tsv, tmp_path):
     out = tmp_path / "c"
     cache = build(tiny_tsv, out)
     with pytest.raises(CacheMismatchError, match="teacher"):
-        cache.check(teacher_hash=build_teacher("toy:1").config_hash())
+        cache.check(teacher_hash=create_teacher("toy:1").config_hash())
     with pytest.raises(CacheMismatchError, match="dataset"):
         cache.check(dataset_fingerprint="0" * 64)
     toy1 = [a if a != "toy:0" else "toy:1" for a in BASE]
@@ -121,7 +121,7 @@ def test_mismatched_teacher_dataset_or_settings(tiny_tsv, tmp_path):
     with pytest.raises(CacheMismatchError, match=r"shards/00000/shard\.json"):
         main([*toy1, "--data", str(tiny_tsv), "--out", str(out)])
     assert main([*toy1, "--data", str(tiny_tsv), "--out", str(out), "--overwrite"]) == 0
-    assert TeacherCache(out).teacher_hash == build_teacher("toy:1").config_hash()
+    assert TeacherCache(out).teacher_hash == create_teacher("toy:1").config_hash()
 
 
 def test_disk_full_keeps_complete_shards(tiny_tsv, tmp_path, monkeypatch):
@@ -170,9 +170,9 @@ def test_verify_detects_wrong_teacher(tiny_tsv, tmp_path):
     out = tmp_path / "c"
     build(tiny_tsv, out)
     ds = load_dataset(tiny_tsv)
-    assert verify_cache(out, build_teacher("toy:0"), ds, 4)["image embed"] > 0.999
+    assert verify_cache(out, create_teacher("toy:0"), ds, 4)["image embed"] > 0.999
     with pytest.raises(CacheVerifyError, match=r"cached image embed of image \d+ view 0 .*cosine"):
-        verify_cache(out, build_teacher("toy:1"), ds, 4)
+        verify_cache(out, create_teacher("toy:1"), ds, 4)
 
 
 # -- non-finite / fp16-overflowing teacher outputs (issue 13.1) ---------------------------------
@@ -201,9 +201,8 @@ class BigToyTeacher(ToyTeacher):
         return f
 
 
-for _name, _cls in (("nantoy", NaNToyTeacher), ("bigtoy", BigToyTeacher)):
-    if _name not in TEACHERS:
-        TEACHERS.register(_name)(lambda rest, _cls=_cls: _cls(seed=int(rest or 0)))
+TEACHERS.register("nantoy")(NaNToyTeacher)
+TEACHERS.register("bigtoy")(BigToyTeacher)
 
 
 def _with_teacher(spec):
@@ -211,7 +210,7 @@ def _with_teacher(spec):
 
 
 def test_nonfinite_output_refused_naming_array_shard_count(tiny_tsv, tmp_path):
-    from distill.output_check import NonFiniteOutputError
+    from distill.core.errors import NonFiniteOutputError
 
     out = tmp_path / "c"
     NaNToyTeacher.calls = 0
@@ -232,13 +231,13 @@ def test_nonfinite_report_stores_counts_and_verify_fails_on_nan(tiny_tsv, tmp_pa
     assert all(c["text_embed"] == {"nonfinite": 0, "overflow": 0} for c in checks)
     assert torch_isnan_rows(cache) == [5, 6, 7]
     # rerunning in error mode does not silently reuse the shard that holds NaN: it refuses it
-    from distill.output_check import NonFiniteOutputError
+    from distill.core.errors import NonFiniteOutputError
     NaNToyTeacher.calls = 2  # only shard 1 is recomputed: its first batch is the NaN one again
     with pytest.raises(NonFiniteOutputError, match="00001"):
         main([*_with_teacher("nantoy:0"), "--data", str(tiny_tsv), "--out", str(out)])
     # --verify treats a NaN cosine as a failure (nan < thr is False)
     with pytest.raises(CacheVerifyError, match=r"cached image embed of image [567] view 0 .*cosine nan"):
-        verify_cache(out, build_teacher("toy:0"), load_dataset(tiny_tsv), 12)
+        verify_cache(out, create_teacher("toy:0"), load_dataset(tiny_tsv), 12)
 
 
 def torch_isnan_rows(cache):
@@ -250,7 +249,7 @@ def torch_isnan_rows(cache):
 def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
     import torch
 
-    from distill.output_check import FP16OverflowError
+    from distill.core.errors import FP16OverflowError
     from tests.test_cache import teacher_images
 
     with pytest.raises(FP16OverflowError, match=r"shards/00000: .*fp16 range .*image_tokens: \d+"):
@@ -296,7 +295,7 @@ def test_default_lazy_verify_catches_bit_flip_on_first_read(tiny_tsv, tmp_path):
 
 
 def test_auto_verify_is_size_for_large_caches(tiny_tsv, tmp_path, monkeypatch):
-    import distill.cache as cache_mod
+    import distill.core.cache.reader as cache_mod
 
     out = tmp_path / "c"
     build(tiny_tsv, out)
@@ -308,8 +307,9 @@ def test_auto_verify_is_size_for_large_caches(tiny_tsv, tmp_path, monkeypatch):
 
 
 def test_train_student_verify_cache_flag_and_config():
-    from distill.config import ConfigError, resolve_config
-    from distill.train_student import build_parser, config_from_args
+    from distill.pipeline.train.config import resolve_config
+    from distill.core.errors import ConfigError
+    from distill.pipeline.train.main import build_parser, config_from_args
 
     args = build_parser().parse_args(["--cache", "c", "--data", "d", "--verify-cache", "full"])
     assert config_from_args(args)["data"]["verify_cache"] == "full"
@@ -319,7 +319,8 @@ def test_train_student_verify_cache_flag_and_config():
 
 
 def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
-    from distill.cache_lock import LOCK_NAME, CacheLockedError, writer_lock
+    from distill.core.cache.lock import LOCK_NAME, writer_lock
+    from distill.core.errors import CacheLockedError
 
     out = tmp_path / "c"
     out.mkdir()
@@ -353,7 +354,7 @@ def _unused_pid() -> int:
 def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     import socket
 
-    from distill.cache_lock import LOCK_NAME
+    from distill.core.cache.lock import LOCK_NAME
 
     dead = _unused_pid()
     out = tmp_path / "c"
@@ -363,7 +364,7 @@ def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     assert f"taking over stale lock {out / LOCK_NAME} of process {dead}" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()
     (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": "some-other-host", "started": "x"}))
-    from distill.cache_lock import CacheLockedError
+    from distill.core.errors import CacheLockedError
     with pytest.raises(CacheLockedError, match="some-other-host"):  # another host's pid cannot be checked
         build(tiny_tsv, out)
 
@@ -388,7 +389,7 @@ def test_write_error_advice_matches_cause(tiny_tsv, tmp_path, monkeypatch, err, 
 
 
 def test_replaced_image_makes_its_shard_stale(tiny_tsv, tmp_path, capsys):
-    from distill.cache import StaleCacheError
+    from distill.core.errors import StaleCacheError
 
     out = tmp_path / "c"
     build(tiny_tsv, out)
@@ -420,8 +421,8 @@ def test_stat_cost_over_flickr8k_is_small(flickr8k):
 
 
 def test_train_student_refuses_a_cache_older_than_its_images(tiny_tsv, tmp_path):
-    from distill import train_student as ts
-    from distill.cache import StaleCacheError
+    from distill.pipeline.train import main as ts
+    from distill.core.errors import StaleCacheError
     from tests.test_train import build_cache as train_cache, train_args
 
     cache = train_cache(tiny_tsv, tmp_path / "c")

@@ -1,4 +1,4 @@
-"""One-line errors (issue 13.6): every entry point runs through ``distill.cli.run_cli``, which prints
+"""One-line errors (issue 13.6): every entry point runs through ``distill.pipeline.cli.run_cli``, which prints
 the project's errors, bad files and bad arguments as ONE ``error: ...`` line and exits 2, shows the
 traceback with ``--debug``, and refuses ``--device cuda`` without a GPU in one line. ``main(argv)``
 stays a Python function returning its result (the training summary)."""
@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import cache_teacher, evaluate, quickstart
-from distill import train_student as ts
-from distill.cli import NO_GPU, run_cli
-from students import export
-from teachers import train_lit
+from distill.pipeline import cache_teacher
+from distill.pipeline import evaluate
+from distill.pipeline import quickstart
+from distill.pipeline.train import main as ts
+from distill.pipeline.cli import NO_GPU, run_cli
+from distill.pipeline.export import main as export
+from distill.pipeline.lit import train as train_lit
 from tests.conftest import REPO
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 

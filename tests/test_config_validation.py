@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from distill import cache_teacher, evaluate
-from distill import train_student as ts
-from distill.cli import run_cli
-from distill.config import SETTINGS, ConfigError, load_config_file, resolve_config
+from distill.pipeline import cache_teacher
+from distill.pipeline import evaluate
+from distill.pipeline.train import main as ts
+from distill.pipeline.cli import run_cli
+from distill.pipeline.train.config import SETTINGS, load_config_file, resolve_config
+from distill.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("override,message", [

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common as C
-from distill import determinism
+from distill.core import determinism
 from distill.losses.pooling import adaptive_avg_pool2d, pooling_matrix
 
 
@@ -64,7 +64,7 @@ def test_setup_without_cuda(monkeypatch):
 
 
 def test_init_distributed_single_process_keeps_the_index(fake_cuda, monkeypatch):
-    from distill import dist as D
+    from distill.core import dist as D
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import ConfigError
-from distill.data import BadSampleError, NoSplitsError, SplitError, load_dataset
+from distill.core.errors import BadSampleError, ConfigError, NoSplitsError, SplitError
+from distill.core.data.dataset import load_dataset
 from tests.conftest import make_tiny_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
@@ -63,7 +63,7 @@ def test_unknown_split_lists_the_known_ones(data: Path):
 
 
 def test_evaluate_default_split_on_a_file_without_splits(data: Path, capsys):
-    from distill.evaluate import main
+    from distill.pipeline.evaluate import main
 
     import tests.toy_teacher  # noqa: F401
 

@@ -11,11 +11,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
-from distill.cache import TeacherCache
-from distill.cache_teacher import main as cache_main
-from distill.config import ConfigError
-from distill.data import load_dataset
-from teachers import TEACHERS, build_teacher
+from distill.core.cache.reader import TeacherCache
+from distill.pipeline.cache_teacher import main as cache_main
+from distill.core.errors import ConfigError
+from distill.core.data.dataset import load_dataset
+from teachers import TEACHERS, create_teacher
 from teachers.ensemble import EnsembleTeacher, parse_members
 from tests.test_teachers import CAPTIONS, random_pixels
 from tests.toy_teacher import ToyTeacher
@@ -38,8 +38,7 @@ class WideToy(ToyTeacher):
         return {"size": 48, "resize": "bilinear", "crop": "center", "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-if "widetoy" not in TEACHERS:
-    TEACHERS.register("widetoy")(lambda rest: WideToy(seed=int(rest or 0)))
+TEACHERS.register("widetoy")(WideToy)
 
 
 def check_basic(t, layers_img, layers_txt) -> None:
@@ -64,8 +63,8 @@ def sims(teacher, pixels, texts):
 
 
 def test_ensemble_embeddings_are_weighted_mean_of_member_similarities():
-    ens = build_teacher("ensemble:toy:0+toy:1")
-    a, b = build_teacher("toy:0"), build_teacher("toy:1")
+    ens = create_teacher("ensemble:toy:0+toy:1")
+    a, b = create_teacher("toy:0"), create_teacher("toy:1")
     assert isinstance(ens, EnsembleTeacher) and ens.spec == "ensemble:toy:0+toy:1" and ens.shared_pixels
     assert ens.embed_dim == 32 and ens.weights == [0.5, 0.5] and ens.logit_scale == 50.0
     check_basic(ens, [0, 2], [1])
@@ -78,16 +77,16 @@ def test_ensemble_embeddings_are_weighted_mean_of_member_similarities():
     t = ens.encode_text(batch, layers=[1])
     assert torch.equal(t.tokens, a.encode_text(a.tokenize(CAPTIONS)).tokens) and t.mask.shape == (3, 16)
     assert ens.config()["ensemble"] == [{"spec": "toy:0", "weight": 0.5}, {"spec": "toy:1", "weight": 0.5}]
-    assert ens.config_hash() != build_teacher("ensemble:toy:0+toy:2").config_hash()
-    assert ens.config_hash() == build_teacher("ensemble:toy:0+toy:1").config_hash()
+    assert ens.config_hash() != create_teacher("ensemble:toy:0+toy:2").config_hash()
+    assert ens.config_hash() == create_teacher("ensemble:toy:0+toy:1").config_hash()
 
 
 def test_ensemble_yaml_weights(tmp_path):
     path = tmp_path / "members.yaml"
     path.write_text("members:\n  - spec: toy:0\n    weight: 3\n  - toy:1\n")
-    ens = build_teacher(f"ensemble:{path}")
+    ens = create_teacher(f"ensemble:{path}")
     assert ens.weights == [0.75, 0.25] and ens.spec == f"ensemble:{path}"
-    a, b = build_teacher("toy:0"), build_teacher("toy:1")
+    a, b = create_teacher("toy:0"), create_teacher("toy:1")
     px = random_pixels(ens, 3)
     torch.testing.assert_close(sims(ens, px, CAPTIONS), 0.75 * sims(a, px, CAPTIONS) + 0.25 * sims(b, px, CAPTIONS))
     (tmp_path / "list.json").write_text(json.dumps(["toy:0", {"spec": "toy:1", "weight": 1}, "toy:2"]))
@@ -95,8 +94,8 @@ def test_ensemble_yaml_weights(tmp_path):
 
 
 def test_ensemble_mixed_preprocessing_feeds_each_member_its_own_pixels():
-    ens = build_teacher("ensemble:toy:0+widetoy:1")
-    a, b = build_teacher("toy:0"), build_teacher("widetoy:1")
+    ens = create_teacher("ensemble:toy:0+widetoy:1")
+    a, b = create_teacher("toy:0"), create_teacher("widetoy:1")
     assert not ens.shared_pixels and ens.image_size == 32 and ens.embed_dim == 24
     info = ens.preprocess_info()
     assert info["mean"] == [0.0] * 3 and info["std"] == [1.0] * 3 and info["members"][1]["size"] == 48
@@ -115,17 +114,17 @@ def test_ensemble_mixed_preprocessing_feeds_each_member_its_own_pixels():
 
 def test_ensemble_spec_errors(tmp_path):
     with pytest.raises(ConfigError, match="needs members"):
-        build_teacher("ensemble:")
+        create_teacher("ensemble:")
     with pytest.raises(ConfigError, match="member 'toy0' is not a teacher spec"):
-        build_teacher("ensemble:toy:0+toy0")
+        create_teacher("ensemble:toy:0+toy0")
     with pytest.raises(ConfigError, match="members file not found"):
-        build_teacher(f"ensemble:{tmp_path / 'nope.yaml'}")
+        create_teacher(f"ensemble:{tmp_path / 'nope.yaml'}")
     (tmp_path / "w.yaml").write_text("- spec: toy:0\n  weight: -1\n- toy:1\n")
     with pytest.raises(ConfigError, match=r"member 'toy:0' has weight -1.0; weights must be > 0"):
-        build_teacher(f"ensemble:{tmp_path / 'w.yaml'}")
+        create_teacher(f"ensemble:{tmp_path / 'w.yaml'}")
     (tmp_path / "k.yaml").write_text("- {spec: toy:0, colour: red}\n")
     with pytest.raises(ConfigError, match=r"members\[0\] must be a spec string or \{spec, weight\}"):
-        build_teacher(f"ensemble:{tmp_path / 'k.yaml'}")
+        create_teacher(f"ensemble:{tmp_path / 'k.yaml'}")
 
 
 def test_cache_teacher_with_ensemble(tiny_tsv, tmp_path):
@@ -133,7 +132,7 @@ def test_cache_teacher_with_ensemble(tiny_tsv, tmp_path):
     assert cache_main(["--plugin", "tests.test_ensemble", "--teacher", spec, "--data", str(tiny_tsv), "--out",
                        str(tmp_path / "c"), "--num-workers", "0", "--batch-size", "5", "--layers", "image.1"]) == 0
     cache = TeacherCache(tmp_path / "c")
-    ens, ds = build_teacher(spec), load_dataset(tiny_tsv)
+    ens, ds = create_teacher(spec), load_dataset(tiny_tsv)
     cache.check(ens.config_hash(), ds.fingerprint())
     assert cache.logit_scale == 50.0
     ids = np.array([0, 7, 11])
@@ -160,7 +159,7 @@ def test_ensemble_of_real_lit_towers_prunes_first_member(tmp_path):
     LiTTeacher(LiTConfig(image_size=64, embed_dim=16)).save(tmp_path / "mnv2")
     LiTTeacher(LiTConfig(backbone="efficientnet_lite0", image_size=96, embed_dim=8)).save(tmp_path / "eff")
     spec = f"ensemble:lit:{tmp_path / 'mnv2'}+lit:{tmp_path / 'eff'}"
-    ens, a = build_teacher(spec), build_teacher(f"lit:{tmp_path / 'mnv2'}")
+    ens, a = create_teacher(spec), create_teacher(f"lit:{tmp_path / 'mnv2'}")
     assert not ens.shared_pixels and ens.image_size == 64 and ens.embed_dim == 24
     img = Image.fromarray((torch.rand(70, 90, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
     px = ens.image_transform()(img)[None]

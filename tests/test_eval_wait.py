@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill import dist as D
-from distill.metrics import full_precision_matmul, retrieval_ranks
+from distill.core import dist as D
+from distill.core.metrics import full_precision_matmul, retrieval_ranks
 
 
 def _settable(backend, value: str) -> bool:

@@ -8,18 +8,18 @@ import pytest
 import torch
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
-from distill import evaluate as ev
-from distill.cache import CacheMismatchError
-from distill.data import load_dataset
-from students import build_student, save_student
-from teachers import build_teacher
+from distill.pipeline import evaluate as ev
+from distill.core.errors import CacheMismatchError
+from distill.core.data.dataset import load_dataset
+from students import create_student, save_student
+from teachers import create_teacher
 from tests.conftest import make_tiny_dataset
 from tests.test_train import TINY_STUDENT, build_cache
 
 
 def test_teacher_cache_and_model_agree(tiny_tsv, tmp_path):
     data = load_dataset(tiny_tsv)
-    teacher = build_teacher("toy:0")
+    teacher = create_teacher("toy:0")
     direct = ev.evaluate_model(teacher, data, batch_size=5, progress=False)
     cache = build_cache(tiny_tsv, tmp_path / "cache")
     out = tmp_path / "r.json"
@@ -34,7 +34,7 @@ def test_teacher_cache_and_model_agree(tiny_tsv, tmp_path):
 
 def test_student_checkpoint(tiny_tsv, tmp_path):
     torch.manual_seed(0)
-    student = build_student("vit", **TINY_STUDENT)
+    student = create_student("vit", **TINY_STUDENT)
     folder = save_student(student, tmp_path / "student")
     res = ev.main(["--model", str(folder), "--data", str(tiny_tsv), "--num-workers", "0"])
     assert res["kind"] == "student"

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.cache import TeacherCache
-from distill.evaluate import METRIC_ORDER
+from distill.core.cache.reader import TeacherCache
+from distill.pipeline.evaluate import METRIC_ORDER
 from students import load_student
 from tests.conftest import REPO, WORDS
 from tests.test_teachers import TINY_OPENCLIP

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from students import build_student, load_student
-from students.export import export_open_clip, main
+from students import create_student, load_student
+from distill.pipeline.export.main import export_open_clip, main
 from tests.test_students import CAPTIONS, TINY  # importing it registers the "prunetoy" teacher
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    s = build_student("vit", **{**TINY, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}).eval()
+    s = create_student("vit", **{**TINY, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}).eval()
     with torch.no_grad():
         s.logit_scale.fill_(2.5)
     return s
@@ -49,7 +49,7 @@ def test_open_clip_local_dir_round_trip(vit, tmp_path: Path):
 
 
 def test_export_of_pruned_student_points_to_save_student(tmp_path: Path):
-    pruned = build_student("pruned", teacher="prunetoy:0", image_layers=1, text_layers=1, embed_dim=8)
+    pruned = create_student("pruned", teacher="prunetoy:0", image_layers=1, text_layers=1, embed_dim=8)
     with pytest.raises(TypeError, match=r"'pruned' student is not an open_clip architecture.*only 'vit'.*--format onnx"):
         export_open_clip(pruned, tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -72,7 +72,7 @@ def test_cli_from_training_checkpoint(vit, tmp_path: Path, capsys):
 
 
 def test_cli_plugin_and_pruned_safetensors(tmp_path: Path):
-    pruned = build_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8)
+    pruned = create_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8)
     ckpt = tmp_path / "p.pt"
     torch.save({"student_config": pruned.config(), "student": pruned.state_dict()}, ckpt)
     main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "p"), "--format", "safetensors",
@@ -93,7 +93,7 @@ LONG = " ".join(["a very long caption about a dog"] * 20)  # truncated to the co
 
 def _sample(student, n: int = 5) -> tuple[torch.Tensor, list[str]]:
     """``n`` bundled sample images preprocessed for ``student`` and one caption each (plus a long one)."""
-    from distill.data import load_dataset
+    from distill.core.data.dataset import load_dataset
 
     data = load_dataset(SAMPLE, "test").subset(range(n))
     tf = student.image_transform()
@@ -101,7 +101,7 @@ def _sample(student, n: int = 5) -> tuple[torch.Tensor, list[str]]:
 
 
 def _check_onnx(student, out: Path) -> None:
-    from students.export_onnx import export_onnx, onnx_parity
+    from distill.pipeline.export.onnx import export_onnx, onnx_parity
 
     export_onnx(student, out)
     meta = json.loads((out / "onnx_export.json").read_text())
@@ -118,7 +118,7 @@ def test_onnx_vit_parity_on_sample(vit, tmp_path: Path):
 
 def test_onnx_pruned_parity_on_sample(tmp_path: Path):
     torch.manual_seed(0)
-    pruned = build_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8).eval()
+    pruned = create_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8).eval()
     _check_onnx(pruned, tmp_path / "onnx")
 
 
@@ -128,7 +128,7 @@ def test_onnx_tuned_parity_on_sample(name, tmp_path: Path):
     from teachers.lit import LiTConfig, LiTTeacher
 
     LiTTeacher(LiTConfig(image_size=64, embed_dim=32, seed=3)).save(tmp_path / "lit")
-    student = build_student(name, teacher=f"lit:{tmp_path / 'lit'}").eval()
+    student = create_student(name, teacher=f"lit:{tmp_path / 'lit'}").eval()
     with torch.no_grad():  # non-zero adapters / prompt outputs so the new modules are exercised
         for n, p in student.named_parameters():
             if p.requires_grad and ("up." in n or "image_out" in n):
@@ -139,7 +139,7 @@ def test_onnx_tuned_parity_on_sample(name, tmp_path: Path):
 def test_hf_clipmodel_offline_parity_on_sample(vit, tmp_path: Path):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from students.export_hf import export_hf, hf_parity
+    from distill.pipeline.export.hf import export_hf, hf_parity
 
     out = export_hf(vit, tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
@@ -156,9 +156,10 @@ def test_hf_clipmodel_offline_parity_on_sample(vit, tmp_path: Path):
 
 
 def test_hf_refuses_a_non_causal_text_tower(tmp_path: Path):
-    from students.export_hf import HFExportError, export_hf
+    from distill.pipeline.export.hf import export_hf
+    from distill.core.errors import HFExportError
 
-    student = build_student("vit", **{**TINY, "causal_text": False})
+    student = create_student("vit", **{**TINY, "causal_text": False})
     with pytest.raises(HFExportError, match="not causal.*--format onnx"):
         export_hf(student, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -25,15 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from distill import checkpoint as ck
-from distill import train_student as ts
-from distill.cache import CacheCorruptError, ManifestError
-from distill.checkpoint import (CheckpointCorruptError, CheckpointError, ResumeMismatchError, RunFolderError,
-                                load_checkpoint)
+from distill.core import checkpoint as ck
+from distill.pipeline.train import main as ts
+from distill.core.errors import CacheCorruptError, CheckpointCorruptError, CheckpointError, ManifestError, NonFiniteTargetError, ResumeMismatchError, RunFolderError
+from distill.core.checkpoint import load_checkpoint
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
-from distill.target_check import NonFiniteTargetError
-from distill.train_data import GlobalBatchSampler
-from distill.train_log import LOG_NAME, read_log
+from distill.pipeline.train.data import GlobalBatchSampler
+from distill.pipeline.train.log import LOG_NAME, read_log
 from tests.conftest import REPO
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 from tests.test_train_resume import die_at
@@ -287,13 +285,13 @@ def _poisoned(real, field: str = "img_embed"):
 
 
 def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "img_embed") -> None:
-    import distill.train_data as td
+    import distill.pipeline.train.data as td
 
     monkeypatch.setattr(td, "fetch_teacher", _poisoned(td.fetch_teacher, field))
 
 
 if os.environ.get("MMDISTILL_TEST_POISON"):  # a torchrun child importing this module as --plugin
-    import distill.train_data as _td
+    import distill.pipeline.train.data as _td
 
     _td.fetch_teacher = _poisoned(_td.fetch_teacher)
 
@@ -369,8 +367,7 @@ class NanValueLoss(DistillLoss):
         return value * float("nan") if batch.step in self.bad_steps else value
 
 
-if "test_nan_value" not in LOSSES:
-    LOSSES.register("test_nan_value")(lambda dims, **cfg: NanValueLoss(dims, **cfg))
+LOSSES.register("test_nan_value")(NanValueLoss)
 
 
 def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tmp_path):  # noqa: F811
@@ -402,8 +399,8 @@ def test_truncated_cache_shard_is_named_before_training(tmp_path):
 
 
 def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  # noqa: F811
-    from distill.cli import run_cli
-    from students import export
+    from distill.pipeline.cli import run_cli
+    from distill.pipeline.export import main as export
 
     tsv, cache = tiny
     out = tmp_path / "run"
@@ -419,9 +416,9 @@ def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  
 
 
 def test_skip_drops_exactly_the_nonfinite_rows_of_every_field_jpeg_pixels_included():
-    from distill.losses.base import TeacherBatch
-    from distill.target_check import screen_batch
-    from distill.train_data import TrainBatch
+    from distill.core.features import TeacherBatch
+    from distill.pipeline.train.target_check import screen_batch
+    from distill.pipeline.train.data import TrainBatch
 
     n = 4
     parts = [torch.full((k + 2,), k, dtype=torch.uint8) for k in range(n)]  # row k: k+2 bytes of value k

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from distill.train_log import read_log
+from distill.pipeline.train.log import read_log
 from tests.conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"

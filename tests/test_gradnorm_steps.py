@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.balance import build_balancer
+from distill.balance import create_balancer
 
 
 def linear_losses(shared: torch.nn.Parameter, k: float = 1.0) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def state(bal) -> dict[str, torch.Tensor]:
 
 def run_steps(scale: float, accum: int, steps: int = 12) -> dict[str, torch.Tensor]:
     shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    bal = build_balancer("gradnorm", ["big", "small"], lr=0.05)
+    bal = create_balancer("gradnorm", ["big", "small"], lr=0.05)
     for s in range(steps):
         bal.begin_step(scale)
         for _ in range(accum):
@@ -59,8 +59,8 @@ def test_norms_are_measured_on_the_scaled_loss():
 
 def test_one_update_per_optimizer_step_from_the_micro_step_means():
     shared = torch.nn.Parameter(torch.tensor([1.0, -0.5]))
-    bal = build_balancer("gradnorm", ["big", "small"], lr=0.05)
-    ref = build_balancer("gradnorm", ["big", "small"], lr=0.05)
+    bal = create_balancer("gradnorm", ["big", "small"], lr=0.05)
+    ref = create_balancer("gradnorm", ["big", "small"], lr=0.05)
     for _ in range(3):
         before = state(bal)
         bal.begin_step(1024.0)
@@ -78,7 +78,7 @@ def test_one_update_per_optimizer_step_from_the_micro_step_means():
 
 def test_skipped_step_and_non_finite_gradients_leave_the_state_alone():
     shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    bal = build_balancer("gradnorm", ["big", "small"], lr=0.05)
+    bal = create_balancer("gradnorm", ["big", "small"], lr=0.05)
     bal.begin_step(1.0)
     bal(linear_losses(shared), [shared])
     bal.end_step(True)

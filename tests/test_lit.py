@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.data import load_dataset
-from teachers import build_teacher
+from distill.core.data.dataset import load_dataset
+from teachers import create_teacher
 from teachers.lit import LiTTeacher
-from teachers.train_lit import main as train_lit_main
-from teachers.finetune_lit import pick_captions, trainable_prefixes
-from teachers.train_lit import contrastive_loss, info_nce, recall_at_1, train_projections
+from distill.pipeline.lit.train import main as train_lit_main
+from distill.pipeline.lit.finetune import pick_captions, trainable_prefixes
+from distill.pipeline.lit.train import contrastive_loss, info_nce, recall_at_1, train_projections
 from tests.conftest import FLICKR8K, REPO
 
 SAMPLE = REPO / "examples" / "sample_flickr8k"
@@ -22,7 +22,7 @@ CAPTIONS = ["a dog runs on the grass", "two children play football in a park", "
 
 @pytest.fixture(scope="module")
 def lit_default() -> LiTTeacher:
-    return build_teacher("lit:default")
+    return create_teacher("lit:default")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_train_lit_cli_roundtrip(flickr8k, tmp_path):
     assert report["num_images"] == 12 and report["num_captions"] == 60 and 0 <= report["val_r1"]["mean_r1"] <= 100
     saved = json.loads((out / "lit.json").read_text())
     assert saved["image_size"] == 128 and saved["embed_dim"] == 64 and saved["training"]["seed"] == 1
-    t = build_teacher(f"lit:{out}")
+    t = create_teacher(f"lit:{out}")
     assert t.spec == f"lit:{out}" and t.image_size == 128 and t.embed_dim == 64
     state = load_file(str(out / "projections.safetensors"))
     assert torch.equal(t.image_proj.weight, state["image_proj.weight"])
@@ -123,26 +123,26 @@ def test_train_lit_cli_roundtrip(flickr8k, tmp_path):
     sim = img @ txt.T  # the reloaded teacher reproduces the training-time recall exactly
     i2t = (torch.as_tensor(train.caption_image)[sim.argmax(1)] == torch.arange(12)).float().mean().item()
     assert 100 * i2t == pytest.approx(report["train_r1"]["i2t_r1"])  # reported in percent
-    again = build_teacher(f"lit:{out}")
+    again = create_teacher(f"lit:{out}")
     assert torch.equal(again.encode_image(px).embed, img) and again.config_hash() == t.config_hash()
-    assert t.config_hash() != build_teacher("lit:default").config_hash()
+    assert t.config_hash() != create_teacher("lit:default").config_hash()
 
 
 def test_lit_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="lit: model folder not found"):
-        build_teacher(f"lit:{tmp_path / 'nope'}")
+        create_teacher(f"lit:{tmp_path / 'nope'}")
     (tmp_path / "a").mkdir()
     with pytest.raises(FileNotFoundError, match="lit.json not found"):
-        build_teacher(f"lit:{tmp_path / 'a'}")
+        create_teacher(f"lit:{tmp_path / 'a'}")
     (tmp_path / "a" / "lit.json").write_text(json.dumps({"embed_dim": 8, "colour": "red"}))
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
-        build_teacher(f"lit:{tmp_path / 'a'}")
+        create_teacher(f"lit:{tmp_path / 'a'}")
     (tmp_path / "a" / "lit.json").write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(FileNotFoundError, match="projections.safetensors not found"):
-        build_teacher(f"lit:{tmp_path / 'a'}")
+        create_teacher(f"lit:{tmp_path / 'a'}")
     (tmp_path / "a" / "lit.json").write_text(json.dumps({"backbone": "resnet18"}))
     with pytest.raises(ValueError, match="needs backbone_weights"):
-        build_teacher(f"lit:{tmp_path / 'a'}")
+        create_teacher(f"lit:{tmp_path / 'a'}")
 
 
 @pytest.mark.slow
@@ -151,7 +151,7 @@ def test_lit_projection_shape_mismatch(tmp_path):
     save_file({"image_proj.weight": torch.zeros(8, 1280), "text_proj.weight": torch.zeros(16, 384),
                "log_logit_scale": torch.tensor(1.0)}, str(tmp_path / "projections.safetensors"))
     with pytest.raises(ValueError, match=r"text_proj.weight: expected shape \(8, 384\), got \(16, 384\)"):
-        build_teacher(f"lit:{tmp_path}")
+        create_teacher(f"lit:{tmp_path}")
 
 
 def test_recall_at_1_multi_caption():
@@ -210,7 +210,7 @@ def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
     assert any(k.startswith("text_model.encoder.layer.5.") for k in saved)
     cfg = json.loads((out / "lit.json").read_text())
     assert cfg["towers"] == "towers.safetensors" and cfg["training"]["mode"] == "finetune"
-    t = build_teacher(f"lit:{out}")
+    t = create_teacher(f"lit:{out}")
     base = lit_default.state_dict()
     own = t.state_dict()
     for k, v in saved.items():
@@ -277,7 +277,7 @@ def test_train_lit_images_root_coco(tmp_path):
                              "--out", str(tmp_path / "t"), "--epochs", "2", "--batch-size", "4", "--image-size", "64",
                              "--embed-dim", "16", "--device", "cpu"])
     assert report["num_images"] == 4 and report["num_captions"] == 8
-    assert build_teacher(f"lit:{tmp_path / 't'}").embed_dim == 16
+    assert create_teacher(f"lit:{tmp_path / 't'}").embed_dim == 16
 
 
 @pytest.mark.slow
@@ -302,7 +302,7 @@ def test_lit_efficientnet_lite0_backbone(tmp_path):
     towers = t.pruned_towers(10, 2)
     assert len(towers.image.blocks) == 10 and towers.image_dim == 112  # stem + 9 MBConv blocks
     t.save(tmp_path)
-    again = build_teacher(f"lit:{tmp_path}")
+    again = create_teacher(f"lit:{tmp_path}")
     assert again.cfg.backbone == "efficientnet_lite0" and torch.equal(again.encode_image(px).embed, f.embed)
 
 
@@ -317,4 +317,4 @@ def test_lit_tower_weight_errors(lit_default, tmp_path):
     assert cfg["towers"] is None and not (tmp_path / "towers.safetensors").exists()
     (tmp_path / "lit.json").write_text(json.dumps({**cfg, "towers": "towers.safetensors"}))
     with pytest.raises(FileNotFoundError, match="towers.safetensors not found .*fine-tuned tower weights"):
-        build_teacher(f"lit:{tmp_path}")
+        create_teacher(f"lit:{tmp_path}")

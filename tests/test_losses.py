@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.features import ImageFeatures, TextFeatures
-from distill.losses import LOSSES, DistillBatch, Dims, TeacherBatch, build_loss
+from distill.core.features import ImageFeatures, TextFeatures
+from distill.core.features import TeacherBatch
+from distill.losses import LOSSES, DistillBatch, Dims, create_loss
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
 from tests.test_train import tiny  # noqa: F401  (module fixture)
@@ -62,13 +63,13 @@ def test_registry_has_all_losses():
 def test_feature_l1_hand_value():
     b = make_batch([[1, 0], [0, 1]], [[0.6, 0.8], [1, 0]], [[0.6, 0.8], [0, 1]], [[0.6, 0.8], [0, -1]])
     # image: |1-.6| + |0-.8| + 0 + 0 = 1.2 over 4 elements; text: 0 + 0 + |1-0| + |0+1| = 2 over 4
-    assert build_loss("feature_l1", dims())(b).item() == pytest.approx((0.3 + 0.5) / 2)
+    assert create_loss("feature_l1", dims())(b).item() == pytest.approx((0.3 + 0.5) / 2)
 
 
 def test_cosine_hand_value():
     b = make_batch([[1, 0], [0, 1]], [[1, 0], [0, 1]], [[0, 1], [0, 1]], [[-1, 0], [0, 1]])
     # cosines: 0, 1, -1, 1 -> mean 0.25 -> 1 - 1.25 / 2
-    assert build_loss("cosine", dims())(b).item() == pytest.approx(1 - 1.25 / 2)
+    assert create_loss("cosine", dims())(b).item() == pytest.approx(1 - 1.25 / 2)
 
 
 def test_shared_projections_identity_or_linear_and_used_by_every_embedding_loss():
@@ -86,23 +87,23 @@ def test_shared_projections_identity_or_linear_and_used_by_every_embedding_loss(
     cos = np.concatenate([(p_img * t_img).sum(1), (p_txt * t_txt).sum(1)])
     b = make_batch(s_img, s_txt, t_img, t_txt)
     with pytest.raises(ValueError, match="cosine: the student embedding \\(3\\) and the teacher's \\(2\\)"):
-        build_loss("cosine", dims(3, 2))(b)
-    got = build_loss("cosine", dims(3, 2))(proj.attach(b))
+        create_loss("cosine", dims(3, 2))(b)
+    got = create_loss("cosine", dims(3, 2))(proj.attach(b))
     assert got.item() == pytest.approx(1 - (cos.mean() + 1) / 2, abs=1e-6)
-    l1 = build_loss("feature_l1", dims(3, 2))(proj.attach(b))
+    l1 = create_loss("feature_l1", dims(3, 2))(proj.attach(b))
     assert l1.item() == pytest.approx((np.abs(p_img - t_img).mean() + np.abs(p_txt - t_txt).mean()) / 2, abs=1e-6)
     (got + l1).backward()
     assert proj.image.linear.weight.grad.abs().sum() > 0 and proj.text.linear.weight.grad.abs().sum() > 0
     for name in ("contrastive_distill", "feature_l1", "cosine", "deep_mse"):  # no loss owns a projection any more
-        assert len(list(build_loss(name, dims(3, 2)).parameters())) == 0, name
+        assert len(list(create_loss(name, dims(3, 2)).parameters())) == 0, name
 
 
 def test_deep_mse_final_and_intermediate():
     s_img, s_txt, t_img, t_txt = rand_unit(3, 2), rand_unit(3, 2), rand_unit(3, 2), rand_unit(3, 2)
     base = ((s_img - t_img) ** 2).mean() / 2 + ((s_txt - t_txt) ** 2).mean() / 2
-    assert build_loss("deep_mse", dims())(make_batch(s_img, s_txt, t_img, t_txt)).item() == pytest.approx(base, abs=1e-6)
+    assert create_loss("deep_mse", dims())(make_batch(s_img, s_txt, t_img, t_txt)).item() == pytest.approx(base, abs=1e-6)
 
-    loss = build_loss("deep_mse", dims(), intermediates={"image.3": 3}, intermediate_weight=0.5)
+    loss = create_loss("deep_mse", dims(), intermediates={"image.3": 3}, intermediate_weight=0.5)
     w = RNG.normal(size=(3, 2))
     with torch.no_grad():
         loss.heads["image__3"].weight.copy_(t(w))
@@ -130,7 +131,7 @@ def step_and_commit(loss, b: DistillBatch, queue: TeacherQueue) -> torch.Tensor:
 
 def test_contrastive_distill_in_batch_then_queue_negatives():
     tau = 0.5
-    loss = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"],
+    loss = create_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"],
                       multi_positive=False)
     queue = TeacherQueue(8, 2)
     s1, t1_img, t1_txt = rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2)
@@ -144,7 +145,7 @@ def test_contrastive_distill_in_batch_then_queue_negatives():
     logits[0, 3] = -np.inf
     assert loss(queued(b2, queue)).item() == pytest.approx(np_ce(logits, np.array([0, 1])), abs=1e-5)
     # multi-positive: the queued caption of image 1 is a second positive of row 0
-    multi = build_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"])
+    multi = create_loss("contrastive_distill", dims(), queue_size=8, temperature=tau, terms=["img_txt"])
     logits[0, 3] = (s2[0] @ t1_txt[1]) / tau
     lse = np.log(np.exp(logits).sum(1))
     expected = np.mean([lse[0] - np.log(np.exp(logits[0, [0, 3]]).sum()), lse[1] - logits[1, 1]])
@@ -167,9 +168,9 @@ def test_contrastive_distill_all_terms_and_in_batch_false_negatives():
         lg[fn] = -np.inf
         masked.append(np_ce(lg, np.arange(3)))
     b = make_batch(s_img, s_txt, t_img, t_txt, ids=ids.tolist())
-    got = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, multi_positive=False)(b)
+    got = create_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, multi_positive=False)(b)
     assert got.item() == pytest.approx(np.mean(masked), rel=1e-5)
-    got = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau)(b)
+    got = create_loss("contrastive_distill", dims(), queue_size=0, temperature=tau)(b)
     assert got.item() == pytest.approx(np.mean(multi), rel=1e-5)
 
 
@@ -182,15 +183,15 @@ def test_contrastive_distill_text_targets():
         return np_ce(a @ tgt.T / tau, np.arange(3))
 
     for target, img_txt, txt_txt in (("caption", t_cap, t_cap), ("caption_mean", t_mean, t_mean), ("both", t_mean, t_cap)):
-        loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt", "txt_txt"],
+        loss = create_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt", "txt_txt"],
                           text_target=target)
         assert loss(b).item() == pytest.approx((ce(s_img, img_txt) + ce(s_txt, txt_txt)) / 2, rel=1e-5), target
     # without a caption mean in the batch (a teacher run online) the caption is the target
     no_mean = make_batch(s_img, s_txt, t_img, t_cap)
-    loss = build_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt"], text_target="caption_mean")
+    loss = create_loss("contrastive_distill", dims(), queue_size=0, temperature=tau, terms=["img_txt"], text_target="caption_mean")
     assert loss(no_mean).item() == pytest.approx(ce(s_img, t_cap), rel=1e-5)
     with pytest.raises(ValueError, match="text_target"):
-        build_loss("contrastive_distill", dims(), text_target="mean")
+        create_loss("contrastive_distill", dims(), text_target="mean")
 
 
 def test_queue_fifo_wraparound_checkpoint_and_nonfinite_rows():
@@ -240,7 +241,7 @@ def test_queue_keeps_newest_rows_of_oversized_batch_and_of_pending_pushes():
 
 def test_queue_forward_reads_buffers_and_backward_works_after_the_step():
     """No clone: the loss's graph holds the queue buffers; the commit comes after backward."""
-    loss = build_loss("contrastive_distill", dims(), queue_size=4, temperature=0.1)
+    loss = create_loss("contrastive_distill", dims(), queue_size=4, temperature=0.1)
     queue = TeacherQueue(4, 2)
     queue.push(t(rand_unit(2, 2)), t(rand_unit(2, 2)), torch.tensor([5, 6]))
     queue.commit()
@@ -256,11 +257,11 @@ def test_queue_forward_reads_buffers_and_backward_works_after_the_step():
 
 def test_contrastive_distill_is_fp32_under_autocast():
     s_img, s_txt, t_img, t_txt = (rand_unit(4, 8) for _ in range(4))
-    ref = build_loss("contrastive_distill", dims(8, 8), queue_size=0)(make_batch(s_img, s_txt, t_img, t_txt))
+    ref = create_loss("contrastive_distill", dims(8, 8), queue_size=0)(make_batch(s_img, s_txt, t_img, t_txt))
     b = make_batch(s_img, s_txt, t_img, t_txt)
     b.s_img.embed, b.s_txt.embed = b.s_img.embed.bfloat16(), b.s_txt.embed.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = build_loss("contrastive_distill", dims(8, 8), queue_size=0)(b)
+        got = create_loss("contrastive_distill", dims(8, 8), queue_size=0)(b)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=0.05)
 
@@ -279,25 +280,25 @@ def test_student_clip_masks_or_joins_duplicate_images_and_clamps_scale():
         i2t[fn] = t2i[fn] = -np.inf
         masked = (np_ce(i2t, np.arange(3)) + np_ce(t2i, np.arange(3))) / 2
         b = make_batch(s_img, s_txt, s_img, s_txt, ids=ids.tolist(), student_log_scale=log_scale)
-        assert build_loss("student_clip", dims(), multi_positive=False)(b).item() == pytest.approx(masked, rel=1e-5)
-        assert build_loss("student_clip", dims())(b).item() == pytest.approx(multi, rel=1e-5)
+        assert create_loss("student_clip", dims(), multi_positive=False)(b).item() == pytest.approx(masked, rel=1e-5)
+        assert create_loss("student_clip", dims())(b).item() == pytest.approx(multi, rel=1e-5)
     # with distinct images both forms are the plain CLIP loss
     b = make_batch(s_img, s_txt, s_img, s_txt, ids=[0, 1, 2])
-    assert build_loss("student_clip", dims())(b).item() == pytest.approx(
-        build_loss("student_clip", dims(), multi_positive=False)(b).item(), rel=1e-6)
+    assert create_loss("student_clip", dims())(b).item() == pytest.approx(
+        create_loss("student_clip", dims(), multi_positive=False)(b).item(), rel=1e-6)
 
 
 def test_mac_exponential_temperature_schedule():
-    loss = build_loss("mac", dims())
+    loss = create_loss("mac", dims())
     for step in (0, 10, 25, 40, 50, 80, 100):
         frac = min(1.0, step / 50)
         assert loss.tau_intra(step, 100) == pytest.approx(0.03 * (0.018 / 0.03) ** frac)
     assert loss.tau_intra(25, 100) == pytest.approx(math.sqrt(0.03 * 0.018))  # geometric mid-point
     assert loss.tau_intra(100, 100) == pytest.approx(0.018)
-    linear = build_loss("mac", dims(), schedule="linear")
+    linear = create_loss("mac", dims(), schedule="linear")
     assert linear.tau_intra(25, 100) == pytest.approx(0.024) and linear.tau_intra(60, 100) == pytest.approx(0.018)
     with pytest.raises(ValueError, match="schedule"):
-        build_loss("mac", dims(), schedule="cosine")
+        create_loss("mac", dims(), schedule="cosine")
 
 
 def test_mac_hand_value_positive_in_the_intra_group():
@@ -315,7 +316,7 @@ def test_mac_hand_value_positive_in_the_intra_group():
         intra[same] = -np.inf
         expected.append(np_ce(np.concatenate([positive, inter, intra], axis=1), np.zeros(3, dtype=int)))
     b = make_batch(img, txt, img, txt, ids=ids.tolist(), step=25, total=100)
-    assert build_loss("mac", dims())(b).item() == pytest.approx(np.mean(expected), rel=1e-5)
+    assert create_loss("mac", dims())(b).item() == pytest.approx(np.mean(expected), rel=1e-5)
     # and not at the inter temperature (the former formulation)
     old = []
     for a, own, other in ((img, img, txt), (txt, txt, img)):
@@ -340,16 +341,16 @@ def test_relation_kl_old_behaviour_both_directions_and_intra():
     # temperature null: tau_t = tau_s = 1 / teacher scale
     expected = (np_kl_rows(10 * t_img @ t_txt.T, 10 * s_img @ s_txt.T)
                 + np_kl_rows(10 * t_txt @ t_img.T, 10 * s_txt @ s_img.T)) / 2
-    assert build_loss("relation_kl", dims(), **old)(b).item() == pytest.approx(expected, rel=1e-5)
+    assert create_loss("relation_kl", dims(), **old)(b).item() == pytest.approx(expected, rel=1e-5)
     off = ~np.eye(3, dtype=bool)
     terms = [np_kl_rows(t_img @ t_txt.T / 0.2, s_img @ s_txt.T / 0.5),
              np_kl_rows(t_txt @ t_img.T / 0.2, s_txt @ s_img.T / 0.5)]
     for tt, ss in ((t_img, s_img), (t_txt, s_txt)):
         terms.append(np_kl_rows((tt @ tt.T / 0.2)[off].reshape(3, 2), (ss @ ss.T / 0.5)[off].reshape(3, 2)))
-    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False, tau_squared=False)(b)
+    got = create_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False, tau_squared=False)(b)
     assert got.item() == pytest.approx(np.mean(terms), rel=1e-5)
     # tau^2 scaling multiplies by tau_s ** 2
-    got = build_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False)(b)
+    got = create_loss("relation_kl", dims(), tau_t=0.2, tau_s=0.5, intra=True, queue=False)(b)
     assert got.item() == pytest.approx(0.25 * np.mean(terms), rel=1e-5)
 
 
@@ -364,12 +365,12 @@ def test_relation_kl_own_temperature_and_queue_columns():
     t_rows = [t_img @ np.concatenate([t_txt, q_txt]).T, t_txt @ np.concatenate([t_img, q_img]).T]
     s_rows = [s_img @ np.concatenate([s_txt, q_txt]).T, s_txt @ np.concatenate([s_img, q_img]).T]
     expected = tau ** 2 * np.mean([np_kl_rows(tl / tau, sl / tau) for tl, sl in zip(t_rows, s_rows)])
-    loss = build_loss("relation_kl", dims())
+    loss = create_loss("relation_kl", dims())
     assert loss.temperatures(100.0) == (0.07, 0.07) and loss.queue_size > 0 and loss.uses_projection
     got = loss(b)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # queue: false ignores the shared queue
-    no_q = build_loss("relation_kl", dims(), queue=False)(b)
+    no_q = create_loss("relation_kl", dims(), queue=False)(b)
     assert no_q.item() == pytest.approx(tau ** 2 * (np_kl_rows(t_img @ t_txt.T / tau, s_img @ s_txt.T / tau)
                                                    + np_kl_rows(t_txt @ t_img.T / tau, s_txt @ s_img.T / tau)) / 2, rel=1e-5)
 
@@ -382,7 +383,7 @@ def test_relation_kl_gradient_bounded_at_small_tau():
         x = torch.tensor(s_img, dtype=torch.float32, requires_grad=True)
         b = make_batch(s_img, s_txt, t_img, t_txt)
         b.s_img.embed = x
-        build_loss("relation_kl", dims(4, 4), queue=False, **cfg)(b).backward()
+        create_loss("relation_kl", dims(4, 4), queue=False, **cfg)(b).backward()
         return x.grad.norm().item()
 
     assert grad_norm(temperature=0.01, tau_squared=False) > 5 * grad_norm(temperature=0.1, tau_squared=False)
@@ -392,11 +393,11 @@ def test_relation_kl_gradient_bounded_at_small_tau():
 def test_relation_kl_zero_when_student_equals_teacher():
     e_img, e_txt = rand_unit(4, 3), rand_unit(4, 3)
     b = make_batch(e_img, e_txt, e_img, e_txt)
-    assert build_loss("relation_kl", dims(3, 3), intra=True)(b).item() == pytest.approx(0.0, abs=1e-6)
+    assert create_loss("relation_kl", dims(3, 3), intra=True)(b).item() == pytest.approx(0.0, abs=1e-6)
     queue = TeacherQueue(3, 3)
     queue.push(t(rand_unit(2, 3)), t(rand_unit(2, 3)), torch.tensor([9, 10]))
     queue.commit()
-    assert build_loss("relation_kl", dims(3, 3), intra=True)(queued(b, queue)).item() == pytest.approx(0.0, abs=1e-6)
+    assert create_loss("relation_kl", dims(3, 3), intra=True)(queued(b, queue)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_triplet_uses_teacher_hard_negatives_and_skips_same_image():
@@ -420,7 +421,7 @@ def test_triplet_uses_teacher_hard_negatives_and_skips_same_image():
     for ids in ([0, 1, 2], [0, 1, 0]):
         inv = np.array(ids)[:, None] == np.array(ids)[None, :]
         expected = np.mean(hinges(s, tsim, inv) + hinges(s.T, tsim.T, inv))
-        got = build_loss("triplet", dims())(make_batch(s_img, s_txt, t_img, t_txt, ids=ids))
+        got = create_loss("triplet", dims())(make_batch(s_img, s_txt, t_img, t_txt, ids=ids))
         assert got.item() == pytest.approx(expected, abs=1e-6)
     # ids [0, 1, 0]: anchor 0 may not use caption 2 (same image) even though the teacher ranks it highest
     assert int(np.argmax(np.where(inv[0], -np.inf, tsim[0]))) == 1
@@ -440,7 +441,7 @@ def token_batch(s_tokens=None, t_tokens=None, s_grid=None, t_grid=None, s_txt=No
 
 
 def identity_token_loss(c: int = 3, **cfg):
-    loss = build_loss("token", dims(si=c, st=c, ti=c, tt=c), **cfg)
+    loss = create_loss("token", dims(si=c, st=c, ti=c, tt=c), **cfg)
     with torch.no_grad():
         loss.img_proj.weight.copy_(torch.eye(c))
         loss.txt_proj.weight.copy_(torch.eye(c))
@@ -550,7 +551,7 @@ def test_token_missing_teacher_tokens_gives_zero_with_graph():
 
 
 def test_token_projection_maps_widths_and_rejects_bad_grid():
-    loss = build_loss("token", dims(si=5, ti=3, st=4, tt=6))
+    loss = create_loss("token", dims(si=5, ti=3, st=4, tt=6))
     assert tuple(loss.img_proj.weight.shape) == (3, 5) and tuple(loss.txt_proj.weight.shape) == (6, 4)
     with pytest.raises(ValueError, match="grids"):
         loss(token_batch(RNG.normal(size=(1, 6, 5)), RNG.normal(size=(1, 4, 3)), (2, 2), (2, 2)))
@@ -581,10 +582,10 @@ def _gather_worker(rank: int, tmp: str, data: dict) -> None:
                        student_log_scale=math.log(20.0), step=3, total=10)
         b2 = make_batch(*(data[k][rows][::-1].copy() for k in ("s_img", "s_txt", "t_img", "t_txt")),
                         ids=[10 + i for i in data["ids"][rows][::-1].tolist()])
-        out = {name: build_loss(name, dims(), **cfg)(b).item()
+        out = {name: create_loss(name, dims(), **cfg)(b).item()
                for name, cfg in (("student_clip", {}), ("mac", {}))}
         queue = TeacherQueue(6, 2)
-        out["contrastive_distill"] = _two_queue_steps(build_loss("contrastive_distill", dims(), queue_size=6), b, b2, queue)
+        out["contrastive_distill"] = _two_queue_steps(create_loss("contrastive_distill", dims(), queue_size=6), b, b2, queue)
         out["queue_ids"] = queue.ids.tolist()
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump(out, f)
@@ -601,12 +602,12 @@ def test_gather_over_two_ranks_equals_full_batch(tmp_path):
     data["ids"] = np.array([0, 1, 1, 2])
     full = make_batch(data["s_img"], data["s_txt"], data["t_img"], data["t_txt"], ids=data["ids"].tolist(),
                       student_log_scale=math.log(20.0), step=3, total=10)
-    expected = {name: build_loss(name, dims())(full).item() for name in ("student_clip", "mac")}
+    expected = {name: create_loss(name, dims())(full).item() for name in ("student_clip", "mac")}
     # the same two queue steps in one process: rank r's second batch is its rows reversed
     rev = [1, 0, 3, 2]
     full2 = make_batch(*(data[k][rev] for k in ("s_img", "s_txt", "t_img", "t_txt")),
                        ids=[10 + i for i in data["ids"][rev].tolist()])
-    expected["contrastive_distill"] = _two_queue_steps(build_loss("contrastive_distill", dims(), queue_size=6), full,
+    expected["contrastive_distill"] = _two_queue_steps(create_loss("contrastive_distill", dims(), queue_size=6), full,
                                                        full2, TeacherQueue(6, 2))
     mp.start_processes(_gather_worker, args=(str(tmp_path), data), nprocs=2, start_method="fork")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -631,7 +632,7 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
     queue.commit()
     b.queue = queue.view()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = build_loss(name, d)(EmbedProjections(4, 6).attach(b))
+        out = create_loss(name, d)(EmbedProjections(4, 6).attach(b))
     assert out.dtype == torch.float32 and out.dim() == 0 and torch.isfinite(out)
     out.backward()
     if name != "token":
@@ -640,8 +641,8 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
 
 # ---------------------------------------------------------------- caption-mean target from the loader
 def test_loader_serves_the_caption_mean_of_all_captions(tiny):
-    from distill.cache import TeacherCache
-    from distill.train_data import fetch_teacher
+    from distill.core.cache.reader import TeacherCache
+    from distill.pipeline.train.data import fetch_teacher
 
     _, cache_dir = tiny
     cache = TeacherCache(cache_dir)
@@ -661,10 +662,10 @@ def test_loader_serves_the_caption_mean_of_all_captions(tiny):
 # ---------------------------------------------------------------- the distiller's shared projections and queue
 def test_distiller_owns_one_projection_per_modality_and_one_queue():
     from distill.distiller import build_distiller
-    from students import build_student
+    from students import create_student
 
     torch.manual_seed(0)
-    student = build_student("vit", embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
+    student = create_student("vit", embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
                             patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
     d = Dims(16, 24, student.image_token_dim, student.text_token_dim, 8, 8)
     cfg = [{"name": "contrastive_distill", "cfg": {"queue_size": 8}}, {"name": "relation_kl", "cfg": {"queue_size": 4}},

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
-from distill.cache import ManifestError, TeacherCache
-from distill.cache_teacher import main
+from distill.core.cache.reader import TeacherCache
+from distill.core.errors import ManifestError
+from distill.pipeline.cache_teacher import main
 from tests.conftest import make_tiny_dataset
 from tests.test_cache import BASE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.metrics import recall_from_ranks, retrieval_metrics, retrieval_ranks
+from distill.core.metrics import recall_from_ranks, retrieval_metrics, retrieval_ranks
 
 
 def brute_ranks(img: torch.Tensor, txt: torch.Tensor, cap_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

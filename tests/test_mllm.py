@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.features import l2_normalize, masked_mean
-from teachers import build_teacher
+from distill.core.features import l2_normalize, masked_mean
+from teachers import create_teacher
 from tests.conftest import WORDS
 from tests.test_teachers import check_contract, random_pixels, save_word_tokenizer
 
@@ -43,7 +43,7 @@ def llava_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mllm(llava_dir):
-    return build_teacher(f"mllm:{llava_dir}")
+    return create_teacher(f"mllm:{llava_dir}")
 
 
 def with_config(src: Path, dst: Path, **cfg) -> Path:
@@ -77,7 +77,7 @@ def test_mllm_text_mask_marks_caption_tokens(mllm):
 
 
 def test_mllm_mean_pooling_and_truncation(llava_dir, mllm, tmp_path):
-    t = build_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'm', pooling='mean', max_text_tokens=3, logit_scale=20)}")
+    t = create_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'm', pooling='mean', max_text_tokens=3, logit_scale=20)}")
     batch = t.tokenize(["a red dog runs on the grass"])
     assert batch["text_mask"].sum() == 3 and t.logit_scale == 20.0
     g = t.encode_text(batch)
@@ -88,19 +88,19 @@ def test_mllm_mean_pooling_and_truncation(llava_dir, mllm, tmp_path):
 
 
 def test_mllm_hash_follows_weights(llava_dir, mllm, tmp_path):
-    assert build_teacher(f"mllm:{llava_dir}").config_hash() == mllm.config_hash()
-    other = build_teacher(f"mllm:{save_tiny_llava(tmp_path / 'other', seed=1)}")
+    assert create_teacher(f"mllm:{llava_dir}").config_hash() == mllm.config_hash()
+    other = create_teacher(f"mllm:{save_tiny_llava(tmp_path / 'other', seed=1)}")
     assert other.config_hash() != mllm.config_hash()
 
 
 def test_mllm_errors(llava_dir, mllm, tmp_path):
     with pytest.raises(FileNotFoundError, match="mllm: model folder not found"):
-        build_teacher(f"mllm:{tmp_path / 'nope'}")
+        create_teacher(f"mllm:{tmp_path / 'nope'}")
     with pytest.raises(ValueError, match=r"unknown keys \['temperature'\]"):
-        build_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'a', temperature=0.1)}")
+        create_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'a', temperature=0.1)}")
     with pytest.raises(ValueError, match="must contain '<sent>'"):
-        build_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'b', text_prompt='Summarize:')}")
+        create_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'b', text_prompt='Summarize:')}")
     with pytest.raises(ValueError, match="image_prompt must contain the image token"):
-        build_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'c', image_prompt='an image')}")
+        create_teacher(f"mllm:{with_config(llava_dir, tmp_path / 'c', image_prompt='an image')}")
     with pytest.raises(NotImplementedError, match="does not support layer pruning"):
         mllm.pruned_towers(1, 1)

@@ -8,19 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import train_student as ts
-from distill.losses.base import TeacherBatch
+from distill.pipeline.train import main as ts
+from distill.core.features import TeacherBatch
 from distill.losses.projection import EmbedProjections
-from distill.projection_init import ProjectionInitError, init_projections
-from distill.train_data import TrainBatch
-from students import build_student
+from distill.pipeline.train.projection_init import init_projections
+from distill.core.errors import ProjectionInitError
+from distill.pipeline.train.data import TrainBatch
+from students import create_student
 from tests.test_students import CAPTIONS  # noqa: F401  (also registers the "prunetoy" teacher)
 from tests.test_train import tiny, train_args  # noqa: F401  (fixture)
 
 
 def _student(embed_dim: int):
     torch.manual_seed(0)
-    return build_student("pruned", teacher="prunetoy:0", image_layers=3, text_layers=2, embed_dim=embed_dim)
+    return create_student("pruned", teacher="prunetoy:0", image_layers=3, text_layers=2, embed_dim=embed_dim)
 
 
 def _batches(student, maps: dict[str, torch.Tensor], n: int = 4, size: int = 8) -> list[TrainBatch]:
@@ -41,7 +42,7 @@ def _batches(student, maps: dict[str, torch.Tensor], n: int = 4, size: int = 8) 
 
 def _vit(embed_dim: int = 16):
     torch.manual_seed(0)
-    return build_student("vit", embed_dim=embed_dim, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
+    return create_student("vit", embed_dim=embed_dim, vision_width=32, vision_layers=1, vision_heads=2, image_size=32,
                          patch_size=8, text_width=32, text_layers=1, text_heads=2, context_length=16)
 
 
@@ -178,7 +179,8 @@ def test_projection_fit_is_identical_across_two_gloo_ranks(tmp_path):
 
 
 def test_resume_needs_the_shared_state_and_refuses_an_old_checkpoint(tiny, tmp_path):
-    from distill.checkpoint import CheckpointError, checksum, load_checkpoint
+    from distill.core.checkpoint import checksum, load_checkpoint
+    from distill.core.errors import CheckpointError
 
     tsv, cache = tiny
     out = tmp_path / "run"

@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
-from distill import train_student as ts
-from distill.checkpoint import load_checkpoint
-from distill.config import ConfigError, resolve_config
-from distill.dist import init_distributed
-from distill.features import ImageFeatures, TextFeatures
-from distill.losses import DistillBatch, Dims, TeacherBatch, build_loss
+from distill.pipeline.train import main as ts
+from distill.core.checkpoint import load_checkpoint
+from distill.pipeline.train.config import resolve_config
+from distill.core.errors import ConfigError
+from distill.core.dist import init_distributed
+from distill.core.features import ImageFeatures, TextFeatures
+from distill.core.features import TeacherBatch
+from distill.losses import DistillBatch, Dims, create_loss
 from distill.losses.coma_reconstruct import reconstruction_error
 from distill.losses.mac import MACLoss
-from distill.train_log import read_log
+from distill.pipeline.train.log import read_log
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 
 PUMA_YAML = Path(__file__).resolve().parents[1] / "distill" / "configs" / "puma.yaml"
@@ -46,14 +48,14 @@ def test_deep_mse_is_mse_to_the_cached_final_embeddings():
     s_img, s_txt, t_img, t_txt = (F.normalize(torch.randn(3, 4, generator=g), dim=-1) for _ in range(4))
     batch = DistillBatch(ImageFeatures(s_img), TextFeatures(s_txt), TeacherBatch(t_img, t_txt),
                          torch.tensor(0.0), torch.arange(3))
-    loss = build_loss("deep_mse", Dims(4, 4, 2, 2, 2, 2))  # equal widths: no projection
+    loss = create_loss("deep_mse", Dims(4, 4, 2, 2, 2, 2))  # equal widths: no projection
     expected = (((s_img - t_img) ** 2).mean() + ((s_txt - t_txt) ** 2).mean()) / 2
     torch.testing.assert_close(loss(batch), expected)
 
 
 def test_tiny_puma_run(tmp_path, monkeypatch, capsys):
     """A 2-layer open_clip teacher: cache it, prune it to 1 layer per tower, train 5 PUMA steps."""
-    from distill.cache_teacher import main as cache_main
+    from distill.pipeline.cache_teacher import main as cache_main
     from tests.conftest import make_tiny_dataset, tiny_openclip_spec
 
     spec = tiny_openclip_spec(tmp_path)
@@ -121,7 +123,7 @@ def test_coma_loss_is_zero_when_the_decoder_outputs_the_target():
     s_mask = torch.tensor([[True, True, False], [True, True, True]])
     batch = _coma_batch(torch.randn(2, 4, 7, generator=g), torch.randn(2, 3, 3, generator=g), s_mask, t_img, t_txt, t_mask)
     for metric in ("mse", "cosine"):
-        loss = build_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), num_summary=2, width=8, heads=2, metric=metric)
+        loss = create_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), num_summary=2, width=8, heads=2, metric=metric)
         assert loss(batch).item() > 0.05
         with torch.no_grad():
             for r, v in ((loss.reconstructors["image"], v_img), (loss.reconstructors["text"], v_txt)):
@@ -137,23 +139,23 @@ def test_coma_gradient_reaches_real_student_tokens_only():
     s_mask = torch.tensor([[True, True, False], [True, True, True]])
     batch = _coma_batch(s_img, s_txt, s_mask, torch.randn(2, 4, 6, generator=g), torch.randn(2, 3, 5, generator=g),
                         s_mask.clone())
-    loss = build_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), num_summary=2, width=8, heads=2)
+    loss = create_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), num_summary=2, width=8, heads=2)
     loss(batch).backward()
     assert (s_img.grad.abs().sum(-1) > 0).all()
     assert torch.equal(s_txt.grad.abs().sum(-1) > 0, s_mask)  # padded student tokens are never attended
     assert all(p.grad is not None for p in loss.parameters())
-    only_image = build_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), width=8, heads=2, modalities=["image"])
+    only_image = create_loss("coma_reconstruct", Dims(4, 4, 7, 3, 6, 5), width=8, heads=2, modalities=["image"])
     assert list(only_image.reconstructors) == ["image"]
 
 
 def test_coma_rejects_bad_options():
     d = Dims(4, 4, 7, 3, 6, 5)
     with pytest.raises(ValueError, match="metric must be one of"):
-        build_loss("coma_reconstruct", d, metric="l1")
+        create_loss("coma_reconstruct", d, metric="l1")
     with pytest.raises(ValueError, match="modalities must be a non-empty subset"):
-        build_loss("coma_reconstruct", d, modalities=["audio"])
+        create_loss("coma_reconstruct", d, modalities=["audio"])
     with pytest.raises(ValueError, match="width divisible by heads"):
-        build_loss("coma_reconstruct", d, width=10, heads=4)
+        create_loss("coma_reconstruct", d, width=10, heads=4)
 
 
 # ------------------------------------------------------------------------------ warm-up stage

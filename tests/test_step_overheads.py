@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill import train_student as ts
-from distill.balance import build_balancer
+from distill.pipeline.train import main as ts
+from distill.balance import create_balancer
 from distill.distiller import Distiller
 from tests.test_student_runtime import _first_step, bn_net
 from tests.test_train import tiny  # noqa: F401  (module fixture)
@@ -25,7 +25,7 @@ class QueueLoss(nn.Module):
 def test_snapshot_holds_only_what_a_rollback_needs():
     student = bn_net()
     student.register_buffer("constant", torch.arange(4.0))
-    d = Distiller(student, {"q": QueueLoss()}, build_balancer("gradnorm", ["q"]))
+    d = Distiller(student, {"q": QueueLoss()}, create_balancer("gradnorm", ["q"]))
     got = set(ts._rollback_buffers(d))
     bn_stats = ("running_mean", "running_var", "num_batches_tracked")
     # 2.1 and 3 are trainable, 4 has frozen parameters but runs in training mode: its statistics move

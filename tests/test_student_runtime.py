@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill import student_runtime as SR
-from distill.config import ConfigError, resolve_config
+from distill.pipeline.train import student_runtime as SR
+from distill.pipeline.train.config import resolve_config
+from distill.core.errors import ConfigError
 from tests.test_train import TINY_STUDENT, tiny, train_args  # noqa: F401  (module fixture)
 
 
@@ -64,8 +65,8 @@ def test_new_train_keys_are_validated():
 
 
 def _first_step(tiny, tmp_path, *sets: str):
-    from distill import train_student as ts
-    from distill.dist import DistInfo
+    from distill.pipeline.train import main as ts
+    from distill.core.dist import DistInfo
 
     tsv, cache = tiny
     args = ts.build_parser().parse_args(train_args(cache, tsv, tmp_path, 3, *[a for s in sets for a in ("--set", s)]))

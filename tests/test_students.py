@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
-from distill.features import masked_mean
-from distill.profile import count_flops
-from students import build_student, load_student, save_student
+from distill.core.errors import ConfigError
+from distill.core.features import masked_mean
+from distill.core.profile import count_flops
+from students import create_student, load_student, save_student
 from students.pruned import half_compute_layers
 from students.vit_dual import VIT_PRESETS
-from teachers import TEACHERS, build_teacher
+from teachers import TEACHERS, create_teacher
 from teachers.base import PrunedTowers
 from tests.conftest import tiny_openclip_spec
 from tests.toy_teacher import ToyTeacher
@@ -28,7 +29,7 @@ CAPTIONS = ["a dog runs on the grass", "cat", "the red cat sits on a blue beach 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return build_student("vit", **TINY).eval()
+    return create_student("vit", **TINY).eval()
 
 
 def _pixels(n: int = 3, size: int = 32) -> torch.Tensor:
@@ -83,28 +84,28 @@ def test_vit_config_round_trip(vit):
     cfg = vit.config()
     assert cfg["name"] == "vit" and cfg["vision_layers"] == 2
     cfg = json.loads(json.dumps(cfg))
-    again = build_student(**cfg)
+    again = create_student(**cfg)
     assert again.num_params() == vit.num_params()
     assert again.config() == vit.config()
 
 
 def test_vit_presets_and_option_errors():
     with torch.device("meta"):
-        ti = build_student("vit", preset="vit-ti16-128", vision_layers=6)
+        ti = create_student("vit", preset="vit-ti16-128", vision_layers=6)
     assert (ti.cfg.vision_width, ti.cfg.image_size, ti.cfg.vision_layers, ti.cfg.context_length) == (192, 128, 6, 32)
     assert ti.config()["vision_heads"] == 3 and "preset" not in ti.config()
     with pytest.raises(KeyError, match="unknown vit preset 'nope'"):
-        build_student("vit", preset="nope")
-    with pytest.raises(TypeError, match=r"unknown vit student option\(s\) \['widht'\]"):
-        build_student("vit", widht=3)
+        create_student("vit", preset="nope")
+    with pytest.raises(ConfigError, match=r"unknown vit student option\(s\) \['widht'\]"):
+        create_student("vit", widht=3)
     with pytest.raises(ValueError, match="vision_width=30 is not divisible by vision_heads=4"):
-        build_student("vit", **{**TINY, "vision_width": 30, "vision_heads": 4})
+        create_student("vit", **{**TINY, "vision_width": 30, "vision_heads": 4})
     assert set(VIT_PRESETS) >= {"vit-s16", "vit-ti16", "vit-ti16-128"}
 
 
 def test_vit_s16_default_param_count():
     with torch.device("meta"):
-        s = build_student("vit")
+        s = create_student("vit")
     image = sum(p.numel() for p in s.clip.visual.parameters())
     assert 21.5e6 < image < 22.5e6  # ViT-S/16: 12 x 384-wide blocks + patch embed + projection
     assert s.grid == (14, 14) and s.embed_dim == 256 and s.cfg.context_length == 77
@@ -112,8 +113,8 @@ def test_vit_s16_default_param_count():
 
 def test_vit_grad_checkpointing_same_outputs_and_grads():
     torch.manual_seed(0)
-    plain = build_student("vit", **TINY)
-    ckpt = build_student("vit", **{**TINY, "grad_checkpointing": True})
+    plain = create_student("vit", **TINY)
+    ckpt = create_student("vit", **{**TINY, "grad_checkpointing": True})
     ckpt.load_state_dict(plain.state_dict())
     assert ckpt.clip.visual.transformer.grad_checkpointing
     x, batch = _pixels(2), plain.tokenize(CAPTIONS[:2])
@@ -213,6 +214,10 @@ class _TextTower(nn.Module):
 class PrunableToyTeacher(ToyTeacher):
     """The toy teacher plus residual MLP blocks, so it can be layer-pruned."""
 
+    @classmethod
+    def from_spec(cls, rest: str) -> "PrunableToyTeacher":
+        return cls(int(rest.split(":")[0] or 0), share=rest.endswith(":shared"))
+
     def __init__(self, seed: int, depth: int = 10, share: bool = False) -> None:
         super().__init__(seed)
         self.share = share
@@ -237,15 +242,13 @@ class PrunableToyTeacher(ToyTeacher):
         return PrunedTowers(image, text, 24, 20, {"image_layers": image_layers, "text_layers": text_layers})
 
 
-if "prunetoy" not in TEACHERS:
-    TEACHERS.register("prunetoy")(lambda rest: PrunableToyTeacher(int(rest.split(":")[0] or 0),
-                                                                   share=rest.endswith(":shared")))
+TEACHERS.register("prunetoy")(PrunableToyTeacher)
 
 
 @pytest.fixture(scope="module")
 def pruned():
     torch.manual_seed(0)
-    return build_student("pruned", teacher="prunetoy:0", image_layers=3, text_layers=2, embed_dim=12).eval()
+    return create_student("pruned", teacher="prunetoy:0", image_layers=3, text_layers=2, embed_dim=12).eval()
 
 
 def test_pruned_student_features(pruned):
@@ -265,7 +268,7 @@ def test_pruned_student_features(pruned):
 
 
 def test_pruned_student_starts_from_teacher_weights(pruned):
-    teacher = build_teacher("prunetoy:0")
+    teacher = create_teacher("prunetoy:0")
     torch.testing.assert_close(pruned.image_tower.patch.weight, teacher.patch.weight)
     torch.testing.assert_close(pruned.image_tower.blocks[2][0].weight, teacher.blocks[2][0].weight)
     assert all(p.requires_grad for p in pruned.parameters())
@@ -283,11 +286,11 @@ def test_pruned_student_save_load_and_deepcopy(pruned, tmp_path: Path):
 
 def test_pruned_student_rejects_shared_weights():
     with pytest.raises(ValueError, match="share the teacher's weights; it must return deep copies"):
-        build_student("pruned", teacher="prunetoy:0:shared", image_layers=1, text_layers=1)
+        create_student("pruned", teacher="prunetoy:0:shared", image_layers=1, text_layers=1)
 
 
 def test_half_compute_layers_halves_image_flops():
-    teacher = build_teacher("prunetoy:0")
+    teacher = create_teacher("prunetoy:0")
     pixels = torch.zeros(1, 3, 32, 32)
     full = count_flops(lambda x: teacher.encode_image(x), pixels)
     k = half_compute_layers(teacher)
@@ -301,28 +304,28 @@ def _openclip_teacher_spec(vit, tmp_path: Path) -> str:
     """Export the tiny vit student and use it as an ``openclip:local-dir:`` teacher."""
     if "openclip" not in TEACHERS:
         pytest.skip("openclip teacher backend not available")
-    from students.export import export_open_clip
+    from distill.pipeline.export.main import export_open_clip
 
     return f"openclip:local-dir:{export_open_clip(vit, tmp_path / 'teacher')}"
 
 
 def test_pruned_student_of_openclip_teacher(vit, tmp_path: Path):
     spec = _openclip_teacher_spec(vit, tmp_path)
-    full = build_student("pruned", teacher=spec, image_layers=2, text_layers=2, embed_dim=8).eval()
+    full = create_student("pruned", teacher=spec, image_layers=2, text_layers=2, embed_dim=8).eval()
     x, texts = _pixels(), CAPTIONS
     assert torch.equal(full.tokenize(texts)["input_ids"], vit.tokenize(texts)["input_ids"])
     with torch.no_grad():
         # keeping every block reproduces the teacher's token features exactly
         assert torch.equal(full.encode_image(x).tokens, vit.encode_image(x).tokens)
         assert torch.equal(full.encode_text(full.tokenize(texts)).tokens, vit.encode_text(vit.tokenize(texts)).tokens)
-    teacher = build_teacher(spec)
+    teacher = create_teacher(spec)
     t_img, t_txt = teacher.encode_image(x, layers=[0, 1]), teacher.encode_text(vit.tokenize(texts), layers=[0])
     with torch.no_grad():  # the student's intermediates follow the teachers' pooling convention
         s_img, s_txt = vit.encode_image(x, layers=[0, 1]), vit.encode_text(vit.tokenize(texts), layers=[0])
     for name in ("image.0", "image.1"):
         torch.testing.assert_close(s_img.intermediates[name], t_img.intermediates[name])
     torch.testing.assert_close(s_txt.intermediates["text.0"], t_txt.intermediates["text.0"])
-    half = build_student("pruned", teacher=spec, image_layers=1, text_layers=1, embed_dim=8).eval()
+    half = create_student("pruned", teacher=spec, image_layers=1, text_layers=1, embed_dim=8).eval()
     f = half.encode_image(x)
     assert f.embed.shape == (3, 8) and f.tokens.shape == (3, 16, 32) and f.grid == (4, 4)
     loaded = load_student(save_student(half, tmp_path / "half"))
@@ -330,7 +333,7 @@ def test_pruned_student_of_openclip_teacher(vit, tmp_path: Path):
 
 
 def test_half_compute_layers_on_openclip_teacher(tmp_path: Path):
-    teacher = build_teacher(tiny_openclip_spec(tmp_path, vision_layers=8))
+    teacher = create_teacher(tiny_openclip_spec(tmp_path, vision_layers=8))
     k = half_compute_layers(teacher)
     pixels = torch.zeros(1, 3, 32, 32)
     ratio = count_flops(teacher.pruned_towers(k, 1).image, pixels) / count_flops(teacher.encode_image, pixels)
@@ -340,7 +343,7 @@ def test_half_compute_layers_on_openclip_teacher(tmp_path: Path):
 
 def test_pruned_student_frozen_prefix_and_embeddings(vit, tmp_path: Path):
     spec = _openclip_teacher_spec(vit, tmp_path)
-    s = build_student("pruned", teacher=spec, image_layers=2, text_layers=1, embed_dim=8,
+    s = create_student("pruned", teacher=spec, image_layers=2, text_layers=1, embed_dim=8,
                       frozen_image_layers=1, freeze_text_embeddings=True).train()
     frozen = [s.image_tower.visual.conv1, s.image_tower.visual.transformer.resblocks[0]]
     assert all(not m.training for m in frozen) and s.image_tower.visual.transformer.resblocks[1].training
@@ -357,4 +360,4 @@ def test_pruned_student_frozen_prefix_and_embeddings(vit, tmp_path: Path):
     loaded = load_student(save_student(s.eval(), tmp_path / "frozen"))
     assert loaded.config() == s.config() and not loaded.image_tower.visual.conv1.weight.requires_grad
     with pytest.raises(ValueError, match="frozen_image_layers"):
-        build_student("pruned", teacher=spec, image_layers=2, text_layers=1, frozen_image_layers=3)
+        create_student("pruned", teacher=spec, image_layers=2, text_layers=1, frozen_image_layers=3)

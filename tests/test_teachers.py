@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from teachers import TEACHERS, build_teacher
+from teachers import TEACHERS, create_teacher
 from teachers.base import Teacher
 from teachers.common import OutputCapture
 from tests.conftest import WORDS
@@ -90,7 +90,7 @@ def oc_json(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def oc_teacher(oc_json):
-    return build_teacher(f"openclip:{oc_json}")
+    return create_teacher(f"openclip:{oc_json}")
 
 
 def test_registry_has_all_backends():
@@ -110,16 +110,16 @@ def test_openclip_contract(oc_teacher):
 
 
 def test_openclip_random_init_is_reproducible_and_weights_change_hash(oc_json, oc_teacher, tmp_path):
-    same = build_teacher(f"openclip:{oc_json}")
+    same = create_teacher(f"openclip:{oc_json}")
     assert same.config_hash() == oc_teacher.config_hash()
     state = oc_teacher.model.state_dict()
     torch.save(state, tmp_path / "same.pt")
-    loaded = build_teacher(f"openclip:{oc_json}:{tmp_path / 'same.pt'}")
+    loaded = create_teacher(f"openclip:{oc_json}:{tmp_path / 'same.pt'}")
     px = random_pixels(oc_teacher)
     assert torch.equal(loaded.encode_image(px).embed, oc_teacher.encode_image(px).embed)
     state = {k: v * 1.5 if k == "visual.conv1.weight" else v for k, v in state.items()}
     torch.save(state, tmp_path / "other.pt")
-    other = build_teacher(f"openclip:{oc_json}:{tmp_path / 'other.pt'}")
+    other = create_teacher(f"openclip:{oc_json}:{tmp_path / 'other.pt'}")
     assert other.config_hash() != loaded.config_hash()
     assert not torch.allclose(other.encode_image(px).embed, loaded.encode_image(px).embed)
 
@@ -156,7 +156,7 @@ def test_openclip_resnet_tokens(tmp_path):
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
            "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
     (tmp_path / "tinyrn.json").write_text(json.dumps(cfg))
-    t = build_teacher(f"openclip:{tmp_path / 'tinyrn.json'}")
+    t = create_teacher(f"openclip:{tmp_path / 'tinyrn.json'}")
     f = t.encode_image(random_pixels(t, 2), layers=[0, 3])
     assert f.tokens.shape == (2, 4, t.image_token_dim) and f.grid == (2, 2) and t.image_token_dim == 256
     assert f.intermediates["image.0"].shape == (2, 32) and f.intermediates["image.3"].shape == (2, 256)
@@ -166,19 +166,19 @@ def test_openclip_resnet_tokens(tmp_path):
 
 def test_openclip_errors(tmp_path):
     with pytest.raises(RuntimeError, match="not in the local cache.*never does"):
-        build_teacher("openclip:ViT-B-32:laion2b_s34b_b79k")
+        create_teacher("openclip:ViT-B-32:laion2b_s34b_b79k")
     with pytest.raises(FileNotFoundError, match="model config JSON not found"):
-        build_teacher(f"openclip:{tmp_path / 'missing.json'}")
+        create_teacher(f"openclip:{tmp_path / 'missing.json'}")
     with pytest.raises(ValueError, match="unknown model 'NoSuchNet'"):
-        build_teacher("openclip:NoSuchNet")
+        create_teacher("openclip:NoSuchNet")
     with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a pretrained tag"):
-        build_teacher("openclip:ViT-B-32:/no/such/ckpt.pt")
+        create_teacher("openclip:ViT-B-32:/no/such/ckpt.pt")
     with pytest.raises(RuntimeError, match="never does"):
-        build_teacher("openclip:hf-hub:org/model")
+        create_teacher("openclip:hf-hub:org/model")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"embed_dim": 4}))
     with pytest.raises(ValueError, match="missing"):
-        build_teacher(f"openclip:{bad}")
+        create_teacher(f"openclip:{bad}")
 
 
 # ================================================================================ hf
@@ -210,7 +210,7 @@ def hf_folder(request, tmp_path_factory) -> Path:
 
 
 def test_hf_contract(hf_folder):
-    t = build_teacher(f"hf:{hf_folder}")
+    t = create_teacher(f"hf:{hf_folder}")
     siglip = hf_folder.name.startswith("siglip")
     assert (t.embed_dim, t.image_token_dim, t.text_token_dim, t.image_size) == (32 if siglip else 16, 32, 32, 32)
     check_contract(t, [0, 1], [0, 1])
@@ -228,7 +228,7 @@ def test_hf_contract(hf_folder):
 
 
 def test_hf_pruned_towers_match_teacher(hf_folder):
-    t = build_teacher(f"hf:{hf_folder}")
+    t = create_teacher(f"hf:{hf_folder}")
     px, batch = random_pixels(t), t.tokenize(CAPTIONS)
     f, g = t.encode_image(px, [0]), t.encode_text(batch, [0])
     full = t.pruned_towers(2, 2)
@@ -252,20 +252,20 @@ def test_hf_pruned_towers_match_teacher(hf_folder):
 
 
 def test_hf_hash_follows_weights(tmp_path):
-    a = build_teacher(f"hf:{save_tiny_hf(tmp_path / 'a', 'clip', seed=0)}")
-    b = build_teacher(f"hf:{save_tiny_hf(tmp_path / 'b', 'clip', seed=1)}")
-    a2 = build_teacher(f"hf:{tmp_path / 'a'}")
+    a = create_teacher(f"hf:{save_tiny_hf(tmp_path / 'a', 'clip', seed=0)}")
+    b = create_teacher(f"hf:{save_tiny_hf(tmp_path / 'b', 'clip', seed=1)}")
+    a2 = create_teacher(f"hf:{tmp_path / 'a'}")
     assert a.config_hash() == a2.config_hash() and a.config_hash() != b.config_hash()
 
 
 def test_hf_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="hf: model folder not found"):
-        build_teacher(f"hf:{tmp_path / 'nope'}")
+        create_teacher(f"hf:{tmp_path / 'nope'}")
     from transformers import BertConfig, BertModel
 
     BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                          intermediate_size=8)).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="holds a BertModel; supported: CLIPModel, SiglipModel"):
-        build_teacher(f"hf:{tmp_path / 'bert'}")
+        create_teacher(f"hf:{tmp_path / 'bert'}")
     with pytest.raises(ValueError, match="spec .* must look like"):
-        build_teacher("hf")
+        create_teacher("hf")

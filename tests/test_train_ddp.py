@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from distill import train_student as ts
-from distill.train_log import read_log
+from distill.pipeline.train import main as ts
+from distill.pipeline.train.log import read_log
 from tests.conftest import REPO
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill import train_student as ts
-from distill.checkpoint import ResumeMismatchError, load_checkpoint
-from distill.train_log import read_log
+from distill.pipeline.train import main as ts
+from distill.core.checkpoint import load_checkpoint
+from distill.core.errors import ResumeMismatchError
+from distill.pipeline.train.log import read_log
 from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
 
 STEPS, KILL_AT = 7, 5  # checkpoints every 3 steps: the killed run resumes from step 3 and redoes 4..5

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data import load_dataset
-from distill.train_student import make_optimizer
-from students import build_student, load_student, save_student
+from distill.core.data.dataset import load_dataset
+from distill.pipeline.train.main import make_optimizer
+from students import create_student, load_student, save_student
 from students.tuned import ParallelAdapted
-from teachers import build_teacher
+from teachers import create_teacher
 from teachers.lit import LiTConfig, LiTTeacher
 from tests.conftest import FLICKR8K, make_tiny_dataset
 
@@ -29,7 +29,7 @@ def lit_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def teacher(lit_spec: str) -> LiTTeacher:
-    return build_teacher(lit_spec)
+    return create_teacher(lit_spec)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _frozen(student) -> dict[str, torch.Tensor]:
 
 
 def test_mwa_starts_as_the_teacher(lit_spec, teacher, pixels):
-    s = build_student("mwa", teacher=lit_spec).eval()
+    s = create_student("mwa", teacher=lit_spec).eval()
     assert (s.embed_dim, s.image_token_dim, s.text_token_dim, s.image_size) == (32, 1280, 384, 64)
     assert sum(isinstance(m, ParallelAdapted) for m in s.backbone) == 17  # every inverted-residual block
     assert 0 < s.trainable_share() < 0.05
@@ -77,7 +77,7 @@ def test_mwa_starts_as_the_teacher(lit_spec, teacher, pixels):
 
 
 def test_pmf_shapes_and_image_start(lit_spec, teacher, pixels):
-    s = build_student("pmf", teacher=lit_spec, prompt_layers=3).eval()
+    s = create_student("pmf", teacher=lit_spec, prompt_layers=3).eval()
     assert len(s.text_prompts) == 3 and len(s.image_layers) == 3 and s.image_token_dim == 256
     assert 0 < s.trainable_share() < 0.2
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_pmf_shapes_and_image_start(lit_spec, teacher, pixels):
 
 @pytest.mark.parametrize("name", ["mwa", "pmf"])
 def test_frozen_towers_get_no_gradient_and_do_not_move(name, lit_spec, pixels):
-    s = build_student(name, teacher=lit_spec)
+    s = create_student(name, teacher=lit_spec)
     s.train()
     assert not s.backbone.training and not s.text_model.training  # BatchNorm statistics stay fixed
     frozen = _frozen(s)
@@ -114,7 +114,7 @@ def test_frozen_towers_get_no_gradient_and_do_not_move(name, lit_spec, pixels):
 
 def test_save_load_round_trip(lit_spec, pixels, tmp_path: Path):
     for name, cfg in [("mwa", {"text_adapter_width": 16}), ("pmf", {"prompt_layers": 2, "image_width": 64})]:
-        s = build_student(name, teacher=lit_spec, **cfg)
+        s = create_student(name, teacher=lit_spec, **cfg)
         opt = make_optimizer(s, OPTIM)
         _step_loss(s, pixels).backward()
         opt.step()
@@ -132,16 +132,16 @@ def test_bad_configs(lit_spec):
     import tests.toy_teacher  # noqa: F401  (registers "toy")
 
     with pytest.raises(ValueError, match="needs a lit: teacher"):
-        build_student("mwa", teacher="toy:0")
+        create_student("mwa", teacher="toy:0")
     with pytest.raises(ValueError, match=r"prompt_layers must be in 1\.\.6"):
-        build_student("pmf", teacher=lit_spec, prompt_layers=7)
+        create_student("pmf", teacher=lit_spec, prompt_layers=7)
     with pytest.raises(ValueError, match="adapter widths must be positive"):
-        build_student("mwa", teacher=lit_spec, text_adapter_width=0)
+        create_student("mwa", teacher=lit_spec, text_adapter_width=0)
 
 
 def test_train_student_cli_with_mwa(lit_spec, teacher, tmp_path: Path):
-    from distill import train_student as ts
-    from distill.cache_teacher import main as cache_main
+    from distill.pipeline.train import main as ts
+    from distill.pipeline.cache_teacher import main as cache_main
 
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)
     cache = tmp_path / "cache"

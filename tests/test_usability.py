@@ -10,10 +10,11 @@ import matplotlib.axes
 import pytest
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
-from distill import train_student as ts
-from distill.cache_teacher import main as cache_main
-from distill.config import DEFAULTS, ConfigError, resolve_config, warmup_steps
-from distill.train_log import read_log
+from distill.pipeline.train import main as ts
+from distill.pipeline.cache_teacher import main as cache_main
+from distill.pipeline.train.config import DEFAULTS, resolve_config, warmup_steps
+from distill.core.errors import ConfigError
+from distill.pipeline.train.log import read_log
 from tests.conftest import make_tiny_dataset, tiny_openclip_spec
 from tests.test_train import build_cache, train_args
 
@@ -112,7 +113,7 @@ def test_validation_console_plot_rerun_and_init_projections(tiny, tmp_path: Path
 
 
 def test_quickstart_throughput_is_a_median(monkeypatch):
-    from distill import quickstart
+    from distill.pipeline import quickstart
 
     timings = iter([10.0, 400.0, 30.0, 20.0, 300.0])
     monkeypatch.setattr(quickstart, "images_per_second", lambda *a, **k: next(timings))

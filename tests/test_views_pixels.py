@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import distill.cache_teacher as ct
-import distill.train_student as ts
-from distill.cache import CacheCorruptError, CacheError, TeacherCache
-from distill.data import load_dataset
-from distill.dist import init_distributed
-from distill.mixup import NO_MIX, mix_images, view_image
-from distill.pixels import PixelCacheError, crop_pixels, normalise_pixels, student_pixels
-from distill.train_data import DistillTrainSet, TeacherCollate
-from distill.train_log import read_log
-from teachers import build_teacher
+import distill.pipeline.cache_teacher as ct
+import distill.pipeline.train.main as ts
+from distill.core.cache.reader import TeacherCache
+from distill.core.errors import CacheCorruptError, CacheError, PixelCacheError
+from distill.core.data.dataset import load_dataset
+from distill.core.dist import init_distributed
+from distill.core.data.mixup import NO_MIX, mix_images, view_image
+from distill.core.data.pixels import crop_pixels, normalise_pixels, student_pixels
+from distill.pipeline.train.data import DistillTrainSet, TeacherCollate
+from distill.pipeline.train.log import read_log
+from teachers import create_teacher
 from tests.conftest import make_tiny_dataset
 from tests.test_train import train_args
 
@@ -105,7 +106,7 @@ def test_student_sees_exactly_what_the_teacher_saw(data):
     pixel cache) is the image whose teacher outputs are cached."""
     tsv, cache = data["tsv"], TeacherCache(data["raw"])
     ds = load_dataset(str(tsv))
-    teacher = build_teacher("toy:0", "cpu")
+    teacher = create_teacher("toy:0", "cpu")
     decode = DistillTrainSet(ds, cache, lambda im: torch.from_numpy(crop_pixels(im, 32)), seed=0)
     for i in (0, 5, 11):
         for v in range(VIEWS, VIEWS + MIXUP):  # mixup views
@@ -165,7 +166,7 @@ def test_jpeg_pixels_decode_in_batches_on_cpu(data):
     moved = batch.to(torch.device("cpu"))
     x = student_pixels(moved, _Student(), torch.device("cpu"))
     assert x.shape == (6, 3, 32, 32) and torch.isfinite(x).all()  # 24 px stored, resized to 32 on the device
-    from distill.pixels import decode_jpeg_batch, encode_jpeg
+    from distill.core.data.pixels import decode_jpeg_batch, encode_jpeg
 
     got = decode_jpeg_batch(batch.pixels, batch.pixel_lengths, torch.device("cpu"))
     for row, (i, v) in enumerate(zip(batch.image_index.tolist(), batch.view.tolist())):
@@ -195,7 +196,7 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
     arr = np.load(path)
     arr[0, 0] = 255 - arr[0, 0]
     np.save(path, arr)
-    teacher, ds = build_teacher("toy:0", "cpu"), load_dataset(str(tsv))
+    teacher, ds = create_teacher("toy:0", "cpu"), load_dataset(str(tsv))
     with pytest.raises(CacheError, match="pixels of image 0"):
         ct.verify_pixels(TeacherCache(out, verify="none"), np.array([0]), 0, [ds.load_image(0)], ["image 0"])
     # another pixel setting is another cache

@@ -1,4 +1,4 @@
-"""webdataset ``.tar`` input (:mod:`distill.wds`): shards made here from the bundled Flickr8k sample
+"""webdataset ``.tar`` input (:mod:`distill.core.data.wds`): shards made here from the bundled Flickr8k sample
 (24 train images in 4 shards of 6, captions as ``.json`` lists or ``.txt``), cached with the toy
 teacher, a few training steps with exact resume, and evaluation."""
 from __future__ import annotations
@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
-from distill.cache import TeacherCache
-from distill.cache_teacher import main as cache_main
-from distill.cache_teacher import plan_shards
-from distill.data import BadSampleError, NoSplitsError, load_dataset
-from distill.train_log import read_log
-from distill.wds import WebDatasetImages, expand_shards, samples_per_shard
-from teachers import build_teacher
+from distill.core.cache.reader import TeacherCache
+from distill.pipeline.cache_teacher import main as cache_main
+from distill.pipeline.cache_teacher import plan_shards
+from distill.core.data.dataset import load_dataset
+from distill.core.errors import BadSampleError, NoSplitsError
+from distill.pipeline.train.log import read_log
+from distill.core.data.wds import WebDatasetImages, expand_shards, samples_per_shard
+from teachers import create_teacher
 from tests.test_train import TINY_STUDENT
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
@@ -106,8 +107,8 @@ def test_cache_shards_follow_tar_shards(shards):
 
 @pytest.mark.slow
 def test_cache_train_resume_evaluate(shards, tmp_path: Path):
-    from distill import evaluate
-    from distill import train_student as ts
+    from distill.pipeline import evaluate
+    from distill.pipeline.train import main as ts
 
     folder, src = shards
     data = f"{folder}/{{000..003}}.tar"
@@ -117,7 +118,7 @@ def test_cache_train_resume_evaluate(shards, tmp_path: Path):
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["shard_size"] == PER_SHARD and len(manifest["shards"]) == SHARDS
     assert (cache.num_images, cache.num_captions) == (24, len(expected_captions(src)))
-    teacher = build_teacher("toy:0").eval()
+    teacher = create_teacher("toy:0").eval()
     tf = teacher.image_transform()
     with torch.no_grad():  # cached row i is the teacher's output on sample i (alignment)
         fresh = teacher.encode_image(torch.stack([tf(src.load_image(i)) for i in (0, 13, 23)])).embed

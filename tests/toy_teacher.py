@@ -11,13 +11,17 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
 
-from distill.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
+from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
 from teachers import TEACHERS
 from teachers.base import Teacher, TextBatch
 
 
 class ToyTeacher(Teacher):
     """Patch-embedding image tower (32 px, 8 px patches -> 4x4 grid) and a bag-of-bytes text tower."""
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "ToyTeacher":
+        return cls(seed=int(rest or 0))
 
     def __init__(self, seed: int = 0, dim: int = 16, context: int = 16) -> None:
         super().__init__()
@@ -67,5 +71,4 @@ class ToyTeacher(Teacher):
         return {"name": "bytes", "context_length": self.context, "pad_id": 0}
 
 
-if "toy" not in TEACHERS:
-    TEACHERS.register("toy")(lambda rest: ToyTeacher(seed=int(rest or 0)))
+TEACHERS.register("toy")(ToyTeacher)

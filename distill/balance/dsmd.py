@@ -31,11 +31,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.balance import BALANCERS
+from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values, weighted_total
 
 
+@BALANCERS.register("dsmd")
 class DSMDBalancer(Balancer):
     def __init__(self, names: list[str], temperature: float = 2.0, beta: float = 0.9,
                  min_weight: float = 0.0, max_weight: float = math.inf) -> None:
@@ -84,8 +85,3 @@ class DSMDBalancer(Balancer):
         valid = finite & (values > 0)
         weights = self._update(torch.where(valid, values, torch.zeros_like(values)), valid).tolist()
         return weighted_total(losses, self.names, weights, valid.tolist()), dict(zip(self.names, weights))
-
-
-@BALANCERS.register("dsmd")
-def build(names: list[str], **cfg) -> DSMDBalancer:
-    return DSMDBalancer(names, **cfg)

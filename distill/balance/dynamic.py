@@ -44,11 +44,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.balance import BALANCERS
+from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values, weighted_total
-from distill.checkpoint import CheckpointError
-from distill.config import ConfigError
+from distill.core.errors import CheckpointError, ConfigError
 
 DEFAULT_FLOORS = {"contrastive_distill": 0.5, "student_clip": 0.5}
 OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "cap", "floors", "priors")
@@ -97,10 +96,14 @@ def fit_to_budget(raw: Sequence[float], lo: Sequence[float], hi: Sequence[float]
     return clip((total - fixed) / sum(r for r, f in zip(raw, free) if f))
 
 
+@BALANCERS.register("dynamic")
 class DynamicBalancer(Balancer):
     def __init__(self, names: list[str], temperature: float = 0.5, beta_fast: float = 0.9, beta_slow: float = 0.99,
                  ref_steps: int = 20, cap: float = 3.0, floors: Mapping[str, float] | None = None,
-                 priors: Mapping[str, float] | None = None) -> None:
+                 priors: Mapping[str, float] | None = None, **unknown: Any) -> None:
+        if unknown:
+            raise ConfigError(f"balancer.cfg.{sorted(unknown)[0]}: unknown option of the dynamic balancer; "
+                              f"known: {', '.join(OPTIONS)}")
         super().__init__()
         self.names = list(names)
         k = len(self.names)
@@ -191,11 +194,3 @@ class DynamicBalancer(Balancer):
             raise CheckpointError("the checkpoint's balancer state was written by the former `dynamic` formula, "
                                   "now `dsmd`: resume it with --set balancer.name=dsmd")
         return super().load_state_dict(state_dict, strict, assign)
-
-
-@BALANCERS.register("dynamic")
-def build(names: list[str], **cfg: Any) -> DynamicBalancer:
-    unknown = sorted(set(cfg) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"balancer.cfg.{unknown[0]}: unknown option of the dynamic balancer; known: {', '.join(OPTIONS)}")
-    return DynamicBalancer(names, **cfg)

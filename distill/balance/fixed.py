@@ -7,11 +7,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.balance import BALANCERS
+from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values, weighted_total
 
 
+@BALANCERS.register("fixed")
 class FixedBalancer(Balancer):
     def __init__(self, names: list[str], weights: dict[str, float] | None = None) -> None:
         super().__init__()
@@ -26,8 +27,3 @@ class FixedBalancer(Balancer):
         _, valid = loss_values(losses, self.names, torch.device("cpu"))
         applied = [w if ok else 0.0 for w, ok in zip(self.weights, valid.tolist())]
         return weighted_total(losses, self.names, applied, valid.tolist()), dict(zip(self.names, applied))
-
-
-@BALANCERS.register("fixed")
-def build(names: list[str], **cfg) -> FixedBalancer:
-    return FixedBalancer(names, **cfg)

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.balance import BALANCERS
+from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values, weighted_total
 
@@ -44,6 +44,7 @@ def grad_norm(loss: Tensor, params: Sequence[nn.Parameter], scale: float = 1.0) 
     return torch.stack(squares).sum().sqrt() / scale
 
 
+@BALANCERS.register("gradnorm")
 class GradNormBalancer(Balancer):
     uses_loss_scale = True
     #: changed only in ``end_step`` of an applied step (or by a direct call), so the trainer need
@@ -129,8 +130,3 @@ class GradNormBalancer(Balancer):
         update = torch.where(valid, self.lr * m_hat / (v_hat.sqrt() + 1e-8), torch.zeros_like(m_hat))
         new = (self.weights - update).clamp_min(self.min_weight)
         self.weights.copy_(torch.where(ok, new * (len(self.names) / new.sum()), self.weights))
-
-
-@BALANCERS.register("gradnorm")
-def build(names: list[str], **cfg) -> GradNormBalancer:
-    return GradNormBalancer(names, **cfg)

@@ -9,11 +9,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.balance import BALANCERS
+from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import loss_values
 
 
+@BALANCERS.register("uncertainty")
 class UncertaintyBalancer(Balancer):
     def __init__(self, names: list[str], init: float = 0.0) -> None:
         super().__init__()
@@ -27,8 +28,3 @@ class UncertaintyBalancer(Balancer):
         total = torch.stack(terms).sum() if terms else self.log_vars.sum() * 0.0
         weights = torch.where(valid, torch.exp(-self.log_vars.detach()), torch.zeros_like(self.log_vars))
         return total, dict(zip(self.names, weights.tolist()))
-
-
-@BALANCERS.register("uncertainty")
-def build(names: list[str], **cfg) -> UncertaintyBalancer:
-    return UncertaintyBalancer(names, **cfg)

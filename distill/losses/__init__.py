@@ -1,20 +1,11 @@
-"""Loss registry. Every loss is one file registering ``LOSSES.register(name)`` on a factory
-``(dims: Dims, **cfg) -> DistillLoss``."""
+"""Distillation losses: one file per loss, each class registered with ``@LOSSES.register(name)``
+(the registry is declared in :mod:`distill.core.registry`) and built with
+``create_loss(name, dims, **cfg)``. Importing this package registers the built-in losses."""
 from __future__ import annotations
 
-from typing import Any
-
-from distill.losses.base import DistillBatch, DistillLoss, Dims, TeacherBatch
-from distill.registry import Registry
-
-LOSSES: Registry[DistillLoss] = Registry("loss")
-
-
-def build_loss(name: str, dims: Dims, **cfg: Any) -> DistillLoss:
-    return LOSSES.build(name, dims, **cfg)
-
-
-from distill.losses import (  # noqa: E402,F401  (registration side effects)
+from distill.core.registry import LOSSES, create_loss
+from distill.losses.base import DistillBatch, DistillLoss, Dims
+from distill.losses import (  # noqa: F401  (registration side effects)
     contrastive_distill,
     feature_l1,
     cosine,
@@ -27,4 +18,4 @@ from distill.losses import (  # noqa: E402,F401  (registration side effects)
     coma_reconstruct,
 )
 
-__all__ = ["LOSSES", "DistillBatch", "DistillLoss", "Dims", "TeacherBatch", "build_loss"]
+__all__ = ["LOSSES", "DistillBatch", "DistillLoss", "Dims", "create_loss"]

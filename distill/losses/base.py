@@ -6,31 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distill.features import ImageFeatures, TextFeatures
-
-
-@dataclass
-class TeacherBatch:
-    """Cached teacher outputs for the B (image, caption) pairs of a training batch.
-
-    img_embed / txt_embed: [B, Dt] L2-normalised.
-    img_tokens: [B, N, Ct] (already dequantised to float) or None; img_grid: (h, w) or None.
-    txt_tokens: [B, L, Ct] or None; txt_mask: [B, L] bool or None.
-    intermediates: name -> [B, C] pooled intermediate-layer features (e.g. "image.11").
-    logit_scale: the teacher's exp'd scale.
-    txt_embed_mean: [B, Dt] or None: the L2-normalised mean of the teacher embeddings of ALL captions
-    of row i's image (the caption-mean text target; None where the batch does not provide it).
-    """
-
-    img_embed: Tensor
-    txt_embed: Tensor
-    img_tokens: Tensor | None = None
-    img_grid: tuple[int, int] | None = None
-    txt_tokens: Tensor | None = None
-    txt_mask: Tensor | None = None
-    intermediates: dict[str, Tensor] | None = None
-    logit_scale: float = 100.0
-    txt_embed_mean: Tensor | None = None
+from distill.core.features import ImageFeatures, TeacherBatch, TextFeatures
 
 
 @dataclass

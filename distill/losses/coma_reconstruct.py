@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision
 
@@ -96,6 +96,7 @@ class SummaryReconstructor(nn.Module):
         return self.out(self.out_norm(queries + attended))
 
 
+@LOSSES.register("coma_reconstruct")
 class ComaReconstructLoss(DistillLoss):
     def __init__(self, dims: Dims, num_summary: int = 8, width: int = 256, heads: int = 4, metric: str = "mse",
                  modalities: tuple[str, ...] | list[str] = MODALITIES) -> None:
@@ -134,8 +135,3 @@ class ComaReconstructLoss(DistillLoss):
             if not terms:
                 return keep_in_graph
             return torch.stack(terms).mean() + keep_in_graph
-
-
-@LOSSES.register("coma_reconstruct")
-def build(dims: Dims, **cfg) -> ComaReconstructLoss:
-    return ComaReconstructLoss(dims, **cfg)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distill.dist import all_gather_cat
+from distill.core.dist import all_gather_cat
 
 
 @contextlib.contextmanager

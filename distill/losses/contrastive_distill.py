@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import (full_precision, gather_pairs, gather_rows, in_teacher_space, multi_positive_nce,
                                   positives_and_mask, same_image)
@@ -36,6 +36,7 @@ TERMS = ("img_img", "txt_txt", "img_txt", "txt_img")
 TEXT_TARGETS = ("caption", "caption_mean", "both")
 
 
+@LOSSES.register("contrastive_distill")
 class ContrastiveDistillLoss(DistillLoss):
     uses_projection = True
 
@@ -95,8 +96,3 @@ class ContrastiveDistillLoss(DistillLoss):
                 q_logits, q_pos = q_logits.masked_fill(q_same, float("-inf")), torch.zeros_like(q_same)
             logits, positives = torch.cat([logits, q_logits], dim=1), torch.cat([positives, q_pos], dim=1)
         return multi_positive_nce(logits, positives)
-
-
-@LOSSES.register("contrastive_distill")
-def build(dims: Dims, **cfg) -> ContrastiveDistillLoss:
-    return ContrastiveDistillLoss(dims, **cfg)

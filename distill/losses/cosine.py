@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
 
 
+@LOSSES.register("cosine")
 class CosineLoss(DistillLoss):
     uses_projection = True
 
@@ -25,8 +26,3 @@ class CosineLoss(DistillLoss):
             cos = torch.cat([F.cosine_similarity(s_img, t.img_embed.float(), dim=-1),
                              F.cosine_similarity(s_txt, t.txt_embed.float(), dim=-1)])
             return 1 - (cos.mean() + 1) / 2
-
-
-@LOSSES.register("cosine")
-def build(dims: Dims, **cfg) -> CosineLoss:
-    return CosineLoss(dims, **cfg)

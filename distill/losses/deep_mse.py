@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
 
@@ -22,6 +22,7 @@ def _module_key(name: str) -> str:
     return name.replace(".", "__")
 
 
+@LOSSES.register("deep_mse")
 class DeepMSELoss(DistillLoss):
     uses_projection = True
 
@@ -53,8 +54,3 @@ class DeepMSELoss(DistillLoss):
                 pred = F.normalize(self.heads[_module_key(name)](student), dim=-1)
                 terms.append(F.mse_loss(pred, F.normalize(cached[name].float(), dim=-1)))
             return loss + self.intermediate_weight * torch.stack(terms).mean()
-
-
-@LOSSES.register("deep_mse")
-def build(dims: Dims, **cfg) -> DeepMSELoss:
-    return DeepMSELoss(dims, **cfg)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
 
 
+@LOSSES.register("feature_l1")
 class FeatureL1Loss(DistillLoss):
     uses_projection = True
 
@@ -22,8 +23,3 @@ class FeatureL1Loss(DistillLoss):
             img = (s_img - t.img_embed.float()).abs().mean()
             txt = (s_txt - t.txt_embed.float()).abs().mean()
             return (img + txt) / 2
-
-
-@LOSSES.register("feature_l1")
-def build(dims: Dims, **cfg) -> FeatureL1Loss:
-    return FeatureL1Loss(dims, **cfg)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, gather_pairs, same_image
 
 SCHEDULES = ("exponential", "linear")
 
 
+@LOSSES.register("mac")
 class MACLoss(DistillLoss):
     def __init__(self, dims: Dims, tau_intra_start: float = 0.03, tau_intra_end: float = 0.018,
                  decay_until: float = 0.5, tau_inter: float = 0.03, gather: bool = True,
@@ -58,8 +59,3 @@ class MACLoss(DistillLoss):
                 intra = (anchor @ same_modality.T / tau_intra).masked_fill(same, float("-inf"))
                 losses.append(torch.nn.functional.cross_entropy(torch.cat([positive, inter, intra], dim=1), labels))
             return (losses[0] + losses[1]) / 2
-
-
-@LOSSES.register("mac")
-def build(dims: Dims, **cfg) -> MACLoss:
-    return MACLoss(dims, **cfg)

@@ -6,7 +6,7 @@ Each map is a bias-free linear layer ``student_embed -> teacher_embed`` followed
 with ``mode="auto"`` (default) it is the identity when the widths match (the student already lives in a
 space of the teacher's width; ``train.init_projections`` fits the student's own heads into it), with
 ``mode="linear"`` it is always a learned map. ``train.init_projections=N`` starts the linear maps by the
-least-squares fit student embedding -> teacher embedding (:mod:`distill.projection_init`).
+least-squares fit student embedding -> teacher embedding (:mod:`distill.pipeline.train.projection_init`).
 """
 from __future__ import annotations
 

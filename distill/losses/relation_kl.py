@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
 
@@ -51,6 +51,7 @@ def off_diagonal(sim: Tensor) -> Tensor:
     return sim[~torch.eye(b, dtype=torch.bool, device=sim.device)].reshape(b, b - 1)
 
 
+@LOSSES.register("relation_kl")
 class RelationKLLoss(DistillLoss):
     def __init__(self, dims: Dims, temperature: float | None = 0.07, tau_t: float | None = None,
                  tau_s: float | None = None, intra: bool = False, queue: bool = True,
@@ -90,8 +91,3 @@ class RelationKLLoss(DistillLoss):
                           for tt, ss in ((t_img, s_img), (t_txt, s_txt))]
             kl = torch.stack([row_kl(tl / tau_t, sl / tau_s, v) for tl, sl, v in pairs]).mean()
             return kl * tau_s ** 2 if self.tau_squared else kl
-
-
-@LOSSES.register("relation_kl")
-def build(dims: Dims, **cfg) -> RelationKLLoss:
-    return RelationKLLoss(dims, **cfg)

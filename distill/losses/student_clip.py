@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, gather_pairs, multi_positive_nce, positives_and_mask
 
 MAX_SCALE = 100.0
 
 
+@LOSSES.register("student_clip")
 class StudentClipLoss(DistillLoss):
     def __init__(self, dims: Dims, gather: bool = True, multi_positive: bool = True) -> None:
         super().__init__()
@@ -28,8 +29,3 @@ class StudentClipLoss(DistillLoss):
             i2t = positives_and_mask(scale * img @ g.txt.T, ids, g.ids, g.offset, self.multi_positive)
             t2i = positives_and_mask(scale * txt @ g.img.T, ids, g.ids, g.offset, self.multi_positive)
             return (multi_positive_nce(*i2t) + multi_positive_nce(*t2i)) / 2
-
-
-@LOSSES.register("student_clip")
-def build(dims: Dims, **cfg) -> StudentClipLoss:
-    return StudentClipLoss(dims, **cfg)

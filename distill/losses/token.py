@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision
 from distill.losses.pooling import adaptive_avg_pool2d
@@ -64,6 +64,7 @@ def attention_match(student: Tensor, s_mask: Tensor | None, teacher: Tensor, t_m
     return _masked_mean(1 - F.cosine_similarity(attended, teacher, dim=-1), t_mask)
 
 
+@LOSSES.register("token")
 class TokenLoss(DistillLoss):
     def __init__(self, dims: Dims, text_match: str = "auto") -> None:
         super().__init__()
@@ -132,8 +133,3 @@ class TokenLoss(DistillLoss):
         if self.text_match == "position":
             raise ValueError(f"token: text_match='position' but the text tokens cannot be matched by position: {reason}")
         return None
-
-
-@LOSSES.register("token")
-def build(dims: Dims, **cfg) -> TokenLoss:
-    return TokenLoss(dims, **cfg)

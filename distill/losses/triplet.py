@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.losses import LOSSES
+from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, same_image
 
@@ -25,6 +25,7 @@ def hinge_on_mined(s_sim: Tensor, t_sim: Tensor, invalid: Tensor, margin: float)
     return hinge[has_negative]
 
 
+@LOSSES.register("triplet")
 class TripletLoss(DistillLoss):
     def __init__(self, dims: Dims, margin: float = 0.2) -> None:
         super().__init__()
@@ -42,8 +43,3 @@ class TripletLoss(DistillLoss):
             if hinges.numel() == 0:
                 return s_i2t.sum() * 0.0
             return hinges.mean()
-
-
-@LOSSES.register("triplet")
-def build(dims: Dims, **cfg) -> TripletLoss:
-    return TripletLoss(dims, **cfg)

@@ -1,6 +1,6 @@
 """Training data: raw images + captions joined with cached teacher outputs by sample id.
 
-The training set indexes the IMAGES of a :class:`distill.cache.TeacherCache`. For epoch ``e`` sample
+The training set indexes the IMAGES of a :class:`distill.core.cache.reader.TeacherCache`. For epoch ``e`` sample
 ``i`` uses caption ``offsets[i] + c`` and view ``v`` drawn from an RNG seeded by ``(seed, e, i)``, so
 the choice does not depend on the order, the rank or the number of workers. The sampler yields
 ``(image index, epoch)`` pairs; every batch carries ``image_index``/``caption_index``/``view`` and
@@ -17,14 +17,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from distill.cache import CacheMismatchError, TeacherCache
-from distill.mixup import view_image
-from distill.data import ImageTextDataset
-from distill.losses.base import TeacherBatch
-
-
-class DatasetMismatchError(ValueError):
-    """The cache was not built from the given dataset/split."""
+from distill.core.cache.reader import TeacherCache
+from distill.core.errors import CacheMismatchError, DatasetMismatchError
+from distill.core.data.mixup import view_image
+from distill.core.data.dataset import ImageTextDataset
+from distill.core.features import TeacherBatch
 
 
 def check_alignment(dataset: ImageTextDataset, cache: TeacherCache) -> None:
@@ -94,7 +91,8 @@ class DistillTrainSet(Dataset):
 def resolve_pixel_source(mode: str, cache: TeacherCache) -> str:
     """``data.pixels``: ``auto`` reads the cache's pixels when it holds them, ``cache`` requires
     them, ``decode`` always decodes the images with PIL. Returns ``decode``, ``raw`` or ``jpeg``."""
-    from distill.pixels import PIXEL_MODES, PixelCacheError
+    from distill.core.data.pixels import PIXEL_MODES
+    from distill.core.errors import PixelCacheError
 
     if mode not in PIXEL_MODES:
         raise ValueError(f"data.pixels must be one of {'|'.join(PIXEL_MODES)}, not {mode!r}")

@@ -7,7 +7,7 @@ expanded by the ``webdataset`` package) or a folder of ``*.tar`` files (sorted b
 
 The shards are indexed once per load: every tar header is read (not the image bytes), giving each
 sample a stable global index (shard order, then member order within the shard) and the byte range
-of its image inside the tar. The result is an ordinary :class:`~distill.data.ImageTextDataset`
+of its image inside the tar. The result is an ordinary :class:`~distill.core.data.dataset.ImageTextDataset`
 whose ``load_image(i)`` reads those bytes directly, so the teacher cache, the training sampler
 (exact resume, DDP = single process) and evaluation address webdataset samples exactly as they
 address files. ``cache_teacher`` uses the samples per tar as its default ``--shard-size``, so under
@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from distill.config import ConfigError
-from distill.data import BadSample, BadSampleError, ImageTextDataset, check_split
+from distill.core.errors import BadSampleError, ConfigError
+from distill.core.data.dataset import BadSample, ImageTextDataset, check_split
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "json")

@@ -16,9 +16,10 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from distill.cache import DEFAULT_VERIFY, VERIFY_MODES
+from distill.core.cache.reader import DEFAULT_VERIFY, VERIFY_MODES
+from distill.core.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: Losses of ``train.warmup_stage`` when it gives none.
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
@@ -90,10 +91,6 @@ DEFAULTS: dict[str, Any] = {
     "balancer": {"name": "dynamic", "cfg": {}},
     "eval": {"data": None, "split": "val", "every": 0, "batch_size": 64, "images_root": None},
 }
-
-
-class ConfigError(ValueError):
-    """A config file, preset or override is malformed."""
 
 
 def presets() -> list[str]:

@@ -1,5 +1,5 @@
 """Image-caption datasets: CSV/TSV, Karpathy JSON, COCO captions JSON, the Flickr8k layout and
-webdataset ``.tar`` shards (:mod:`distill.wds`).
+webdataset ``.tar`` shards (:mod:`distill.core.data.wds`).
 
 Every loader returns an :class:`ImageTextDataset` whose captions are grouped by image
 (``offsets[i]:offsets[i+1]`` are the captions of image ``i``), which is the layout of the cache and
@@ -20,19 +20,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
-from distill.image_checks import check_png_complete, to_rgb
+from distill.core.data.image_checks import check_png_complete, to_rgb
 
-from distill.config import ConfigError
+from distill.core.errors import BadSampleError, NoSplitsError, SplitError
 
 SPLIT_ALIASES = {"val": {"val", "dev"}, "dev": {"val", "dev"}, "train": {"train", "restval"}, "test": {"test"}}
-
-
-class SplitError(ConfigError):
-    """``--split`` names a split the dataset does not have."""
-
-
-class NoSplitsError(SplitError):
-    """``--split`` was given for a dataset format (file) that has no splits."""
 
 
 def check_split(split: str | None, known: Iterable[str] | None, source: Path | str) -> None:
@@ -54,14 +46,6 @@ def file_split(path: Path) -> list[str] | None:
     words = {w.rstrip("0123456789") for w in re.split(r"[^a-z0-9]+", path.stem.lower())}
     found = [w for w in ("train", "val", "test") if w in words]
     return found if len(found) == 1 else None
-
-
-class BadSampleError(ValueError):
-    """A row of the dataset cannot be used; the message names the file and row (``where``)."""
-
-    def __init__(self, message: str, where: str = "") -> None:
-        super().__init__(message)
-        self.where = where or message.split(": ", 1)[0]
 
 
 @dataclass
@@ -515,7 +499,7 @@ def load_dataset(path: str | Path, split: str | None = None, images_root: str | 
     records them in ``dataset.skipped``; ``"error"`` raises on the first one, naming file and row.
     """
     check = (on_bad_sample == "skip") if check_decode is None else check_decode
-    from distill.wds import is_webdataset, load_webdataset
+    from distill.core.data.wds import is_webdataset, load_webdataset
 
     if is_webdataset(path):
         return load_webdataset(path, split, images_root, on_bad_sample, check)

@@ -1,7 +1,7 @@
 """Schema check of a teacher cache's ``manifest.json``: every field the reader uses, with its type,
 range and cross-field consistency, so that a malformed manifest raises one
-:class:`distill.cache.ManifestError` naming the field instead of an ``IndexError``/``TypeError``/
-``KeyError`` somewhere inside :class:`distill.cache.TeacherCache`.
+:class:`distill.core.cache.reader.ManifestError` naming the field instead of an ``IndexError``/``TypeError``/
+``KeyError`` somewhere inside :class:`distill.core.cache.reader.TeacherCache`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from distill.cache import FORMAT_VERSION, ManifestError, is_image_array
+from distill.core.cache.reader import FORMAT_VERSION, is_image_array
+from distill.core.errors import ManifestError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")

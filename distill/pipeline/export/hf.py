@@ -22,10 +22,7 @@ from torch import Tensor
 
 from students.base import Student
 from students.tokenizers import clip_tokenizer
-
-
-class HFExportError(TypeError):
-    """The student's architecture has no ``CLIPModel`` equivalent."""
+from distill.core.errors import HFExportError
 
 
 def hf_clip_config(student: Student) -> dict[str, Any]:

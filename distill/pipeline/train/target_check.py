@@ -13,15 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.cache import CacheCorruptError, TeacherCache
-from distill.losses.base import TeacherBatch
-from distill.train_data import TrainBatch
+from distill.core.cache.reader import TeacherCache
+from distill.core.errors import NonFiniteTargetError
+from distill.core.features import TeacherBatch
+from distill.pipeline.train.data import TrainBatch
 
 MODES = ("error", "skip")
-
-
-class NonFiniteTargetError(CacheCorruptError):
-    """A cached teacher target (embedding, tokens, intermediate) holds NaN or Inf."""
 
 
 def _bad(x: Tensor | None, n: int) -> Tensor | None:

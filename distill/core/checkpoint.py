@@ -23,23 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from distill.core.errors import CheckpointError, CheckpointCorruptError, RunFolderError
 
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 LATEST = "latest.pt"
 CHECKSUM_KEY = "checksum"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or not a training checkpoint (e.g. contains pickled code)."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint's content does not match its stored checksum (or it cannot be read at all)."""
-
-
-class ResumeMismatchError(CheckpointError):
-    """The checkpoint was written for another student, teacher cache or dataset than the run resumes with."""
 
 
 def _digest(obj: Any, h: "hashlib._Hash") -> None:
@@ -240,10 +229,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 #: What a training run writes into its folder (``--overwrite`` removes exactly these).
 RUN_OUTPUTS = ("checkpoints", "student", "plots", "tb", "train_log.jsonl", "config.yaml")
-
-
-class RunFolderError(CheckpointError):
-    """The output folder already holds a training run and neither ``--resume`` nor ``--overwrite`` was given."""
 
 
 def check_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> list[str]:

@@ -13,14 +13,11 @@ raises typed errors; only the ``__main__`` path turns them into an exit code.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import traceback
 from typing import Any, Callable, Iterable, NoReturn, Sequence
 
-from distill.cache import CacheError
-from distill.checkpoint import CheckpointError
-from distill.config import ConfigError
+from distill.core.errors import CacheError, CheckpointError, ConfigError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
 EXIT_ERROR = 2
@@ -45,17 +42,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
-
-
-def import_plugins(modules: Iterable[str]) -> None:
-    """Import every ``--plugin`` module (they register teachers, students, losses)."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):  # the plugin itself, not one of its imports
-                raise ConfigError(f"--plugin {module}: no such module") from e
-            raise
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.token_storage import dequantize_int8
+from distill.core.cache.encode import dequantize_int8
+from distill.core.errors import CacheError, CacheCorruptError, ManifestError, CacheMismatchError, StaleCacheError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,34 +35,6 @@ _MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "s
 #: Rows at least this large are gathered row by row straight into the batch (one copy).
 ROW_COPY_BYTES = 16384
 _IMAGE_ARRAY_PREFIXES = ("image_", "view_params", "inter_image.")
-
-
-class CacheError(Exception):
-    """Base class of every cache error."""
-
-
-class CacheCorruptError(CacheError):
-    """A cache file is missing, truncated or does not match its recorded checksum."""
-
-
-class ManifestError(CacheCorruptError):
-    """``manifest.json`` is missing, is not valid JSON or lacks required fields."""
-
-
-class CacheMismatchError(CacheError):
-    """The cache was written for a different teacher, dataset or storage settings."""
-
-
-class CacheWriteError(CacheError):
-    """Writing a shard or the manifest failed (e.g. the disk is full)."""
-
-
-class CacheVerifyError(CacheError):
-    """Recomputed teacher outputs disagree with the cached ones."""
-
-
-class StaleCacheError(CacheMismatchError):
-    """Image files changed (size or modification time) after the cache was built."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -114,7 +87,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
-    from distill.manifest_schema import validate_manifest  # imports this module
+    from distill.core.cache.manifest import validate_manifest  # imports this module
 
     validate_manifest(manifest, root, path)
     return manifest
@@ -255,7 +228,7 @@ class TeacherCache:
     def check_images(self, stats_digest: Callable[[int, int], str]) -> None:
         """Raise :class:`StaleCacheError` when the images of a shard changed (size or mtime) since
         the shard was written. ``stats_digest(start, end)`` is the dataset's digest of those images
-        (:meth:`distill.data.ImageTextDataset.stats_digest`); shards written before the digest was
+        (:meth:`distill.core.data.dataset.ImageTextDataset.stats_digest`); shards written before the digest was
         recorded are not checked."""
         stale = [s for s in self._shards if s.get("image_stats") is not None
                  and s["image_stats"] != stats_digest(*s["image_range"])]
@@ -341,12 +314,12 @@ class TeacherCache:
         return int(px["size"]) if px else None
 
     def view_mix(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(partner [B] int64, mix [B, 6] float32) of mixup views (see :mod:`distill.mixup`); -1 and
+        """(partner [B] int64, mix [B, 6] float32) of mixup views (see :mod:`distill.core.data.mixup`); -1 and
         ``NO_MIX`` for plain views and caches without mixup views."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
         if not self._arrays or "view_params_partner" not in self._arrays[0]:
-            from distill.mixup import NO_MIX
+            from distill.core.data.mixup import NO_MIX
 
             return np.full(len(ids), -1, dtype=np.int64), np.tile(NO_MIX, (len(ids), 1))
         got = self._gather(ids, views, self._image_starts, {"partner": "view_params_partner", "mix": "view_params_mix"})

@@ -20,15 +20,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from distill.dist import all_reduce_mean
+from distill.core.dist import all_reduce_mean
 from distill.losses.projection import EmbedProjections
-from distill.pixels import student_pixels
-from distill.train_data import TrainBatch
+from distill.core.data.pixels import student_pixels
+from distill.pipeline.train.data import TrainBatch
 from students.base import Student
-
-
-class ProjectionInitError(ValueError):
-    """The student or the settings do not allow a least-squares projection start."""
+from distill.core.errors import ProjectionInitError
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from distill.augment import IDENTITY, apply_view, sample_view_params
+from distill.core.data.augment import IDENTITY, apply_view, sample_view_params
 
 #: ``view_params_mix`` row of a plain (non-mixup) view: lam 1, identity partner crop.
 NO_MIX = np.concatenate([[1.0], IDENTITY]).astype(np.float32)

@@ -17,13 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from distill.cache import CacheWriteError
+from distill.core.errors import CacheLockedError
 
 LOCK_NAME = "writer.lock"
-
-
-class CacheLockedError(CacheWriteError):
-    """Another process is writing into the same cache folder."""
 
 
 def _pid_alive(pid: int) -> bool:

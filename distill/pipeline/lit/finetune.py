@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from distill.data import ImageTextDataset
-from teachers.common import trim_padding
+from distill.core.data.dataset import ImageTextDataset
+from distill.core.towers import trim_padding
 from teachers.lit import LiTTeacher
-from teachers.train_lit import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
+from distill.pipeline.lit.train import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
 
 CAPTION_MODES = ("one", "all")
 

@@ -22,14 +22,10 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from distill.cache import CacheError
+from distill.core.errors import PixelCacheError
 
 PIXEL_FORMATS = ("raw", "jpeg")
 PIXEL_MODES = ("auto", "cache", "decode")
-
-
-class PixelCacheError(CacheError):
-    """The cache holds no pixels (``data.pixels=cache``) or its pixel arrays are unusable."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ def normalise_pixels(x: Tensor, size: int, mean: Sequence[float], std: Sequence[
 
 
 def student_pixels(batch: Any, student: Any, device: torch.device) -> Tensor:
-    """The student's float input of a :class:`distill.train_data.TrainBatch` already moved to
+    """The student's float input of a :class:`distill.pipeline.train.data.TrainBatch` already moved to
     ``device``: decoded (``float``) pixels pass through; ``raw`` uint8 [B, S, S, 3] crops and
     ``jpeg`` bytes are decoded/normalised on the device."""
     fmt = getattr(batch, "pixel_format", "float")

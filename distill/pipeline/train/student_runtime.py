@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
 
 def _trainable_bn(m: nn.Module) -> bool:

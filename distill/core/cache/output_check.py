@@ -4,7 +4,7 @@ that fp16 cannot hold (``|x| > 65504``), counted per array and shard.
 ``--nonfinite error`` (default) refuses a shard with non-finite outputs, ``report`` stores them and
 records the counts; ``--overflow error`` (default) refuses fp16 overflow, ``fp32``/``bf16`` store
 that array of that shard in float32 / bfloat16 instead (bfloat16 as uint16 bit patterns with
-``"encoding": "bfloat16"`` in the array record; :class:`distill.cache.TeacherCache` decodes both).
+``"encoding": "bfloat16"`` in the array record; :class:`distill.core.cache.reader.TeacherCache` decodes both).
 Earlier shards on disk are never touched by a refusal.
 """
 from __future__ import annotations
@@ -13,19 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from distill.cache import CacheWriteError
+from distill.core.errors import FP16OverflowError, NonFiniteOutputError
 
 FP16_MAX = 65504.0
 NONFINITE_MODES = ("error", "report")
 OVERFLOW_MODES = ("error", "bf16", "fp32")
-
-
-class NonFiniteOutputError(CacheWriteError):
-    """The teacher produced NaN/Inf (``--nonfinite error``)."""
-
-
-class FP16OverflowError(CacheWriteError):
-    """A teacher output does not fit fp16 (``--overflow error``)."""
 
 
 def stored_in_fp16(name: str) -> bool:

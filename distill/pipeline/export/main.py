@@ -1,0 +1,96 @@
+"""Export trained students.
+
+* ``open_clip`` (``vit`` students only): a folder that open_clip loads directly::
+
+      model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out_dir)
+      tokenizer = open_clip.get_tokenizer("local-dir:" + out_dir)
+
+* ``onnx`` (every student): ``image_encoder.onnx`` + ``text_encoder.onnx``, see :mod:`distill.pipeline.export.onnx`;
+* ``hf`` (``vit`` students): a ``transformers.CLIPModel`` folder, see :mod:`distill.pipeline.export.hf`;
+* ``safetensors``: :func:`students.save_student` (reload with :func:`students.load_student`).
+
+CLI: ``python -m students.export --checkpoint CKPT_OR_DIR --out DIR [--format open_clip|onnx|hf|safetensors]``;
+``onnx`` and ``hf`` exports are checked against PyTorch on two random images and two captions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from distill.pipeline.cli import ArgumentParser, cli_main
+from distill.core.registry import load_plugins
+from students.base import Student
+from students.io import load_student, save_student
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def export_open_clip(student: Student, out_dir: str | Path) -> Path:
+    """Write ``open_clip_config.json`` ({"model_cfg", "preprocess_cfg"}) and
+    ``open_clip_model.safetensors`` for a student that is an open_clip model (``vit``)."""
+    clip = getattr(student, "clip", None)
+    if clip is None or not hasattr(student, "open_clip_model_cfg"):
+        raise TypeError(f"the {student.name!r} student is not an open_clip architecture and cannot be "
+                        "exported to open_clip (only 'vit' students can); use --format onnx for deployment, or "
+                        "students.save_student(student, DIR) (--format safetensors) to reload it with load_student")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": student.open_clip_model_cfg(), "preprocess_cfg": student.open_clip_preprocess_cfg()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in clip.state_dict().items()}
+    save_file(weights, str(out / OPEN_CLIP_WEIGHTS))
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(prog="python -m students.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or save_student folder")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--format", choices=("open_clip", "onnx", "hf", "safetensors"), default="open_clip",
+                    help="open_clip: loadable with open_clip 'local-dir:' (vit only); onnx: image + text encoder "
+                         "ONNX files (any student); hf: transformers CLIPModel folder (vit only); "
+                         "safetensors: students.load_student")
+    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="module to import first (e.g. one that registers a teacher); repeatable")
+    args = ap.parse_args(argv)
+    load_plugins(args.plugin)
+    student = load_student(args.checkpoint)
+    try:
+        out, parity = export(student, args.format, args.out)
+    except TypeError as e:  # an architecture the format cannot express (HFExportError is one)
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.format} export of the {student.name!r} student ({student.num_params():,} params) to {out}")
+    if parity:
+        print(f"parity with PyTorch (min cosine): image {parity['image']:.6f}, text {parity['text']:.6f}")
+
+
+def export(student: Student, fmt: str, out_dir: str | Path) -> tuple[Path, dict[str, float]]:
+    """Export in ``fmt``; returns the folder and, for ``onnx``/``hf``, the parity check's worst cosines
+    on two random images and :data:`distill.pipeline.export.onnx.EXAMPLE_CAPTIONS`."""
+    if fmt == "open_clip":
+        return export_open_clip(student, out_dir), {}
+    if fmt == "safetensors":
+        return save_student(student, out_dir), {}
+    import torch
+
+    from distill.pipeline.export.onnx import EXAMPLE_CAPTIONS
+
+    pixels = torch.randn(2, 3, student.image_size, student.image_size, generator=torch.Generator().manual_seed(0))
+    if fmt == "onnx":
+        from distill.pipeline.export.onnx import export_onnx, onnx_parity
+
+        out = export_onnx(student, out_dir)
+        return out, onnx_parity(student, out, pixels, list(EXAMPLE_CAPTIONS))
+    if fmt == "hf":
+        from distill.pipeline.export.hf import export_hf, hf_parity
+
+        out = export_hf(student, out_dir)
+        return out, hf_parity(student, out, pixels, list(EXAMPLE_CAPTIONS))
+    raise ValueError(f"unknown export format {fmt!r}")
+
+
+if __name__ == "__main__":
+    cli_main(main)

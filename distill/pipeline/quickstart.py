@@ -1,0 +1,144 @@
+"""End-to-end quickstart: LiT teacher -> teacher cache -> student distillation -> evaluation.
+
+Runs offline on CPU on the sample bundled in ``examples/sample_flickr8k`` (300 train / 100 test
+Flickr8k images, 5 captions each) or on any Flickr8k-layout folder / dataset given with ``--data``,
+and prints teacher vs student Recall@K, RSUM, parameters and images/s (median of 5 timings).
+
+    python -m distill.quickstart                                   # bundled sample, < 10 min on 2 cores
+    python -m distill.quickstart --data ../shared/data/flickr8k    # full Flickr8k (6K train / 1K test)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from distill.pipeline.cli import ArgumentParser
+from distill.core.profile import count_params, images_per_second
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "sample_flickr8k"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(SAMPLE), help="Flickr8k-layout folder or dataset file (default: bundled sample)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--out", default="runs/quickstart", help="working folder (teacher, cache, student, results)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--student", default="pruned", choices=["pruned", "vit"],
+                   help="pruned: first layers of the teacher's own towers (default); vit: small ViT from scratch")
+    p.add_argument("--steps", type=int, default=60, help="student optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--teacher-image-size", type=int, default=160)
+    p.add_argument("--teacher-epochs", type=int, default=30, help="LiT projection epochs")
+    p.add_argument("--image-layers", type=int, default=None, help="pruned student: teacher image blocks kept (default: half the compute)")
+    p.add_argument("--text-layers", type=int, default=3, help="pruned student: teacher text layers kept")
+    p.add_argument("--trainable-image-blocks", type=int, default=4,
+                   help="pruned student: train only the last N kept image blocks (the rest stay frozen)")
+    p.add_argument("--workers", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def _run_teacher(args: argparse.Namespace, out: Path) -> str:
+    from distill.pipeline.lit import train as train_lit
+
+    folder = out / "teacher"
+    if not (folder / "lit.json").is_file():
+        train_lit.main(["--data", args.data, "--split", args.train_split, "--out", str(folder),
+                        "--epochs", str(args.teacher_epochs), "--image-size", str(args.teacher_image_size),
+                        "--device", args.device, "--workers", str(args.workers)])
+    else:
+        print(f"reusing the LiT teacher trained earlier in {folder} (delete it to retrain)", flush=True)
+    return f"lit:{folder}"
+
+
+def _run_cache(args: argparse.Namespace, teacher: str, out: Path) -> Path:
+    from distill.pipeline import cache_teacher
+
+    cache = out / "cache"
+    cache_teacher.main(["--teacher", teacher, "--data", args.data, "--split", args.train_split, "--out", str(cache),
+                        "--image-tokens", "grid:5", "--device", args.device, "--num-workers", str(args.workers)])
+    return cache
+
+
+def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path) -> Path:
+    from distill.pipeline.train import main as train_student
+
+    run = out / f"student_{args.student}"
+    argv = ["--preset", "cpu", "--cache", str(cache), "--data", args.data, "--split", args.train_split,
+            "--out", str(run), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto"]
+    if args.student == "pruned":
+        from students.pruned import half_compute_layers
+
+        k = args.image_layers or half_compute_layers(teacher)
+        frozen = max(0, k - args.trainable_image_blocks)
+        argv += ["--student", "pruned", "--set", f"student.teacher={teacher}", "--set", f"student.image_layers={k}",
+                 "--set", f"student.frozen_image_layers={frozen}", "--set", "student.freeze_text_embeddings=true",
+                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=5e-4",
+                 "--set", "train.init_projections=512"]
+    train_student.main(argv)
+    return run / "student"
+
+
+def throughput(model: Any, size: int, device: str, repeats: int = 5) -> float:
+    """Median images/s of ``repeats`` timings (each after its own warm-up batch): one timing swings
+    several-fold with what else the machine is doing."""
+    return statistics.median(images_per_second(model, size, iters=2, device=device) for _ in range(repeats))
+
+
+def _row(name: str, model: Any, metrics: dict[str, float], device: str) -> dict[str, Any]:
+    size = int(getattr(model, "image_size", 224))
+    return {"model": name, **{k: metrics[k] for k in metrics if "@" in k or k == "rsum"},
+            "params_M": count_params(model) / 1e6, "images_per_s": throughput(model, size, device)}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
+    head = f"{'model':<10}" + "".join(f"{c:>10}" for c in cols) + f"{'params(M)':>11}{'img/s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<10}" + "".join(f"{r[c]:>10.2f}" for c in cols)
+                     + f"{r['params_M']:>11.2f}{r['images_per_s']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    from distill.core.data.dataset import load_dataset
+    from distill.pipeline.evaluate import evaluate_model
+    from students import load_student
+    from teachers import create_teacher
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/4] LiT teacher (frozen MobileNetV2 + MiniLM, trained projections) on {args.data}", flush=True)
+    teacher_spec = _run_teacher(args, out)
+    print("[2/4] caching teacher outputs", flush=True)
+    cache = _run_cache(args, teacher_spec, out)
+    print(f"[3/4] distilling the {args.student} student for {args.steps} steps", flush=True)
+    student_dir = _run_student(args, teacher_spec, cache, out)
+    print(f"[4/4] evaluating on the {args.test_split} split", flush=True)
+    test = load_dataset(args.data, split=args.test_split)
+    teacher = create_teacher(teacher_spec, device=args.device)
+    student = load_student(student_dir, device=args.device)
+    rows = [_row("teacher", teacher, evaluate_model(teacher, test, batch_size=64, device=args.device), args.device),
+            _row("student", student, evaluate_model(student, test, batch_size=64, device=args.device), args.device)]
+    table = format_table(rows)
+    print(f"\nRetrieval on {test.name} {args.test_split} ({test.num_images} images, {test.num_captions} captions):\n{table}")
+    (out / "quickstart.json").write_text(json.dumps({"data": args.data, "student": args.student, "steps": args.steps,
+                                                     "rows": rows}, indent=2))
+    print(f"\nresults: {out / 'quickstart.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    from distill.pipeline.cli import cli_main
+
+    cli_main(main)
