@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.core.cache.reader import TeacherCache, bytes_per_sample  # noqa: E402
-from distill.core.features import TeacherBatch  # noqa: E402
+from distill.core.cache import TeacherCache, bytes_per_sample  # noqa: E402
+from distill.core.cache.schema import IMAGE, field_array, scale_array  # noqa: E402
+from distill.core.features import TeacherTargets  # noqa: E402
 from distill.pipeline.train.data import fetch_teacher  # noqa: E402
 
 NAME = "cache_loader_speed"
@@ -60,7 +61,7 @@ class FeatureCollate:
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
 
-    def __call__(self, image_index: list[int]) -> TeacherBatch:
+    def __call__(self, image_index: list[int]) -> TeacherTargets:
         ids = np.asarray(image_index, dtype=np.int64)
         return fetch_teacher(self.cache, ids, self.cache.offsets[ids], np.zeros_like(ids), keep_fp16=True)
 
@@ -68,7 +69,9 @@ class FeatureCollate:
 def stored_bytes_per_sample(cache: TeacherCache) -> float:
     """Stored bytes one sample reads: its image arrays (view 0) and one caption's text arrays."""
     b = bytes_per_sample(cache)
-    image = sum(v for k, v in b.items() if k in ("image_embed", "image_tokens", "image_tokens_scale", "image_tokens_index"))
+    tokens = field_array(IMAGE, "tokens")
+    names = (field_array(IMAGE, "embed"), tokens, scale_array(tokens), field_array(IMAGE, "token_index"))
+    image = sum(v for k, v in b.items() if k in names)
     text = sum(v for k, v in b.items() if k.startswith("text_") and k != "text_total")
     return image / cache.num_views + text
 
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         def read_epoch() -> None:
             for b in loader:
-                decoded["bytes"] = b.img_embed.nbytes + b.txt_embed.nbytes + b.img_tokens.nbytes + b.txt_tokens.nbytes
+                decoded["bytes"] = b.image.embed.nbytes + b.text.embed.nbytes + b.image.tokens.nbytes + b.text.tokens.nbytes
 
         def copy_epoch() -> None:
             for i in range(batches):

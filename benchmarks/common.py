@@ -339,7 +339,7 @@ def build_cache(teacher: str, tsv: Path, out: Path, batch_size: int, device: tor
                 extra: Sequence[str] = ()) -> Path:
     """Write a real teacher cache of ``tsv`` with ``python -m distill.cache_teacher`` (in-process,
     its report and progress bar suppressed so that the benchmark prints one line)."""
-    from distill.pipeline.cache_teacher import main as cache_main
+    from distill.pipeline.cache.main import main as cache_main
 
     argv = ["--teacher", teacher, "--data", str(tsv), "--out", str(out), "--batch-size", str(batch_size),
             "--num-workers", "0", "--device", str(device), *[a for m in plugins for a in ("--plugin", m)], *extra]

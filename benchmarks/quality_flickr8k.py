@@ -145,7 +145,7 @@ class Bench:
     def cache(self, name: str = "cache", *extra: str) -> Path:
         """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size
         (``extra``: further ``cache_teacher`` flags of a variant cache, e.g. ``--dtype int8``)."""
-        from distill.pipeline import cache_teacher
+        from distill.pipeline.cache import main as cache_teacher
 
         a, out = self.args, self.work / name
         argv = ["--teacher", self.teacher(), "--data", a.data, "--split", "train", "--out", str(out),

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.core.cache.reader import TeacherCache, bytes_per_sample  # noqa: E402
+from distill.core.cache import TeacherCache, bytes_per_sample  # noqa: E402
 
 NAME = "token_storage_bytes"
 KEYS = ("image_total", "text_total", "per_image_with_captions")

@@ -34,7 +34,7 @@ from distill.pipeline.train import main as ts
 from distill.core.data.augment import apply_view  # noqa: E402
 from distill.pipeline.train.config import resolve_config  # noqa: E402
 from distill.core.dist import DistInfo  # noqa: E402
-from distill.core.features import TeacherBatch  # noqa: E402
+from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures  # noqa: E402
 from distill.pipeline.train.data import DistillTrainSet, TrainBatch  # noqa: E402
 
 NAME = "train_step_speed"
@@ -83,15 +83,14 @@ def collate_online(items: list[dict[str, Any]]) -> dict[str, Any]:
             **{k: torch.tensor([it[k] for it in items]) for k in ("image_index", "caption_index", "view")}}
 
 
-def teacher_outputs(teacher: Any, pixels: torch.Tensor, texts: Sequence[str], device: torch.device) -> TeacherBatch:
+def teacher_outputs(teacher: Any, pixels: torch.Tensor, texts: Sequence[str], device: torch.device) -> TeacherTargets:
     """Teacher features of one batch (the teacher is frozen: no graph)."""
     with torch.no_grad():
         img = teacher.encode_image(pixels.to(device))
         txt = teacher.encode_text({k: v.to(device) for k, v in teacher.tokenize(texts).items()})
-    return TeacherBatch(img_embed=img.embed.float(), txt_embed=txt.embed.float(),
-                        img_tokens=None if img.tokens is None else img.tokens.float(), img_grid=img.grid,
-                        txt_tokens=None if txt.tokens is None else txt.tokens.float(), txt_mask=txt.mask,
-                        intermediates={}, logit_scale=teacher.logit_scale)
+    to_float = lambda x: x.float() if x.is_floating_point() else x  # noqa: E731
+    return TeacherTargets(ImageFeatures(img.embed, img.tokens, img.grid).map(to_float),
+                          TextFeatures(txt.embed, txt.tokens, txt.mask).map(to_float), teacher.logit_scale)
 
 
 def online_batches(run: ts.Run, teacher: Any, device: torch.device) -> Iterator[tuple[int, int, TrainBatch]]:

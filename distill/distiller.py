@@ -15,7 +15,7 @@ the gradient of that global loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from distill.balance.base import Balancer
-from distill.core.features import ImageFeatures, TeacherBatch, TextFeatures
+from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 from distill.core.registry import create_balancer, create_loss
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.projection import EmbedProjections
@@ -73,11 +73,8 @@ def gather_text(f: TextFeatures) -> TextFeatures:
                         {k: gather(v, True) for k, v in f.intermediates.items()})
 
 
-def gather_teacher(t: TeacherBatch) -> TeacherBatch:
-    return replace(t, img_embed=gather(t.img_embed, False), txt_embed=gather(t.txt_embed, False),
-                   img_tokens=gather(t.img_tokens, False), txt_tokens=gather(t.txt_tokens, False),
-                   txt_mask=gather(t.txt_mask, False), txt_embed_mean=gather(t.txt_embed_mean, False),
-                   intermediates={k: gather(v, False) for k, v in (t.intermediates or {}).items()})
+def gather_teacher(t: TeacherTargets) -> TeacherTargets:
+    return t.map(lambda x: gather(x, False))
 
 
 @dataclass
@@ -122,7 +119,7 @@ class Distiller(nn.Module):
         """1 during the warm-up stage, else 2."""
         return 1 if step < self.warmup_steps else 2
 
-    def forward(self, pixels: Tensor, text: dict[str, Tensor], teacher: TeacherBatch, image_ids: Tensor,
+    def forward(self, pixels: Tensor, text: dict[str, Tensor], teacher: TeacherTargets, image_ids: Tensor,
                 step: int = 0, total_steps: int = 1) -> StepOutput:
         s_img = self.student.encode_image(pixels)
         s_txt = self.student.encode_text(text)
@@ -137,7 +134,7 @@ class Distiller(nn.Module):
         total, weights = balancer(losses, self.student.shared_parameters())
         if self.queue is not None and self.training:
             t = batch.teacher
-            self.queue.push(t.img_embed, t.txt_embed, batch.image_ids)
+            self.queue.push(t.image.embed, t.text.embed, batch.image_ids)
         return StepOutput(total, losses, weights)
 
     def commit_queues(self) -> None:

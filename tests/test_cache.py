@@ -13,7 +13,9 @@ import torch
 import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.data.augment import IDENTITY, apply_view
 from distill.core.cache.reader import TeacherCache, bytes_per_sample
-from distill.pipeline.cache_teacher import CacheSettings, image_view_params, main
+from distill.pipeline.cache.main import main
+from distill.pipeline.cache.settings import CacheSettings
+from distill.pipeline.cache.views import image_view_params
 from distill.core.data.dataset import load_dataset
 from tests.conftest import REPO
 
@@ -40,6 +42,11 @@ def teacher_texts(teacher, captions):
         return teacher.encode_text(teacher.tokenize(captions), layers=[2])
 
 
+def feature_tensors(f) -> dict[str, torch.Tensor]:
+    """Every tensor of image/text features by field (intermediates by layer name)."""
+    return {**{k: v for k, v in vars(f).items() if isinstance(v, torch.Tensor)}, **f.intermediates}
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -55,18 +62,18 @@ def test_round_trip_full_fp16(tiny_tsv, tmp_path, toy_teacher):
     ids = np.array([11, 0, 5, 4, 7])  # spans all three shards, unsorted
     got = cache.images(ids)
     ref = teacher_images(toy_teacher, ds, ids)
-    assert got["embed"].dtype == torch.float32 and got["embed"].shape == (5, 16)
-    torch.testing.assert_close(got["embed"], ref.embed, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(got["tokens"], ref.tokens, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(got["inter.image.1"], ref.intermediates["image.1"], atol=2e-3, rtol=2e-3)
+    assert got.embed.dtype == torch.float32 and got.embed.shape == (5, 16)
+    torch.testing.assert_close(got.embed, ref.embed, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.tokens, ref.tokens, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.intermediates["image.1"], ref.intermediates["image.1"], atol=2e-3, rtol=2e-3)
 
     caps = np.array([23, 0, 9, 10])
     t = cache.texts(caps)
     tref = teacher_texts(toy_teacher, [ds.captions[c] for c in caps])
-    torch.testing.assert_close(t["embed"], tref.embed, atol=2e-3, rtol=2e-3)
-    assert t["mask"].dtype == torch.bool and torch.equal(t["mask"], tref.mask)
-    torch.testing.assert_close(t["tokens"], tref.tokens, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(t["inter.text.2"], tref.intermediates["text.2"], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(t.embed, tref.embed, atol=2e-3, rtol=2e-3)
+    assert t.mask.dtype == torch.bool and torch.equal(t.mask, tref.mask)
+    torch.testing.assert_close(t.tokens, tref.tokens, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(t.intermediates["text.2"], tref.intermediates["text.2"], atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(cache.view_params([3, 4]), torch.tensor(np.stack([IDENTITY] * 2)))
 
     bps = bytes_per_sample(cache)
@@ -91,7 +98,7 @@ def test_multi_caption_offsets(tmp_path, toy_teacher):
     np.testing.assert_array_equal(cache.caption_image, np.repeat(np.arange(7), [1, 4, 1, 1, 1, 2, 1]))
     caps = np.arange(cache.offsets[5], cache.offsets[6])  # image 5 is in the second shard
     ref = teacher_texts(toy_teacher, ds.captions_of(5))
-    torch.testing.assert_close(cache.texts(caps)["embed"], ref.embed, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cache.texts(caps).embed, ref.embed, atol=2e-3, rtol=2e-3)
     assert ds.captions_of(5)[1] == "another for five"
 
 
@@ -101,8 +108,8 @@ def test_grid_pooling(tiny_tsv, tmp_path, toy_teacher):
     ref = teacher_images(toy_teacher, ds, [2, 9]).tokens  # [2, 16, 24] on a 4x4 grid
     pooled = ref.reshape(2, 2, 2, 2, 2, 24).mean(dim=(2, 4)).reshape(2, 4, 24)  # 2x2 blocks of the 4x4 grid
     got = cache.images([2, 9])
-    torch.testing.assert_close(got["tokens"], pooled, atol=2e-3, rtol=2e-3)
-    assert cache.image_grid == (2, 2) and "tokens" not in cache.texts([0])
+    torch.testing.assert_close(got.tokens, pooled, atol=2e-3, rtol=2e-3)
+    assert cache.image_grid == (2, 2) and cache.texts([0]).tokens is None
 
 
 def test_topk_storage(tiny_tsv, tmp_path, toy_teacher):
@@ -110,21 +117,21 @@ def test_topk_storage(tiny_tsv, tmp_path, toy_teacher):
     ds = load_dataset(tiny_tsv)
     ref = teacher_images(toy_teacher, ds, [1, 6]).tokens
     got = cache.images([1, 6])
-    idx = got["tokens_index"]
+    idx = got.token_index
     assert idx.dtype == torch.int64 and idx.shape == (2, 5)
     assert torch.all(idx[:, 1:] > idx[:, :-1])  # kept in original order
     expected = torch.sort(torch.topk(ref.norm(dim=-1), 5, dim=1).indices, dim=1).values
     assert torch.equal(idx, expected)
-    torch.testing.assert_close(got["tokens"], torch.gather(ref, 1, idx[..., None].expand(-1, -1, 24)), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.tokens, torch.gather(ref, 1, idx[..., None].expand(-1, -1, 24)), atol=2e-3, rtol=2e-3)
     assert cache.image_grid is None
 
     # text: 20 > context 16, so all 16 real-or-padding positions are kept, padding ranked last
     tref = teacher_texts(toy_teacher, [ds.captions[3]])
     t = cache.texts([3])
     n_real = int(tref.mask.sum())
-    assert t["tokens"].shape == (1, 20, 20) and int(t["mask"].sum()) == n_real
-    assert torch.equal(t["tokens_index"][0, :n_real], torch.arange(n_real))
-    torch.testing.assert_close(t["tokens"][0, :n_real], tref.tokens[0, :n_real], atol=2e-3, rtol=2e-3)
+    assert t.tokens.shape == (1, 20, 20) and int(t.mask.sum()) == n_real
+    assert torch.equal(t.token_index[0, :n_real], torch.arange(n_real))
+    torch.testing.assert_close(t.tokens[0, :n_real], tref.tokens[0, :n_real], atol=2e-3, rtol=2e-3)
 
 
 def test_int8_storage(tiny_tsv, tmp_path, toy_teacher):
@@ -135,7 +142,7 @@ def test_int8_storage(tiny_tsv, tmp_path, toy_teacher):
     assert np.load(shard / "image_tokens_scale.npy").dtype == np.float32
     assert np.load(shard / "text_tokens.npy").dtype == np.int8
     ref = teacher_images(toy_teacher, ds, [0, 7]).tokens
-    got = cache.images([0, 7])["tokens"]
+    got = cache.images([0, 7]).tokens
     step = ref.abs().amax(dim=-1, keepdim=True) / 127
     assert torch.all((got - ref).abs() <= step / 2 + 1e-6)
     assert got.abs().amax(dim=-1).sub(ref.abs().amax(dim=-1)).abs().max() < 1e-5  # absmax is exact
@@ -151,9 +158,9 @@ def test_views_reproducible(tiny_tsv, tmp_path, toy_teacher):
     settings = CacheSettings(views=3, view_seed=7)
     np.testing.assert_array_equal(params, np.stack([image_view_params(i, settings)[2] for i in ids]))
     ref = teacher_images(toy_teacher, ds, ids, params)
-    torch.testing.assert_close(cache.images(ids, view=2)["embed"], ref.embed, atol=2e-3, rtol=2e-3)
-    per_sample = cache.images(ids, view=[0, 2, 1])["embed"]  # one view per sample
-    torch.testing.assert_close(per_sample[1], cache.images([8], 2)["embed"][0])
+    torch.testing.assert_close(cache.images(ids, view=2).embed, ref.embed, atol=2e-3, rtol=2e-3)
+    per_sample = cache.images(ids, view=[0, 2, 1]).embed  # one view per sample
+    torch.testing.assert_close(per_sample[1], cache.images([8], 2).embed[0])
     # view parameters do not depend on the shard layout
     other = build(tiny_tsv, tmp_path / "c2", "--views", "3", "--view-seed", "7", "--image-tokens", "none", "--shard-size", "4")
     torch.testing.assert_close(other.view_params(ids, 1), cache.view_params(ids, 1))
@@ -205,9 +212,9 @@ def test_row_copy_and_batched_gathers_agree(tiny_tsv, tmp_path, monkeypatch):
             monkeypatch.setattr(cache_mod, "ROW_COPY_BYTES", row_bytes)
             got[row_bytes] = [cache.images(ids, view=views), cache.texts(caps), cache.images(ids, view=views, keep_fp16=True),
                               cache.texts(caps, keep_fp16=True)]
-        for batched, rowwise in zip(*got.values()):
+        for batched, rowwise in zip(*(map(feature_tensors, v) for v in got.values())):
             assert batched.keys() == rowwise.keys()
             for k in batched:
                 assert batched[k].dtype == rowwise[k].dtype and torch.equal(batched[k], rowwise[k]), k
-        first = got[0][0]["tokens"][1]  # image 0, view 0 read alone
-        assert torch.equal(first, cache.images([0], view=0)["tokens"][0])
+        first = got[0][0].tokens[1]  # image 0, view 0 read alone
+        assert torch.equal(first, cache.images([0], view=0).tokens[0])

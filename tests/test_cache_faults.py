@@ -18,7 +18,8 @@ import pytest
 
 from distill.core.cache.reader import TeacherCache
 from distill.core.errors import BadSampleError, CacheCorruptError, CacheMismatchError, CacheVerifyError, CacheWriteError, ManifestError
-from distill.pipeline.cache_teacher import main, verify_cache
+from distill.pipeline.cache.main import main
+from distill.pipeline.cache.teacher import verify_cache
 from distill.core.data.dataset import load_dataset
 from teachers import TEACHERS, create_teacher
 from tests.conftest import REPO, make_tiny_dataset
@@ -243,7 +244,7 @@ def test_nonfinite_report_stores_counts_and_verify_fails_on_nan(tiny_tsv, tmp_pa
 def torch_isnan_rows(cache):
     import torch
 
-    return torch.nonzero(torch.isnan(cache.images(range(cache.num_images))["embed"]).any(1)).flatten().tolist()
+    return torch.nonzero(torch.isnan(cache.images(range(cache.num_images)).embed).any(1)).flatten().tolist()
 
 
 def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
@@ -269,7 +270,7 @@ def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
         assert rec.get("encoding") == (None if mode == "fp32" else "bfloat16")
         assert cache.manifest["shards"][0]["arrays"]["image_embed"]["dtype"] == "float16"  # only the overflowing array
         for keep in (False, True):
-            got = cache.images([0, 6, 11], keep_fp16=keep)["tokens"]
+            got = cache.images([0, 6, 11], keep_fp16=keep).tokens
             assert got.dtype == torch.float32 and torch.isfinite(got).all()
             if tol == 0:
                 torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)  # the toy's float32 output, exactly

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.pipeline import cache_teacher
+from distill.pipeline.cache import main as cache_teacher
 from distill.pipeline import evaluate
 from distill.pipeline import quickstart
 from distill.pipeline.train import main as ts

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.pipeline import cache_teacher
+from distill.pipeline.cache import main as cache_teacher
 from distill.pipeline import evaluate
 from distill.pipeline.train import main as ts
 from distill.pipeline.cli import run_cli

@@ -12,7 +12,7 @@ from torchvision import transforms as T
 
 import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.cache.reader import TeacherCache
-from distill.pipeline.cache_teacher import main as cache_main
+from distill.pipeline.cache.main import main as cache_main
 from distill.core.errors import ConfigError
 from distill.core.data.dataset import load_dataset
 from teachers import TEACHERS, create_teacher
@@ -139,14 +139,14 @@ def test_cache_teacher_with_ensemble(tiny_tsv, tmp_path):
     tf = ens.image_transform()
     ref = ens.encode_image(torch.stack([tf(ds.load_image(i)) for i in ids]), layers=[1])
     got = cache.images(ids)
-    assert got["embed"].shape == (3, 24) and got["tokens"].shape == (3, 16, 24)
-    torch.testing.assert_close(got["embed"], ref.embed, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(got["inter.image.1"], ref.intermediates["image.1"], atol=2e-3, rtol=2e-3)
+    assert got.embed.shape == (3, 24) and got.tokens.shape == (3, 16, 24)
+    torch.testing.assert_close(got.embed, ref.embed, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.intermediates["image.1"], ref.intermediates["image.1"], atol=2e-3, rtol=2e-3)
     caps = np.array([0, 5, 23])
     t = cache.texts(caps)
     tref = ens.encode_text(ens.tokenize([ds.captions[c] for c in caps]))
-    torch.testing.assert_close(t["embed"], tref.embed, atol=2e-3, rtol=2e-3)
-    assert torch.equal(t["mask"], tref.mask)
+    torch.testing.assert_close(t.embed, tref.embed, atol=2e-3, rtol=2e-3)
+    assert torch.equal(t.mask, tref.mask)
 
 
 @pytest.mark.slow

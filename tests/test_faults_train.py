@@ -271,20 +271,21 @@ def test_stray_tmp_checkpoint_files_are_cleaned_at_start(tiny, tmp_path):  # noq
 BAD_IMAGES = (1, 5)
 
 
-def _poisoned(real, field: str = "img_embed"):
-    """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``img_embed``) or +Inf (``txt_tokens``),
+def _poisoned(real, field: str = "image.embed"):
+    """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``image.embed``) or +Inf (``text.tokens``),
     as a cache written with NaN/overflowing teacher outputs would deliver them."""
 
     def poisoned(cache, image_index, *args, **kwargs):
         t = real(cache, image_index, *args, **kwargs)
         rows = torch.from_numpy(np.isin(image_index, BAD_IMAGES))
-        getattr(t, field)[rows] = float("nan") if field == "img_embed" else float("inf")
+        tower, name = field.split(".")
+        getattr(getattr(t, tower), name)[rows] = float("nan") if field == "image.embed" else float("inf")
         return t
 
     return poisoned
 
 
-def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "img_embed") -> None:
+def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "image.embed") -> None:
     import distill.pipeline.train.data as td
 
     monkeypatch.setattr(td, "fetch_teacher", _poisoned(td.fetch_teacher, field))
@@ -296,7 +297,7 @@ if os.environ.get("MMDISTILL_TEST_POISON"):  # a torchrun child importing this m
     _td.fetch_teacher = _poisoned(_td.fetch_teacher)
 
 
-@pytest.mark.parametrize("field,array", [("img_embed", "image_embed"), ("txt_tokens", "text_tokens")])
+@pytest.mark.parametrize("field,array", [("image.embed", "image_embed"), ("text.tokens", "text_tokens")])
 def test_nonfinite_teacher_target_stops_training_naming_cache_shard_and_sample(tiny, tmp_path, monkeypatch,  # noqa: F811
                                                                                field, array):
     tsv, cache = tiny
@@ -416,7 +417,7 @@ def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  
 
 
 def test_skip_drops_exactly_the_nonfinite_rows_of_every_field_jpeg_pixels_included():
-    from distill.core.features import TeacherBatch
+    from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
     from distill.pipeline.train.target_check import screen_batch
     from distill.pipeline.train.data import TrainBatch
 
@@ -426,13 +427,12 @@ def test_skip_drops_exactly_the_nonfinite_rows_of_every_field_jpeg_pixels_includ
     tokens = torch.zeros(n, 2, 3)
     tokens[2, 1, 0] = float("inf")  # row 2: an overflowed token
     img[0, 1] = float("nan")  # row 0: a NaN embedding
-    teacher = TeacherBatch(img_embed=img, txt_embed=torch.ones(n, 3), img_tokens=tokens, img_grid=None,
-                           txt_tokens=None, txt_mask=None, intermediates={}, logit_scale=1.0)
+    teacher = TeacherTargets(ImageFeatures(img, tokens), TextFeatures(torch.ones(n, 3)), logit_scale=1.0)
     batch = TrainBatch(torch.cat(parts), [f"t{k}" for k in range(n)], torch.arange(n), torch.arange(n) * 2,
                        torch.zeros(n, dtype=torch.long), teacher, "jpeg", torch.tensor([len(p) for p in parts]))
     kept, dropped = screen_batch(batch, cache=None, mode="skip")
     assert dropped == 2 and kept.texts == ["t1", "t3"] and kept.image_index.tolist() == [1, 3]
-    assert kept.caption_index.tolist() == [2, 6] and torch.equal(kept.teacher.img_embed, img[[1, 3]])
+    assert kept.caption_index.tolist() == [2, 6] and torch.equal(kept.teacher.image.embed, img[[1, 3]])
     assert kept.pixel_lengths.tolist() == [3, 5] and torch.equal(kept.pixels, torch.cat([parts[1], parts[3]]))
     same, none = screen_batch(kept, cache=None, mode="error")
     assert same is kept and none == 0

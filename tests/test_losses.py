@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distill.core.features import ImageFeatures, TextFeatures
-from distill.core.features import TeacherBatch
+from distill.core.features import TeacherTargets
 from distill.losses import LOSSES, DistillBatch, Dims, create_loss
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
@@ -36,12 +36,14 @@ def dims(ds: int = 2, dt: int = 2, si: int = 3, st: int = 3, ti: int = 3, tt: in
 
 def make_batch(s_img, s_txt, t_img, t_txt, ids=None, *, scale: float = 100.0, student_log_scale: float = 0.0,
                step: int = 0, total: int = 1, s_img_feats: dict | None = None, s_txt_feats: dict | None = None,
-               **teacher) -> DistillBatch:
+               t_img_feats: dict | None = None, t_txt_feats: dict | None = None,
+               text_embed_mean: torch.Tensor | None = None) -> DistillBatch:
     ids = torch.arange(len(s_img)) if ids is None else torch.tensor(ids)
     return DistillBatch(
         s_img=ImageFeatures(t(s_img), **(s_img_feats or {})),
         s_txt=TextFeatures(t(s_txt), **(s_txt_feats or {})),
-        teacher=TeacherBatch(t(t_img), t(t_txt), logit_scale=scale, **teacher),
+        teacher=TeacherTargets(ImageFeatures(t(t_img), **(t_img_feats or {})), TextFeatures(t(t_txt), **(t_txt_feats or {})),
+                               logit_scale=scale, text_embed_mean=text_embed_mean),
         student_logit_scale=torch.tensor(student_log_scale),
         image_ids=ids, step=step, total_steps=total)
 
@@ -109,10 +111,10 @@ def test_deep_mse_final_and_intermediate():
         loss.heads["image__3"].weight.copy_(t(w))
     inter = RNG.normal(size=(3, 3)) * 5
     expected = base + 0.5 * ((unit(s_img @ w.T) - unit(inter)) ** 2).mean()
-    got = loss(make_batch(s_img, s_txt, t_img, t_txt, intermediates={"image.3": t(inter)}))
+    got = loss(make_batch(s_img, s_txt, t_img, t_txt, t_img_feats={"intermediates": {"image.3": t(inter)}}))
     assert got.item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(KeyError, match="image.3"):
-        loss(make_batch(s_img, s_txt, t_img, t_txt, intermediates={"image.5": t(inter)}))
+        loss(make_batch(s_img, s_txt, t_img, t_txt, t_img_feats={"intermediates": {"image.5": t(inter)}}))
 
 
 # ---------------------------------------------------------------- contrastive distillation + queue
@@ -124,7 +126,7 @@ def queued(b: DistillBatch, queue: TeacherQueue) -> DistillBatch:
 def step_and_commit(loss, b: DistillBatch, queue: TeacherQueue) -> torch.Tensor:
     """One training step's queue protocol: forward on the queue, push, (backward), commit."""
     out = loss(queued(b, queue))
-    queue.push(b.teacher.img_embed, b.teacher.txt_embed, b.image_ids)
+    queue.push(b.teacher.image.embed, b.teacher.text.embed, b.image_ids)
     queue.commit()
     return out
 
@@ -177,7 +179,7 @@ def test_contrastive_distill_all_terms_and_in_batch_false_negatives():
 def test_contrastive_distill_text_targets():
     tau = 0.1
     s_img, s_txt, t_img, t_cap, t_mean = (rand_unit(3, 2) for _ in range(5))
-    b = make_batch(s_img, s_txt, t_img, t_cap, txt_embed_mean=t(t_mean))
+    b = make_batch(s_img, s_txt, t_img, t_cap, text_embed_mean=t(t_mean))
 
     def ce(a, tgt):
         return np_ce(a @ tgt.T / tau, np.arange(3))
@@ -249,7 +251,7 @@ def test_queue_forward_reads_buffers_and_backward_works_after_the_step():
     b = queued(make_batch(rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2), rand_unit(2, 2)), queue)
     b.s_img.embed = s_img
     out = loss(b)
-    queue.push(b.teacher.img_embed, b.teacher.txt_embed, b.image_ids)
+    queue.push(b.teacher.image.embed, b.teacher.text.embed, b.image_ids)
     out.backward()
     queue.commit()
     assert torch.isfinite(s_img.grad).all() and queue.ids.tolist() == [5, 6, 0, 1]
@@ -435,9 +437,9 @@ def token_batch(s_tokens=None, t_tokens=None, s_grid=None, t_grid=None, s_txt=No
                       s_img_feats={"tokens": None if s_tokens is None else t(s_tokens), "grid": s_grid},
                       s_txt_feats={"tokens": None if s_txt is None else t(s_txt),
                                    "mask": None if s_mask is None else torch.tensor(s_mask)},
-                      img_tokens=None if t_tokens is None else t(t_tokens), img_grid=t_grid,
-                      txt_tokens=None if t_txt is None else t(t_txt),
-                      txt_mask=None if t_mask is None else torch.tensor(t_mask))
+                      t_img_feats={"tokens": None if t_tokens is None else t(t_tokens), "grid": t_grid},
+                      t_txt_feats={"tokens": None if t_txt is None else t(t_txt),
+                                   "mask": None if t_mask is None else torch.tensor(t_mask)})
 
 
 def identity_token_loss(c: int = 3, **cfg):
@@ -563,7 +565,7 @@ def _two_queue_steps(loss, b1: DistillBatch, b2: DistillBatch, queue: TeacherQue
     from distill.losses.common import gather_pairs
 
     loss(queued(b1, queue))
-    g = gather_pairs(b1.teacher.img_embed, b1.teacher.txt_embed, b1.image_ids, True)
+    g = gather_pairs(b1.teacher.image.embed, b1.teacher.text.embed, b1.image_ids, True)
     queue.push(g.img, g.txt, g.ids)
     queue.commit()
     return loss(queued(b2, queue)).item()
@@ -624,8 +626,9 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
     b = make_batch(rand_unit(4, 4), rand_unit(4, 4), rand_unit(4, 6), rand_unit(4, 6), ids=[0, 0, 1, 2],
                    s_img_feats={"tokens": t(RNG.normal(size=(4, 9, 5))).bfloat16(), "grid": (3, 3)},
                    s_txt_feats={"tokens": t(RNG.normal(size=(4, 5, 3))), "mask": torch.arange(5) < torch.tensor([[5], [3], [2], [4]])},
-                   img_tokens=t(RNG.normal(size=(4, 4, 7))), img_grid=(2, 2),
-                   txt_tokens=t(RNG.normal(size=(4, 6, 2))), txt_mask=torch.arange(6) < torch.tensor([[6], [2], [3], [4]]))
+                   t_img_feats={"tokens": t(RNG.normal(size=(4, 4, 7))), "grid": (2, 2)},
+                   t_txt_feats={"tokens": t(RNG.normal(size=(4, 6, 2))),
+                                "mask": torch.arange(6) < torch.tensor([[6], [2], [3], [4]])})
     b.s_img.embed = s_img
     queue = TeacherQueue(5, 6)
     queue.push(t(rand_unit(3, 6)), t(rand_unit(3, 6)), torch.tensor([0, 7, 8]))
@@ -650,13 +653,13 @@ def test_loader_serves_the_caption_mean_of_all_captions(tiny):
     caption = cache.offsets[images] + 1
     teacher = fetch_teacher(cache, images, caption, np.zeros_like(images), keep_fp16=True)
     for row, i in enumerate(images):
-        caps = cache.texts(np.arange(cache.offsets[i], cache.offsets[i + 1]))["embed"]
+        caps = cache.texts(np.arange(cache.offsets[i], cache.offsets[i + 1])).embed
         assert len(caps) == 2
         expected = torch.nn.functional.normalize(caps.mean(0), dim=0)
-        torch.testing.assert_close(teacher.txt_embed_mean[row], expected, rtol=1e-5, atol=1e-6)
-    assert teacher.txt_embed_mean.dtype == torch.float32
+        torch.testing.assert_close(teacher.text_embed_mean[row], expected, rtol=1e-5, atol=1e-6)
+    assert teacher.text_embed_mean.dtype == torch.float32
     # the sampled caption's own embedding differs from the mean
-    assert not torch.allclose(teacher.txt_embed_mean, teacher.txt_embed.float())
+    assert not torch.allclose(teacher.text_embed_mean, teacher.text.embed.float())
 
 
 # ---------------------------------------------------------------- the distiller's shared projections and queue
@@ -676,7 +679,7 @@ def test_distiller_owns_one_projection_per_modality_and_one_queue():
     assert not any(n.startswith("queue.") for n in distiller.rollback_buffers())
     pixels = torch.randn(3, 3, 32, 32)
     text = student.tokenize(["a dog", "a cat", "the sea"])
-    teacher = TeacherBatch(t(rand_unit(3, 24)), t(rand_unit(3, 24)))
+    teacher = TeacherTargets(ImageFeatures(t(rand_unit(3, 24))), TextFeatures(t(rand_unit(3, 24))))
     out = distiller(pixels, text, teacher, torch.tensor([0, 1, 2]))
     assert distiller.queue.pending_rows() == 3 and int(distiller.queue.filled) == 0  # written only at commit
     out.total.backward()

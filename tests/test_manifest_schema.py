@@ -11,7 +11,7 @@ import pytest
 import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.cache.reader import TeacherCache
 from distill.core.errors import ManifestError
-from distill.pipeline.cache_teacher import main
+from distill.pipeline.cache.main import main
 from tests.conftest import make_tiny_dataset
 from tests.test_cache import BASE
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.pipeline.train import main as ts
-from distill.core.features import TeacherBatch
+from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 from distill.losses.projection import EmbedProjections
 from distill.pipeline.train.projection_init import init_projections
 from distill.core.errors import ProjectionInitError
@@ -36,7 +36,8 @@ def _batches(student, maps: dict[str, torch.Tensor], n: int = 4, size: int = 8) 
             img = heads["image"][0](pixels) @ maps["image"]
             txt = heads["text"][0](student.tokenize(texts)) @ maps["text"]
         idx = torch.arange(b * size, (b + 1) * size)
-        out.append(TrainBatch(pixels, texts, idx, idx, torch.zeros(size, dtype=torch.long), TeacherBatch(img, txt)))
+        out.append(TrainBatch(pixels, texts, idx, idx, torch.zeros(size, dtype=torch.long),
+                              TeacherTargets(ImageFeatures(img), TextFeatures(txt))))
     return out
 
 
@@ -62,8 +63,8 @@ def test_fit_recovers_an_exact_linear_teacher(kind):
     with torch.no_grad():
         emb = student.encode_image(b.pixels).embed
         txt = student.encode_text(student.tokenize(b.texts)).embed
-    assert F.cosine_similarity(emb, b.teacher.img_embed, dim=-1).min() > 0.99
-    assert F.cosine_similarity(txt, b.teacher.txt_embed, dim=-1).min() > 0.99
+    assert F.cosine_similarity(emb, b.teacher.image.embed, dim=-1).min() > 0.99
+    assert F.cosine_similarity(txt, b.teacher.text.embed, dim=-1).min() > 0.99
     assert student.training  # training mode restored
 
 
@@ -112,9 +113,9 @@ def _fit_cos(student, proj, batches) -> float:
     cos = []
     with torch.no_grad():
         for b in batches:
-            cos.append(F.cosine_similarity(proj.image(student.encode_image(b.pixels).embed), b.teacher.img_embed, dim=-1))
+            cos.append(F.cosine_similarity(proj.image(student.encode_image(b.pixels).embed), b.teacher.image.embed, dim=-1))
             cos.append(F.cosine_similarity(proj.text(student.encode_text(student.tokenize(b.texts)).embed),
-                                           b.teacher.txt_embed, dim=-1))
+                                           b.teacher.text.embed, dim=-1))
     return float(torch.cat(cos).mean())
 
 

@@ -16,7 +16,7 @@ from distill.pipeline.train.config import resolve_config
 from distill.core.errors import ConfigError
 from distill.core.dist import init_distributed
 from distill.core.features import ImageFeatures, TextFeatures
-from distill.core.features import TeacherBatch
+from distill.core.features import TeacherTargets
 from distill.losses import DistillBatch, Dims, create_loss
 from distill.losses.coma_reconstruct import reconstruction_error
 from distill.losses.mac import MACLoss
@@ -46,8 +46,8 @@ def test_puma_preset_and_config_file_agree():
 def test_deep_mse_is_mse_to_the_cached_final_embeddings():
     g = torch.Generator().manual_seed(0)
     s_img, s_txt, t_img, t_txt = (F.normalize(torch.randn(3, 4, generator=g), dim=-1) for _ in range(4))
-    batch = DistillBatch(ImageFeatures(s_img), TextFeatures(s_txt), TeacherBatch(t_img, t_txt),
-                         torch.tensor(0.0), torch.arange(3))
+    batch = DistillBatch(ImageFeatures(s_img), TextFeatures(s_txt),
+                         TeacherTargets(ImageFeatures(t_img), TextFeatures(t_txt)), torch.tensor(0.0), torch.arange(3))
     loss = create_loss("deep_mse", Dims(4, 4, 2, 2, 2, 2))  # equal widths: no projection
     expected = (((s_img - t_img) ** 2).mean() + ((s_txt - t_txt) ** 2).mean()) / 2
     torch.testing.assert_close(loss(batch), expected)
@@ -55,7 +55,7 @@ def test_deep_mse_is_mse_to_the_cached_final_embeddings():
 
 def test_tiny_puma_run(tmp_path, monkeypatch, capsys):
     """A 2-layer open_clip teacher: cache it, prune it to 1 layer per tower, train 5 PUMA steps."""
-    from distill.pipeline.cache_teacher import main as cache_main
+    from distill.pipeline.cache.main import main as cache_main
     from tests.conftest import make_tiny_dataset, tiny_openclip_spec
 
     spec = tiny_openclip_spec(tmp_path)
@@ -107,7 +107,7 @@ def _coma_batch(s_img: torch.Tensor, s_txt: torch.Tensor, s_mask: torch.Tensor, 
                 t_txt: torch.Tensor, t_mask: torch.Tensor) -> DistillBatch:
     e = F.normalize(torch.ones(s_img.shape[0], 4), dim=-1)
     return DistillBatch(ImageFeatures(e, s_img, (2, 2)), TextFeatures(e, s_txt, s_mask),
-                        TeacherBatch(e, e, img_tokens=t_img, img_grid=(2, 2), txt_tokens=t_txt, txt_mask=t_mask),
+                        TeacherTargets(ImageFeatures(e, t_img, (2, 2)), TextFeatures(e, t_txt, t_mask)),
                         torch.tensor(0.0), torch.arange(s_img.shape[0]))
 
 

@@ -37,7 +37,7 @@ TINY_STUDENT = {"embed_dim": 32, "vision_width": 32, "vision_layers": 2, "vision
 
 def build_cache(tsv: Path, out: Path, views: int = 1) -> Path:
     """Toy-teacher cache of ``tsv`` written in-process."""
-    from distill.pipeline.cache_teacher import main as cache_main
+    from distill.pipeline.cache.main import main as cache_main
 
     cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
                 "--num-workers", "0", "--batch-size", "8", "--views", str(views), "--device", "cpu"])
@@ -145,15 +145,15 @@ def test_shuffled_batches_stay_aligned_with_teacher_views(tiny):
         for row, (i, c, v) in enumerate(zip(ids, caps, vs)):
             # the teacher outputs are those of exactly this image view and caption ...
             # (the loader hands over fp16 as stored; TrainBatch.to converts on the device)
-            torch.testing.assert_close(batch.teacher.img_embed[row].float(), cache.images([i], int(v))["embed"][0])
-            torch.testing.assert_close(batch.teacher.img_tokens[row].float(), cache.images([i], int(v))["tokens"][0])
-            torch.testing.assert_close(batch.teacher.txt_embed[row].float(), cache.texts([c])["embed"][0])
+            torch.testing.assert_close(batch.teacher.image.embed[row].float(), cache.images([i], int(v)).embed[0])
+            torch.testing.assert_close(batch.teacher.image.tokens[row].float(), cache.images([i], int(v)).tokens[0])
+            torch.testing.assert_close(batch.teacher.text.embed[row].float(), cache.texts([c]).embed[0])
             # ... and the student sees the same crop the teacher saw
             view_img = apply_view(ds.load_image(int(i)), cache.view_params([i], int(v))[0])
             torch.testing.assert_close(batch.pixels[row], transform(view_img))
             with torch.no_grad():
                 fresh = teacher.encode_image(teacher.image_transform()(view_img)[None]).embed[0]
-            torch.testing.assert_close(batch.teacher.img_embed[row].float(), fresh, atol=2e-3, rtol=0)
+            torch.testing.assert_close(batch.teacher.image.embed[row].float(), fresh, atol=2e-3, rtol=0)
     epoch0, epoch1 = np.concatenate(orders[:3]), np.concatenate(orders[3:])
     assert sorted(epoch0) == list(range(12)) and sorted(epoch1) == list(range(12))
     assert not np.array_equal(epoch0, np.arange(12)) and not np.array_equal(epoch0, epoch1)

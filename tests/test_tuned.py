@@ -141,7 +141,7 @@ def test_bad_configs(lit_spec):
 
 def test_train_student_cli_with_mwa(lit_spec, teacher, tmp_path: Path):
     from distill.pipeline.train import main as ts
-    from distill.pipeline.cache_teacher import main as cache_main
+    from distill.pipeline.cache.main import main as cache_main
 
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)
     cache = tmp_path / "cache"

@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-import distill.pipeline.cache_teacher as ct
+import distill.pipeline.cache.run as cache_run
 import distill.pipeline.train.main as ts
+from distill.core.cache.encode import parse_token_mode
 from distill.core.cache.reader import TeacherCache
+from distill.core.cache.verify import verify_pixels
 from distill.core.errors import CacheCorruptError, CacheError, PixelCacheError
 from distill.core.data.dataset import load_dataset
 from distill.core.dist import init_distributed
 from distill.core.data.mixup import NO_MIX, mix_images, view_image
 from distill.core.data.pixels import crop_pixels, normalise_pixels, student_pixels
+from distill.pipeline.cache.main import main as cache_main
+from distill.pipeline.cache.settings import CacheSettings, resolve_view_tokens
+from distill.pipeline.cache.views import image_mix_params, image_view_params
 from distill.pipeline.train.data import DistillTrainSet, TeacherCollate
 from distill.pipeline.train.log import read_log
 from teachers import create_teacher
@@ -26,8 +31,8 @@ VIEWS, MIXUP = 3, 2
 
 
 def write(tsv: Path, out: Path, *extra: str) -> Path:
-    ct.main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
-             "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", *extra])
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
+                "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", *extra])
     return out
 
 
@@ -72,14 +77,14 @@ def test_mixup_params_deterministic_and_folded(data):
         else:
             assert (partner != ids).all() and (partner >= 0).all() and (partner < cache.num_images).all()
             assert (mix[:, 0] >= 0.5).all() and (mix[:, 0] <= 1).all() and (mix[:, 3:5] <= 1).all()
-    settings = ct.CacheSettings(views=VIEWS, mixup_views=MIXUP)
-    p1, m1 = ct.image_mix_params(7, settings, 12)
-    p2, m2 = ct.image_mix_params(7, settings, 12)
+    settings = CacheSettings(views=VIEWS, mixup_views=MIXUP)
+    p1, m1 = image_mix_params(7, settings, 12)
+    p2, m2 = image_mix_params(7, settings, 12)
     assert np.array_equal(p1, p2) and np.array_equal(m1, m2)
     assert np.array_equal(p1, cache.view_mix([7] * 5, np.arange(5))[0])
     # the plain views do not move when mixup views are added
-    assert np.array_equal(ct.image_view_params(7, settings)[:VIEWS],
-                          ct.image_view_params(7, ct.CacheSettings(views=VIEWS))), "plain views changed"
+    assert np.array_equal(image_view_params(7, settings)[:VIEWS],
+                          image_view_params(7, CacheSettings(views=VIEWS))), "plain views changed"
 
 
 def test_default_settings_keep_the_old_cache_key():
@@ -88,8 +93,8 @@ def test_default_settings_keep_the_old_cache_key():
 
     old = {"storage": {"image_tokens": "full", "text_tokens": "full", "dtype": "fp16", "intermediate_layers": []},
            "views": {"count": 1, "seed": 0, "scale": [0.5, 1.0]}, "shard_size": 1024}
-    assert ct.CacheSettings().key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
-    assert ct.CacheSettings(views=2, view_tokens="grid:2").key() != ct.CacheSettings(views=2).key()
+    assert CacheSettings().key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert CacheSettings(views=2, view_tokens="grid:2").key() != CacheSettings(views=2).key()
 
 
 def test_mix_images_is_the_weighted_blend():
@@ -113,7 +118,7 @@ def test_student_sees_exactly_what_the_teacher_saw(data):
             img = decode.view_image(i, v)
             with torch.no_grad():
                 fresh = teacher.encode_image(teacher.image_transform()(img)[None]).embed
-            cached = cache.images([i], v)["embed"]
+            cached = cache.images([i], v).embed
             assert torch.nn.functional.cosine_similarity(fresh, cached).item() > 0.999
             # pixel cache == rebuilt crop, byte for byte
             assert torch.equal(cache.pixels([i], v)[0], torch.from_numpy(crop_pixels(img, 32)))
@@ -144,7 +149,7 @@ def test_pixel_path_equals_decode_path_to_uint8_rounding(data):
     x, y = student_pixels(a, s, torch.device("cpu")), student_pixels(b, s, torch.device("cpu"))
     assert x.shape == y.shape == (16, 3, 32, 32)
     assert (x - y).abs().max() <= 1e-5, "same crop bytes must give the same student input"
-    assert b.teacher.img_grid == (2, 2) and b.teacher.img_tokens.shape[1:] == (4, 24)
+    assert b.teacher.image.grid == (2, 2) and b.teacher.image.tokens.shape[1:] == (4, 24)
 
 
 def test_device_resize_when_student_size_differs():
@@ -180,9 +185,9 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
     out = write(tsv, tmp_path / "c", "--views", "2", "--mixup-views", "1", "--pixels", "16")
     before = shard_records(out)
     (out / "shards" / "00001" / "image_pixels.npy").unlink()  # an interrupted second shard
-    ct.main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
-             "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", "--views", "2",
-             "--mixup-views", "1", "--pixels", "16"])
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
+                "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", "--views", "2",
+                "--mixup-views", "1", "--pixels", "16"])
     assert shard_records(out) == before, "resumed cache must have the same bytes"
     # flip one pixel byte: the size check passes, sha256 catches it
     path = out / "shards" / "00000" / "image_pixels.npy"
@@ -198,7 +203,7 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
     np.save(path, arr)
     teacher, ds = create_teacher("toy:0", "cpu"), load_dataset(str(tsv))
     with pytest.raises(CacheError, match="pixels of image 0"):
-        ct.verify_pixels(TeacherCache(out, verify="none"), np.array([0]), 0, [ds.load_image(0)], ["image 0"])
+        verify_pixels(TeacherCache(out, verify="none"), np.array([0]), 0, [ds.load_image(0)], ["image 0"])
     # another pixel setting is another cache
     with pytest.raises(CacheError, match="settings"):
         write(tsv, out, "--views", "2", "--mixup-views", "1", "--pixels", "24")
@@ -206,13 +211,13 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
 
 def test_size_estimate_printed_before_writing(data, tmp_path, monkeypatch, capsys):
     seen: list[str] = []
-    real = ct.write_shard
+    real = cache_run.write_shard
 
     def spy(*a, **k):
         seen.append(capsys.readouterr().err)
         return real(*a, **k)
 
-    monkeypatch.setattr(ct, "write_shard", spy)
+    monkeypatch.setattr(cache_run, "write_shard", spy)
     out = write(data["tsv"], tmp_path / "c", "--views", "4", "--mixup-views", "2", "--pixels", "32")
     assert seen and "estimated cache size:" in seen[0] and "image_pixels" in seen[0] and "12 images x 6 views" in seen[0]
     est = float(seen[0].split("estimated cache size:")[1].split("MB")[0])
@@ -220,9 +225,9 @@ def test_size_estimate_printed_before_writing(data, tmp_path, monkeypatch, capsy
     # .npy headers and per-batch caption padding are not in the estimate
     assert est == pytest.approx(total, rel=0.1), (est, total)
     assert "warning: a shard" not in seen[0]
-    monkeypatch.setattr(ct, "SHARD_MEMORY_WARN", 1e5)
-    monkeypatch.setattr(ct, "SHARD_MEMORY_WARN", 2e6)  # 12 images, 1e6 B each: a 6-image shard holds 6 MB
-    ct.print_size_estimate({"image_pixels": 12e6}, load_dataset(str(data["tsv"])), ct.CacheSettings(shard_size=6))
+    monkeypatch.setattr(cache_run, "SHARD_MEMORY_WARN", 1e5)
+    monkeypatch.setattr(cache_run, "SHARD_MEMORY_WARN", 2e6)  # 12 images, 1e6 B each: a 6-image shard holds 6 MB
+    cache_run.print_size_estimate({"image_pixels": 12e6}, load_dataset(str(data["tsv"])), CacheSettings(shard_size=6))
     assert "in memory while it is computed: ~6 MB; pass a smaller --shard-size (e.g. 2)" in capsys.readouterr().err
     pixels = next(line for line in seen[0].splitlines() if "image_pixels" in line)
     assert float(pixels.split()[1]) == pytest.approx(12 * 6 * 32 * 32 * 3 / 1e6, abs=0.01)
@@ -231,19 +236,19 @@ def test_size_estimate_printed_before_writing(data, tmp_path, monkeypatch, capsy
 def test_view_tokens_options(data, tmp_path):
     tsv = data["tsv"]
     same = TeacherCache(write(tsv, tmp_path / "same", "--views", "3", "--view-tokens", "same"))
-    assert same.images([0, 1], [2, 1])["tokens"].shape == (2, 16, 24) and same.token_grid() == (4, 4)
+    assert same.images([0, 1], [2, 1]).tokens.shape == (2, 16, 24) and same.token_grid() == (4, 4)
     none = TeacherCache(write(tsv, tmp_path / "none", "--views", "3", "--view-tokens", "none"))
-    assert "tokens" not in none.images([0, 1], [2, 0]) and none.token_grid() is None
-    assert none.images([0, 1], 0, tokens="full")["tokens"].shape == (2, 16, 24)
+    assert none.images([0, 1], [2, 0]).tokens is None and none.token_grid() is None
+    assert none.images([0, 1], 0, tokens="full").tokens.shape == (2, 16, 24)
     with pytest.raises(CacheError, match="view 0 only"):
         none.images([0, 1], [0, 1], tokens="full")
     grid = TeacherCache(data["raw"])
-    pooled = grid.images([3], 0)["tokens"]
-    full = grid.images([3], 0, tokens="full")["tokens"]
+    pooled = grid.images([3], 0).tokens
+    full = grid.images([3], 0, tokens="full").tokens
     ref = full.reshape(1, 2, 2, 2, 2, 24).mean(dim=(2, 4)).reshape(1, 4, 24)  # 4x4 -> 2x2 average pool
     assert torch.allclose(pooled, ref, atol=2e-3)
     with pytest.raises(ValueError, match="view-tokens"):
-        ct.resolve_view_tokens("topk:2", ct.parse_token_mode("full"), 3)
+        resolve_view_tokens("topk:2", parse_token_mode("full"), 3)
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import torch
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.core.cache.reader import TeacherCache
-from distill.pipeline.cache_teacher import main as cache_main
-from distill.pipeline.cache_teacher import plan_shards
+from distill.core.cache.writer import plan_shards
+from distill.pipeline.cache.main import main as cache_main
 from distill.core.data.dataset import load_dataset
 from distill.core.errors import BadSampleError, NoSplitsError
 from distill.pipeline.train.log import read_log
@@ -122,7 +122,7 @@ def test_cache_train_resume_evaluate(shards, tmp_path: Path):
     tf = teacher.image_transform()
     with torch.no_grad():  # cached row i is the teacher's output on sample i (alignment)
         fresh = teacher.encode_image(torch.stack([tf(src.load_image(i)) for i in (0, 13, 23)])).embed
-    torch.testing.assert_close(cache.images(torch.tensor([0, 13, 23]))["embed"], fresh, atol=2e-3, rtol=0)
+    torch.testing.assert_close(cache.images(torch.tensor([0, 13, 23])).embed, fresh, atol=2e-3, rtol=0)
 
     def train(out: Path, resume: str) -> dict:
         sets = [f"student.{k}={v}" for k, v in TINY_STUDENT.items()] + ["train.checkpoint_every=2"]

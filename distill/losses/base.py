@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distill.core.features import ImageFeatures, TeacherBatch, TextFeatures
+from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DistillBatch:
 
     s_img: ImageFeatures
     s_txt: TextFeatures
-    teacher: TeacherBatch
+    teacher: TeacherTargets
     student_logit_scale: Tensor
     image_ids: Tensor
     step: int = 0

@@ -6,7 +6,7 @@ Per modality (image, text):
 * encoder: ``num_summary`` (M, default 8) learnable summary tokens cross-attend over the student's
   token features (linearly mapped to ``width``; padded text tokens are never attended);
 * decoder: one query per teacher token position (a learned base query plus a learned map of a fixed
-  sin/cos encoding of the position: the cell centre on the cached ``img_grid`` for images, the token
+  sin/cos encoding of the position: the cell centre on the cached ``image.grid`` for images, the token
   index for text and for image tokens without a grid, e.g. ``topk`` storage) cross-attends over the
   M summary tokens and is mapped to the teacher's token width;
 * target: the cached teacher tokens normalised per token (layer norm without affine, as in
@@ -117,20 +117,20 @@ class ComaReconstructLoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             terms = []
-            if "image" in self.reconstructors and t.img_tokens is not None and batch.s_img.tokens is not None:
-                n, device = t.img_tokens.shape[1], t.img_tokens.device
-                grid = t.img_grid if t.img_grid is not None and t.img_grid[0] * t.img_grid[1] == n else None
+            if "image" in self.reconstructors and t.image.tokens is not None and batch.s_img.tokens is not None:
+                n, device = t.image.tokens.shape[1], t.image.tokens.device
+                grid = t.image.grid if t.image.grid is not None and t.image.grid[0] * t.image.grid[1] == n else None
                 pos = grid_position_features(grid, device) if grid else sequence_position_features(n, device)
                 pred = self.reconstructors["image"](batch.s_img.tokens.float(), None, pos)
-                terms.append(reconstruction_error(pred, t.img_tokens, None, self.metric))
-            if "text" in self.reconstructors and t.txt_tokens is not None and batch.s_txt.tokens is not None:
+                terms.append(reconstruction_error(pred, t.image.tokens, None, self.metric))
+            if "text" in self.reconstructors and t.text.tokens is not None and batch.s_txt.tokens is not None:
                 s_mask = batch.s_txt.mask.bool() if batch.s_txt.mask is not None else None
-                t_mask = t.txt_mask.bool() if t.txt_mask is not None else None
-                pos = sequence_position_features(t.txt_tokens.shape[1], t.txt_tokens.device)
+                t_mask = t.text.mask.bool() if t.text.mask is not None else None
+                pos = sequence_position_features(t.text.tokens.shape[1], t.text.tokens.device)
                 pred = self.reconstructors["text"](batch.s_txt.tokens.float(), s_mask, pos)
-                terms.append(reconstruction_error(pred, t.txt_tokens, t_mask, self.metric))
+                terms.append(reconstruction_error(pred, t.text.tokens, t_mask, self.metric))
             keep_in_graph = sum(p.sum() for p in self.parameters()) * 0.0
             if not terms:
                 return keep_in_graph

@@ -25,7 +25,7 @@ def in_teacher_space(batch: Any, loss: str) -> tuple[Tensor, Tensor]:
     only valid when the widths already match (a loss used outside the Distiller)."""
     if batch.s_img_proj is not None and batch.s_txt_proj is not None:
         return batch.s_img_proj.float(), batch.s_txt_proj.float()
-    s_width, t_width = batch.s_img.embed.shape[-1], batch.teacher.img_embed.shape[-1]
+    s_width, t_width = batch.s_img.embed.shape[-1], batch.teacher.image.embed.shape[-1]
     if s_width != t_width:
         raise ValueError(f"{loss}: the student embedding ({s_width}) and the teacher's ({t_width}) differ in width "
                          "and the batch carries no projected embeddings; build the loss through "

@@ -7,11 +7,11 @@ Terms (``terms`` config, names ``<student modality>_<teacher modality>``): ``img
 (same-modality) and ``img_txt``, ``txt_img`` (cross-modality); the loss is their mean.
 
 ``text_target`` picks the teacher text embedding of the ``*_txt`` terms: ``caption`` (the sampled
-caption), ``caption_mean`` (``batch.teacher.txt_embed_mean``: the normalised mean over all captions of
+caption), ``caption_mean`` (``batch.teacher.text_embed_mean``: the normalised mean over all captions of
 the image, a less noisy description of the image) or ``both`` (default): the cross-modal ``img_txt``
 term targets the caption mean, the same-modality ``txt_txt`` term the sampled caption (the student
 embeds that caption, so its own teacher embedding is the exact target). Batches without
-``txt_embed_mean`` (a teacher run online) use the caption embedding.
+``text_embed_mean`` (a teacher run online) use the caption embedding.
 
 Same-image columns: in-batch rows and queue entries that come from the same image as the anchor
 (another caption of it, the same image seen in an earlier step / epoch) are positives with
@@ -60,12 +60,12 @@ class ContrastiveDistillLoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             s_img, s_txt = in_teacher_space(batch, "contrastive_distill")
             student = {"img": s_img, "txt": s_txt}
-            caption = t.txt_embed.detach().float()
-            mean = caption if t.txt_embed_mean is None else t.txt_embed_mean.detach().float()
-            t_img, t_cap, all_ids, offset = gather_pairs(t.img_embed.detach().float(), caption, batch.image_ids, self.gather)
+            caption = t.text.embed.detach().float()
+            mean = caption if t.text_embed_mean is None else t.text_embed_mean.detach().float()
+            t_img, t_cap, all_ids, offset = gather_pairs(t.image.embed.detach().float(), caption, batch.image_ids, self.gather)
             t_mean = gather_rows(mean, self.gather)[0]
             ids = batch.image_ids.to(t_img.device)
             q = batch.queue if self.queue_size else None

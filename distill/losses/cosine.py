@@ -21,8 +21,8 @@ class CosineLoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             s_img, s_txt = in_teacher_space(batch, "cosine")
-            cos = torch.cat([F.cosine_similarity(s_img, t.img_embed.float(), dim=-1),
-                             F.cosine_similarity(s_txt, t.txt_embed.float(), dim=-1)])
+            cos = torch.cat([F.cosine_similarity(s_img, t.image.embed.float(), dim=-1),
+                             F.cosine_similarity(s_txt, t.text.embed.float(), dim=-1)])
             return 1 - (cos.mean() + 1) / 2

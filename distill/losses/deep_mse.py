@@ -38,13 +38,13 @@ class DeepMSELoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             s_img, s_txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
             p_img, p_txt = in_teacher_space(batch, "deep_mse")
-            loss = (F.mse_loss(p_img, t.img_embed.float()) + F.mse_loss(p_txt, t.txt_embed.float())) / 2
+            loss = (F.mse_loss(p_img, t.image.embed.float()) + F.mse_loss(p_txt, t.text.embed.float())) / 2
             if not self.intermediates:
                 return loss
-            cached = t.intermediates or {}
+            cached = t.intermediates
             terms = []
             for name in self.intermediates:
                 if name not in cached:

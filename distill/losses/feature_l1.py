@@ -18,8 +18,8 @@ class FeatureL1Loss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             s_img, s_txt = in_teacher_space(batch, "feature_l1")
-            img = (s_img - t.img_embed.float()).abs().mean()
-            txt = (s_txt - t.txt_embed.float()).abs().mean()
+            img = (s_img - t.image.embed.float()).abs().mean()
+            txt = (s_txt - t.text.embed.float()).abs().mean()
             return (img + txt) / 2

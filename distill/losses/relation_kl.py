@@ -72,8 +72,8 @@ class RelationKLLoss(DistillLoss):
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
         tau_t, tau_s = self.temperatures(t.logit_scale)
-        with full_precision(t.img_embed):
-            t_img, t_txt = t.img_embed.float(), t.txt_embed.float()
+        with full_precision(t.image.embed):
+            t_img, t_txt = t.image.embed.float(), t.text.embed.float()
             q = batch.queue if self.use_queue else None
             if q is None:
                 s_img, s_txt = batch.s_img.embed.float(), batch.s_txt.embed.float()

@@ -6,7 +6,7 @@ tokens would dominate an L1/L2 distance); the direction carries the feature cont
 
 Matching student tokens to teacher tokens:
 
-* image, both sides on a spatial grid (``batch.teacher.img_grid`` and ``batch.s_img.grid``): the
+* image, both sides on a spatial grid (``batch.teacher.image.grid`` and ``batch.s_img.grid``): the
   student token map is adaptive-average-pooled to the teacher grid and compared cell by cell;
 * image otherwise (token counts differ without grids, or teacher tokens stored as top-k indexed
   tokens, which have no grid) and text from different tokenisers: attention matching, where each
@@ -76,12 +76,12 @@ class TokenLoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t, s_img, s_txt = batch.teacher, batch.s_img, batch.s_txt
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             terms = []
-            if t.img_tokens is not None and s_img.tokens is not None:
-                terms.append(self.image_term(s_img.tokens, s_img.grid, t.img_tokens, t.img_grid))
-            if t.txt_tokens is not None and s_txt.tokens is not None:
-                terms.append(self.text_term(s_txt.tokens, s_txt.mask, t.txt_tokens, t.txt_mask))
+            if t.image.tokens is not None and s_img.tokens is not None:
+                terms.append(self.image_term(s_img.tokens, s_img.grid, t.image.tokens, t.image.grid))
+            if t.text.tokens is not None and s_txt.tokens is not None:
+                terms.append(self.text_term(s_txt.tokens, s_txt.mask, t.text.tokens, t.text.mask))
             keep_in_graph = sum(p.sum() for p in self.parameters()) * 0.0
             if not terms:
                 return keep_in_graph

@@ -33,9 +33,9 @@ class TripletLoss(DistillLoss):
 
     def forward(self, batch: DistillBatch) -> Tensor:
         t = batch.teacher
-        with full_precision(t.img_embed):
+        with full_precision(t.image.embed):
             s_img, s_txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
-            t_img, t_txt = t.img_embed.float(), t.txt_embed.float()
+            t_img, t_txt = t.image.embed.float(), t.text.embed.float()
             invalid = same_image(batch.image_ids, batch.image_ids).to(s_img.device)
             s_i2t, t_i2t = s_img @ s_txt.T, t_img @ t_txt.T
             hinges = torch.cat([hinge_on_mined(s_i2t, t_i2t, invalid, self.margin),

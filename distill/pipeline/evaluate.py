@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distill.core.cache.reader import MANIFEST, TeacherCache
+from distill.core.cache import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.registry import load_plugins
 from distill.pipeline.train.config import Setting, check_args
@@ -76,8 +76,8 @@ def evaluate_cache(cache: TeacherCache, data: ImageTextDataset | None = None,
     cache must have been built from that very dataset (same fingerprint)."""
     if data is not None:
         cache.check(dataset_fingerprint=data.fingerprint())
-    image_emb = cache.images(torch.arange(cache.num_images))["embed"]
-    text_emb = cache.texts(torch.arange(cache.num_captions))["embed"]
+    image_emb = cache.images(torch.arange(cache.num_images)).embed
+    text_emb = cache.texts(torch.arange(cache.num_captions)).embed
     return evaluate_embeddings(image_emb, text_emb, cache.caption_image, ks)
 
 

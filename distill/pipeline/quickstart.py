@@ -59,7 +59,7 @@ def _run_teacher(args: argparse.Namespace, out: Path) -> str:
 
 
 def _run_cache(args: argparse.Namespace, teacher: str, out: Path) -> Path:
-    from distill.pipeline import cache_teacher
+    from distill.pipeline.cache import main as cache_teacher
 
     cache = out / "cache"
     cache_teacher.main(["--teacher", teacher, "--data", args.data, "--split", args.train_split, "--out", str(cache),

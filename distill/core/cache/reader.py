@@ -1,14 +1,13 @@
 """Read a teacher-output cache written by ``python -m distill.cache_teacher``.
 
-The layout is described in README.md (Design > Cache format). :class:`TeacherCache` memory-maps
-every shard array and gathers rows for arbitrary global image / caption indices, returning float32
-torch tensors (fp16 upcast, int8 dequantised), so it can sit in a training DataLoader.
+The layout is described in README.md (Design > Cache format) and spelled in
+:mod:`distill.core.cache.schema`. :class:`TeacherCache` memory-maps every shard array and gathers
+rows for arbitrary global image / caption indices, returning the teacher-output schema
+(:class:`ImageFeatures`, :class:`TextFeatures`, :class:`TeacherTargets`) of float32 torch tensors
+(fp16 upcast, int8 dequantised, bfloat16 decoded), so it can sit in a training DataLoader.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,50 +15,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.core.cache.encode import dequantize_int8
-from distill.core.errors import CacheError, CacheCorruptError, ManifestError, CacheMismatchError, StaleCacheError
+from distill.core.cache.encode import decode_bf16, dequantize_int8
+from distill.core.cache.schema import (DEFAULT_VERIFY, IMAGE, JPEG, JPEG_INDEX, OFFSETS, PIXELS,
+                                       TEXT, VERIFY_MODES, VIEW_MIX, VIEW_PARAMS, VIEW_PARTNER, VIEW_TOKENS, array_spec,
+                                       field_array, inter_array, is_image_array, layer_tower, read_manifest, scale_array,
+                                       tower_arrays)
+from distill.core.cache.verify import check_file
+from distill.core.errors import CacheError, CacheCorruptError, CacheMismatchError, StaleCacheError
+from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-OFFSETS = "offsets.npy"
-SHARD_JSON = "shard.json"
-VERIFY_MODES = ("none", "size", "lazy", "full", "auto")
-#: Default integrity check of :class:`TeacherCache`: ``auto`` = ``lazy`` for caches of at most
-#: LAZY_MAX_BYTES_PER_IMAGE stored bytes per image (all views and captions), else ``size``.
-DEFAULT_VERIFY = "auto"
 #: sha256 runs at ~2 GB/s and an epoch decodes each image (~0.7 ms CPU): hashing up to 64 kB per
 #: image stays under 5% of an epoch's data-side time (benchmarks/cache_verify_cost.py measured 49%
-#: for a 700 kB/image ViT-B/16 full-token cache).
+#: for a 700 kB/image ViT-B/16 full-token cache); ``verify="auto"`` is ``lazy`` up to this size.
 LAZY_MAX_BYTES_PER_IMAGE = 64 * 1024
-_MANIFEST_KEYS = ("format_version", "teacher", "dataset", "storage", "views", "shard_size", "shards", "dims", "offsets")
 #: Rows at least this large are gathered row by row straight into the batch (one copy).
 ROW_COPY_BYTES = 16384
-_IMAGE_ARRAY_PREFIXES = ("image_", "view_params", "inter_image.")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_image_array(name: str) -> bool:
-    """Whether a shard array is indexed by image (``[n, V, ...]``) rather than by caption."""
-    return name.startswith(_IMAGE_ARRAY_PREFIXES)
-
-
-def check_file(path: Path, entry: dict[str, Any], verify: str) -> None:
-    """Check one cache file against its ``{bytes, sha256}`` record (``verify``: none|size|lazy|full;
-    ``lazy`` checks the size here and the sha256 on first read, see :meth:`TeacherCache._gather`)."""
-    if not path.is_file():
-        raise CacheCorruptError(f"missing cache file {path}")
-    if verify in ("size", "lazy", "full") and path.stat().st_size != entry["bytes"]:
-        raise CacheCorruptError(f"{path}: size {path.stat().st_size} bytes, expected {entry['bytes']} (truncated or overwritten)")
-    if verify == "full" and sha256_file(path) != entry["sha256"]:
-        raise CacheCorruptError(f"{path}: sha256 mismatch (the file is corrupt)")
 
 
 def load_array(path: Path, entry: dict[str, Any] | None = None) -> np.ndarray:
@@ -71,31 +41,6 @@ def load_array(path: Path, entry: dict[str, Any] | None = None) -> np.ndarray:
     if entry is not None and (list(arr.shape) != list(entry["shape"]) or str(arr.dtype) != entry["dtype"]):
         raise CacheCorruptError(f"{path}: array is {arr.dtype}{list(arr.shape)}, manifest says {entry['dtype']}{entry['shape']}")
     return arr
-
-
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Parse and minimally validate ``root/manifest.json``."""
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path} not found: not a teacher cache, or its writer has not finished")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
-    from distill.core.cache.manifest import validate_manifest  # imports this module
-
-    validate_manifest(manifest, root, path)
-    return manifest
-
-
-def decode_bf16(bits: np.ndarray) -> np.ndarray:
-    """float32 values of bfloat16 numbers stored as their uint16 bit patterns."""
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 def _as_index(idx: Any, size: int, what: str) -> np.ndarray:
@@ -220,7 +165,7 @@ class TeacherCache:
     def _hash_once(self, shard: int, name: str) -> None:
         """sha256 of one array file (and its int8 scale), the first time this process reads it."""
         s = self._shards[shard]
-        for n in (name, f"{name}_scale"):
+        for n in (name, scale_array(name)):
             if n in s["arrays"] and (shard, n) not in self._hashed:
                 check_file(self.path / s["dir"] / f"{n}.npy", s["arrays"][n], "full")
                 self._hashed.add((shard, n))
@@ -241,38 +186,55 @@ class TeacherCache:
 
     # -- gathers ---------------------------------------------------------------------------------
     def images(self, idx: Any, view: int | Sequence[int] | Tensor = 0, keep_fp16: bool = False,
-               tokens: str = "auto") -> dict[str, Tensor]:
-        """Image-side outputs for global image indices ``idx`` (``view`` per batch or per sample):
-        ``embed`` [B, D], ``tokens`` [B, N, C] (+ ``tokens_index`` [B, K] for top-k),
-        ``inter.image.<i>`` [B, C]; all float32 except the int64 index. ``keep_fp16`` returns arrays
-        stored in fp16 as fp16 (half the bytes to move; the trainer converts on the device).
-        ``tokens`` picks the token array of caches written with ``--view-tokens`` (see
-        :meth:`token_source`)."""
+               tokens: str = "auto") -> ImageFeatures:
+        """The teacher's image features of global image indices ``idx`` (``view`` per batch or per
+        sample): ``embed`` [B, D], ``tokens`` [B, N, C] with their ``grid`` (+ ``token_index`` [B, K]
+        for top-k storage), ``intermediates`` (``image.<i>`` -> [B, C]); all float32 except the int64
+        index. ``keep_fp16`` returns arrays stored in fp16 as fp16 (half the bytes to move; the
+        trainer converts on the device). ``tokens`` picks the token array of caches written with
+        ``--view-tokens`` (see :meth:`token_source`)."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
-        fields = {"embed": "image_embed"}
         source = self.token_source(tokens, views)
+        fields = tower_arrays(IMAGE, self.storage["image_tokens"] if source == "full" else "none")
         if source == "views":
-            fields["tokens"] = "image_view_tokens"
-        elif source == "full":
-            fields["tokens"] = "image_tokens"
-            if self.storage["image_tokens"].startswith("topk"):
-                fields["tokens_index"] = "image_tokens_index"
-        fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("image.")})
-        return self._gather(ids, views, self._image_starts, fields, keep_fp16)
+            fields["tokens"] = VIEW_TOKENS
+        got, inter = self._features(IMAGE, ids, views, self._image_starts, fields, keep_fp16)
+        return ImageFeatures(**got, grid=self.token_grid(tokens) if source else None, intermediates=inter)
 
-    def texts(self, idx: Any, keep_fp16: bool = False) -> dict[str, Tensor]:
-        """Caption-side outputs for global caption indices: ``embed`` [B, D], ``tokens`` [B, L, C],
-        ``mask`` [B, L] bool (+ ``tokens_index`` [B, K] for top-k), ``inter.text.<i>`` [B, C]
-        (``keep_fp16`` as in :meth:`images`)."""
+    def texts(self, idx: Any, keep_fp16: bool = False) -> TextFeatures:
+        """The teacher's caption features of global caption indices: ``embed`` [B, D], ``tokens``
+        [B, L, C], ``mask`` [B, L] bool (+ ``token_index`` [B, K] for top-k storage),
+        ``intermediates`` (``text.<i>`` -> [B, C]) (``keep_fp16`` as in :meth:`images`)."""
         ids = _as_index(idx, self.num_captions, "caption")
-        fields = {"embed": "text_embed"}
-        if self.storage["text_tokens"] != "none":
-            fields.update(tokens="text_tokens", mask="text_mask")
-            if self.storage["text_tokens"].startswith("topk"):
-                fields["tokens_index"] = "text_tokens_index"
-        fields.update({f"inter.{n}": f"inter_{n}" for n in self.intermediate_layers if n.startswith("text.")})
-        return self._gather(ids, None, self._caption_starts, fields, keep_fp16)
+        fields = tower_arrays(TEXT, self.storage["text_tokens"])
+        got, inter = self._features(TEXT, ids, None, self._caption_starts, fields, keep_fp16)
+        return TextFeatures(**got, intermediates=inter)
+
+    def targets(self, image_index: Any, caption_index: Any, view: int | Sequence[int] | Tensor = 0,
+                keep_fp16: bool = False, tokens: str = "auto") -> TeacherTargets:
+        """The teacher targets of a batch of (image view, caption) rows: :meth:`images`,
+        :meth:`texts`, the teacher's logit scale and the caption-mean target (:meth:`caption_mean`)."""
+        return TeacherTargets(self.images(image_index, view, keep_fp16, tokens=tokens),
+                              self.texts(caption_index, keep_fp16), self.logit_scale, self.caption_mean(image_index))
+
+    def caption_mean(self, image_index: Any) -> Tensor:
+        """[B, D] float32: the L2-normalised mean of the cached teacher embeddings of ALL captions of
+        each image (``offsets``); only the embedding rows are read, never the caption tokens."""
+        image_index = _as_index(image_index, self.num_images, "image")
+        starts, counts = self.offsets[image_index], np.diff(self.offsets)[image_index]
+        rows = np.repeat(np.arange(len(image_index)), counts)
+        captions = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        embeds = self._gather(captions, None, self._caption_starts, {"embed": field_array(TEXT, "embed")})["embed"]
+        sums = torch.zeros(len(image_index), embeds.shape[1]).index_add_(0, torch.from_numpy(rows), embeds)
+        return torch.nn.functional.normalize(sums, dim=-1)
+
+    def _features(self, tower: str, ids: np.ndarray, views: np.ndarray | None, starts: np.ndarray,
+                  fields: dict[str, str], keep_fp16: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(feature field -> rows of its array, layer -> rows of the intermediate arrays of ``tower``)."""
+        layers = {layer: inter_array(layer) for layer in self.intermediate_layers if layer_tower(layer) == tower}
+        got = self._gather(ids, views, starts, {**fields, **layers}, keep_fp16)
+        return {f: got[f] for f in fields}, {layer: got[layer] for layer in layers}
 
     def token_source(self, tokens: str = "auto", views: np.ndarray | None = None) -> str | None:
         """Which image tokens :meth:`images` returns: ``"full"`` (``image_tokens``, the
@@ -318,11 +280,11 @@ class TeacherCache:
         ``NO_MIX`` for plain views and caches without mixup views."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
-        if not self._arrays or "view_params_partner" not in self._arrays[0]:
+        if not self._arrays or VIEW_PARTNER not in self._arrays[0]:
             from distill.core.data.mixup import NO_MIX
 
             return np.full(len(ids), -1, dtype=np.int64), np.tile(NO_MIX, (len(ids), 1))
-        got = self._gather(ids, views, self._image_starts, {"partner": "view_params_partner", "mix": "view_params_mix"})
+        got = self._gather(ids, views, self._image_starts, {"partner": VIEW_PARTNER, "mix": VIEW_MIX})
         return got["partner"].numpy(), got["mix"].numpy()
 
     def pixels(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> Tensor:
@@ -332,7 +294,7 @@ class TeacherCache:
                              f"--pixel-format {self.pixel_format})")
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
-        return self._gather(ids, views, self._image_starts, {"pixels": "image_pixels"})["pixels"]
+        return self._gather(ids, views, self._image_starts, {"pixels": PIXELS})["pixels"]
 
     def jpeg(self, idx: Any, view: int | Sequence[int] | Tensor = 0) -> tuple[Tensor, Tensor]:
         """(concatenated JPEG bytes uint8 [sum of lengths], lengths int64 [B]) of the cached views
@@ -342,9 +304,9 @@ class TeacherCache:
                              f"--pixel-format {self.pixel_format})")
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
-        index = self._gather(ids, views, self._image_starts, {"index": "image_jpeg_index"})["index"].numpy()
+        index = self._gather(ids, views, self._image_starts, {"index": JPEG_INDEX})["index"].numpy()
         shard_of = np.searchsorted(self._image_starts, ids, side="right") - 1
-        parts = [self._arrays[s]["image_jpeg"][a:a + n] for s, (a, n) in zip(shard_of, index)]
+        parts = [self._arrays[s][JPEG][a:a + n] for s, (a, n) in zip(shard_of, index)]
         data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
         return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(index[:, 1].copy())
 
@@ -352,7 +314,7 @@ class TeacherCache:
         """[B, 5] float32 (top, left, height, width, flip) of the cached views."""
         ids = _as_index(idx, self.num_images, "image")
         views = np.broadcast_to(_as_index(view, self.num_views, "view"), ids.shape)
-        return self._gather(ids, views, self._image_starts, {"params": "view_params"})["params"]
+        return self._gather(ids, views, self._image_starts, {"params": VIEW_PARAMS})["params"]
 
     def _gather(self, ids: np.ndarray, views: np.ndarray | None, starts: np.ndarray,
                 fields: dict[str, str], keep_fp16: bool = False) -> dict[str, Tensor]:
@@ -367,16 +329,16 @@ class TeacherCache:
         groups = np.split(order, cuts) if len(ids) else []
         out: dict[str, Tensor] = {}
         for key, name in fields.items():
-            floating = np.float16 if keep_fp16 and name in self._fp16 else np.float32
-            dtype = {"text_mask": np.bool_, "image_tokens_index": np.int64, "text_tokens_index": np.int64,
-                     "image_pixels": np.uint8, "image_jpeg_index": np.int64, "view_params_partner": np.int64}.get(name, floating)
+            dtype = np.dtype(array_spec(name).dtype)
+            if dtype == np.float32 and keep_fp16 and name in self._fp16:
+                dtype = np.dtype(np.float16)
             target = np.empty([len(ids), *self._row_shapes[name]], dtype=dtype)
             for sel in groups:
                 si = int(shard_of[sel[0]])
                 arrays = self._arrays[si]
                 if self.verify == "lazy" and (si, name) not in self._hashed:
                     self._hash_once(si, name)
-                src, scale = arrays[name], arrays.get(f"{name}_scale")
+                src, scale = arrays[name], arrays.get(scale_array(name))
                 if (si, name) in self._bf16:
                     src = _Bf16Rows(src)
                 width = src.shape[2 if views is not None else 1] if target.ndim > 1 else None
@@ -424,17 +386,3 @@ def bytes_per_sample(cache: TeacherCache, fp16_as_fp32: bool = False) -> dict[st
     out.update(image_total=image_total, text_total=text_total,
                per_image_with_captions=image_total + text_total * cache.num_captions / max(cache.num_images, 1))
     return out
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames inside it are durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

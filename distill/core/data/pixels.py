@@ -68,13 +68,13 @@ def encode_jpeg(crop: np.ndarray, quality: int) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def pack_jpeg(chunks: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Shard arrays of per-image, per-view JPEG bytes: ``image_jpeg`` (all bytes, uint8) and
-    ``image_jpeg_index`` [n, V, 2] int64 (start, length) into it."""
+def pack_jpeg(chunks: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image, per-view JPEG bytes as (all bytes concatenated, uint8; [n, V, 2] int64 (start,
+    length) of each view's bytes in them): the cache's ``image_jpeg`` / ``image_jpeg_index``."""
     lengths = np.array([[len(c) for c in views] for views in chunks], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths.ravel())[:-1]]).reshape(lengths.shape)
     data = np.concatenate([c for views in chunks for c in views]) if lengths.size else np.zeros(0, np.uint8)
-    return {"image_jpeg": data, "image_jpeg_index": np.stack([starts, lengths], axis=-1)}
+    return data, np.stack([starts, lengths], axis=-1)
 
 
 def decode_jpeg_batch(data: Tensor, lengths: Tensor, device: torch.device) -> Tensor:

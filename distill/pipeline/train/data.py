@@ -8,7 +8,7 @@ the teacher features fetched for exactly those rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -21,7 +21,7 @@ from distill.core.cache.reader import TeacherCache
 from distill.core.errors import CacheMismatchError, DatasetMismatchError
 from distill.core.data.mixup import view_image
 from distill.core.data.dataset import ImageTextDataset
-from distill.core.features import TeacherBatch
+from distill.core.features import TeacherTargets
 
 
 def check_alignment(dataset: ImageTextDataset, cache: TeacherCache) -> None:
@@ -155,7 +155,7 @@ class TrainBatch:
     image_index: Tensor
     caption_index: Tensor
     view: Tensor
-    teacher: TeacherBatch
+    teacher: TeacherTargets
     #: "float" (normalised [B, 3, H, W]), "raw" (uint8 [B, S, S, 3] from the cache) or "jpeg"
     #: (concatenated bytes + ``pixel_lengths``; stays on the CPU for ``decode_jpeg``)
     pixel_format: str = "float"
@@ -163,13 +163,9 @@ class TrainBatch:
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> "TrainBatch":
         """A copy with ``fn`` applied to every tensor (teacher features included)."""
-        t = self.teacher
         f = lambda x: None if x is None else fn(x)  # noqa: E731
-        teacher = replace(t, img_embed=f(t.img_embed), txt_embed=f(t.txt_embed), img_tokens=f(t.img_tokens),
-                          txt_tokens=f(t.txt_tokens), txt_mask=f(t.txt_mask), txt_embed_mean=f(t.txt_embed_mean),
-                          intermediates={k: f(v) for k, v in (t.intermediates or {}).items()})
-        return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view), teacher,
-                          self.pixel_format, f(self.pixel_lengths))
+        return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view),
+                          self.teacher.map(fn), self.pixel_format, f(self.pixel_lengths))
 
     def to(self, device: torch.device) -> "TrainBatch":
         """Move to ``device``; fp16 teacher features become float32 there."""
@@ -188,29 +184,11 @@ class TrainBatch:
 
 
 def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: np.ndarray, view: np.ndarray,
-                  keep_fp16: bool = False, tokens: str = "auto") -> TeacherBatch:
-    """Vectorised lookup of the cached teacher outputs for the given rows (``keep_fp16``: arrays
-    stored in fp16 stay fp16 until :meth:`TrainBatch.to`; ``tokens``: see
-    :meth:`TeacherCache.token_source`)."""
-    img = cache.images(image_index, view, keep_fp16, tokens=tokens)
-    txt = cache.texts(caption_index, keep_fp16)
-    inter = {k[len("inter."):]: v for src in (img, txt) for k, v in src.items() if k.startswith("inter.")}
-    grid = cache.token_grid(tokens) if "tokens" in img else None
-    return TeacherBatch(img_embed=img["embed"], txt_embed=txt["embed"], img_tokens=img.get("tokens"), img_grid=grid,
-                        txt_tokens=txt.get("tokens"), txt_mask=txt.get("mask"), intermediates=inter,
-                        logit_scale=cache.logit_scale, txt_embed_mean=caption_mean_embed(cache, image_index))
-
-
-def caption_mean_embed(cache: TeacherCache, image_index: np.ndarray) -> Tensor:
-    """[B, D] float32: the L2-normalised mean of the cached teacher embeddings of ALL captions of each
-    image (``cache.offsets``); only the embedding rows are read, never the caption tokens."""
-    image_index = np.asarray(image_index, dtype=np.int64)
-    starts, counts = cache.offsets[image_index], np.diff(cache.offsets)[image_index]
-    rows = np.repeat(np.arange(len(image_index)), counts)
-    captions = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-    embeds = cache._gather(captions, None, cache._caption_starts, {"embed": "text_embed"})["embed"]
-    sums = torch.zeros(len(image_index), embeds.shape[1]).index_add_(0, torch.from_numpy(rows), embeds)
-    return torch.nn.functional.normalize(sums, dim=-1)
+                  keep_fp16: bool = False, tokens: str = "auto") -> TeacherTargets:
+    """Vectorised lookup of the cached teacher targets of the given rows, the caption-mean target
+    included (:meth:`TeacherCache.targets`; ``keep_fp16``: arrays stored in fp16 stay fp16 until
+    :meth:`TrainBatch.to`; ``tokens``: see :meth:`TeacherCache.token_source`)."""
+    return cache.targets(image_index, caption_index, view, keep_fp16, tokens=tokens)
 
 
 class TeacherCollate:

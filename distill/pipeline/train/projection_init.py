@@ -46,7 +46,7 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
         batch = batch.to(device)
         text = {k: v.to(device) for k, v in student.tokenize(batch.texts).items()}
         inputs = {"image": student_pixels(batch, student, device), "text": text}
-        embeds = {"image": batch.teacher.img_embed, "text": batch.teacher.txt_embed}
+        embeds = {"image": batch.teacher.image.embed, "text": batch.teacher.text.embed}
         for m, (features, _) in heads.items():
             feats[m].append(features(inputs[m]).float())
             targets[m].append(embeds[m].float())

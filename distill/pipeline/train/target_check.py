@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from distill.core.cache.reader import TeacherCache
+from distill.core.cache.schema import is_image_array, target_arrays
 from distill.core.errors import NonFiniteTargetError
-from distill.core.features import TeacherBatch
+from distill.core.features import TeacherTargets
 from distill.pipeline.train.data import TrainBatch
 
 MODES = ("error", "skip")
@@ -27,12 +28,9 @@ def _bad(x: Tensor | None, n: int) -> Tensor | None:
     return ~torch.isfinite(x.reshape(n, -1)).all(dim=1) if x.numel() else None
 
 
-def nonfinite_fields(t: TeacherBatch, n: int) -> dict[str, Tensor]:
-    """``{cache array name: [n] bool (row holds NaN/Inf)}`` for every floating teacher field."""
-    fields = {"image_embed": t.img_embed, "image_tokens": t.img_tokens, "text_embed": t.txt_embed,
-              "text_tokens": t.txt_tokens, "text_embed_mean": t.txt_embed_mean,
-              **{f"inter_{k}": v for k, v in (t.intermediates or {}).items()}}
-    return {name: m for name, x in fields.items() if (m := _bad(x, n)) is not None}
+def nonfinite_fields(t: TeacherTargets, n: int) -> dict[str, Tensor]:
+    """``{cache array name: [n] bool (row holds NaN/Inf)}`` for every floating teacher target."""
+    return {name: m for name, x in target_arrays(t).items() if (m := _bad(x, n)) is not None}
 
 
 def _shard(cache: TeacherCache, index: int, key: str) -> str:
@@ -50,7 +48,7 @@ def describe(cache: TeacherCache, batch: TrainBatch, fields: dict[str, Tensor], 
     parts = []
     for r in rows[:limit]:
         names = [name for name, m in fields.items() if bool(m[r])]
-        img = [n for n in names if n.startswith("image") or n.startswith("inter_image")]
+        img = [n for n in names if is_image_array(n)]
         txt = [n for n in names if n not in img]
         if img:
             i = int(batch.image_index[r])
