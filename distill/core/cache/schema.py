@@ -94,14 +94,13 @@ class ArraySpec:
     image and view; TEXT: ``[m, ...]``, one per caption); ``dtype`` the numpy dtype the reader
     returns (``float32`` for floating arrays: fp16-stored ones pass through as fp16 on request);
     ``stored`` the dtype the writer writes (floats nominally: fp16 teacher outputs may be stored
-    wider after an fp16 overflow, token arrays as int8 with ``--dtype int8``); ``field`` the feature
-    field it holds (None: not a teacher output); ``flat``: a byte blob without one row per sample."""
+    wider after an fp16 overflow, token arrays as int8 with ``--dtype int8``); ``flat``: a byte blob
+    without one row per sample."""
 
     name: str
     rows: str
     dtype: str = "float32"
     stored: str = "float32"
-    field: str | None = None
     flat: bool = False
 
     @property
@@ -111,19 +110,20 @@ class ArraySpec:
 
 
 def _tower_specs(tower: str) -> list[ArraySpec]:
-    out = [ArraySpec(field_array(tower, "embed"), tower, stored="float16", field="embed"),
-           ArraySpec(field_array(tower, "tokens"), tower, stored="float16", field="tokens"),
+    """The arrays of the stored fields of ``tower``'s features (and the int8 token scales)."""
+    out = [ArraySpec(field_array(tower, "embed"), tower, stored="float16"),
+           ArraySpec(field_array(tower, "tokens"), tower, stored="float16"),
            ArraySpec(scale_array(field_array(tower, "tokens")), tower),
-           ArraySpec(field_array(tower, "token_index"), tower, "int64", "int16", field="token_index")]
+           ArraySpec(field_array(tower, "token_index"), tower, "int64", "int16")]
     if has_field(tower, "mask"):
-        out.append(ArraySpec(field_array(tower, "mask"), tower, "bool", "uint8", field="mask"))
+        out.append(ArraySpec(field_array(tower, "mask"), tower, "bool", "uint8"))
     return out
 
 
 #: Every array of fixed name (intermediate-layer arrays are named by :func:`inter_array`).
 ARRAYS: dict[str, ArraySpec] = {s.name: s for s in [
     *_tower_specs(IMAGE),
-    ArraySpec(VIEW_TOKENS, IMAGE, stored="float16", field="tokens"),  # every view's tokens pooled (--view-tokens grid:<g>)
+    ArraySpec(VIEW_TOKENS, IMAGE, stored="float16"),  # every view's tokens pooled (--view-tokens grid:<g>)
     ArraySpec(scale_array(VIEW_TOKENS), IMAGE),
     *_tower_specs(TEXT),
     ArraySpec(VIEW_PARAMS, IMAGE),  # [n, V, 5] (top, left, height, width, flip)
@@ -141,7 +141,7 @@ def array_spec(name: str) -> ArraySpec:
     if name in ARRAYS:
         return ARRAYS[name]
     if name.startswith(INTER_PREFIX):
-        return ArraySpec(name, layer_tower(name[len(INTER_PREFIX):]), stored="float16", field="intermediates")
+        return ArraySpec(name, layer_tower(name[len(INTER_PREFIX):]), stored="float16")
     return ArraySpec(name, IMAGE if name.startswith((IMAGE + "_", VIEW_PARAMS)) else TEXT)
 
 
