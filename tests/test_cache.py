@@ -14,7 +14,7 @@ import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.data.augment import IDENTITY, apply_view
 from distill.core.cache.reader import TeacherCache, bytes_per_sample
 from distill.pipeline.cache_teacher import CacheSettings, image_view_params, main
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from tests.conftest import REPO
 
 BASE = ["--plugin", "tests.toy_teacher", "--teacher", "toy:0", "--num-workers", "0", "--batch-size", "3",

@@ -19,7 +19,7 @@ import pytest
 from distill.core.cache.reader import TeacherCache
 from distill.core.errors import BadSampleError, CacheCorruptError, CacheMismatchError, CacheVerifyError, CacheWriteError, ManifestError
 from distill.pipeline.cache_teacher import main, verify_cache
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from teachers import TEACHERS, create_teacher
 from tests.conftest import REPO, make_tiny_dataset
 from tests.test_cache import BASE, build, tree_bytes

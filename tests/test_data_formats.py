@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.core.errors import BadSampleError, ConfigError, NoSplitsError, SplitError
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from tests.conftest import make_tiny_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"

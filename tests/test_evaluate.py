@@ -10,7 +10,7 @@ import torch
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline import evaluate as ev
 from distill.core.errors import CacheMismatchError
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from students import create_student, save_student
 from teachers import create_teacher
 from tests.conftest import make_tiny_dataset

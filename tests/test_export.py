@@ -93,7 +93,7 @@ LONG = " ".join(["a very long caption about a dog"] * 20)  # truncated to the co
 
 def _sample(student, n: int = 5) -> tuple[torch.Tensor, list[str]]:
     """``n`` bundled sample images preprocessed for ``student`` and one caption each (plus a long one)."""
-    from distill.core.data.dataset import load_dataset
+    from distill.core.data.factory import load_dataset
 
     data = load_dataset(SAMPLE, "test").subset(range(n))
     tf = student.image_transform()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from teachers import create_teacher
 from teachers.lit import LiTTeacher
 from distill.pipeline.lit.train import main as train_lit_main

@@ -1,4 +1,4 @@
-"""webdataset ``.tar`` input (:mod:`distill.core.data.wds`): shards made here from the bundled Flickr8k sample
+"""webdataset ``.tar`` input (:mod:`distill.core.data.formats.webdataset`): shards made here from the bundled Flickr8k sample
 (24 train images in 4 shards of 6, captions as ``.json`` lists or ``.txt``), cached with the toy
 teacher, a few training steps with exact resume, and evaluation."""
 from __future__ import annotations
@@ -16,10 +16,10 @@ import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.core.cache.reader import TeacherCache
 from distill.pipeline.cache_teacher import main as cache_main
 from distill.pipeline.cache_teacher import plan_shards
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError, NoSplitsError
 from distill.pipeline.train.log import read_log
-from distill.core.data.wds import WebDatasetImages, expand_shards, samples_per_shard
+from distill.core.data.formats.webdataset import WebDatasetImages, expand_shards, samples_per_shard
 from teachers import create_teacher
 from tests.test_train import TINY_STUDENT
 

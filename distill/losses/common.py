@@ -6,10 +6,9 @@ import contextlib
 from typing import Any, Iterator, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from distill.core.dist import all_gather_cat
+from distill.core.dist import gather_with_grad, is_dist, rank
 
 
 @contextlib.contextmanager
@@ -47,10 +46,11 @@ def same_image(ids_a: Tensor, ids_b: Tensor) -> Tensor:
 
 def gather_rows(t: Tensor, enabled: bool) -> tuple[Tensor, int]:
     """Concatenate ``t`` over ranks when ``enabled`` and running distributed; returns the gathered
-    tensor and the row offset of this rank's slice in it (0 in a single process)."""
-    if not enabled or not (dist.is_available() and dist.is_initialized()):
+    tensor and the row offset of this rank's slice in it (0 in a single process). This rank's
+    slice keeps its gradient (:func:`distill.core.dist.gather_with_grad`)."""
+    if not enabled or not is_dist():
         return t, 0
-    return all_gather_cat(t), dist.get_rank() * t.shape[0]
+    return gather_with_grad(t), rank() * t.shape[0]
 
 
 class Gathered(NamedTuple):

@@ -35,13 +35,14 @@ from distill.core.registry import load_plugins
 from distill.core.cache.reader import FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, TeacherCache, check_file, fsync_dir, read_manifest
 from distill.core.errors import BadSampleError, CacheError, CacheMismatchError, CacheVerifyError, CacheWriteError, ConfigError
 from distill.pipeline.train.config import Setting, check_args
-from distill.core.data.dataset import ImageTextDataset, load_dataset
+from distill.core.data.dataset import ImageTextDataset
+from distill.core.data.factory import load_dataset
 from distill.core.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from distill.core.data.mixup import NO_MIX, sample_mix_params, view_image
 from distill.core.data.pixels import PixelSettings, crop_pixels, encode_jpeg, pack_jpeg
 from distill.core.cache.lock import writer_lock
 from distill.core.cache.output_check import NONFINITE_MODES, OVERFLOW_MODES, ShardOutputs, stored_in_fp16
-from distill.core.data.wds import samples_per_shard
+from distill.core.data.formats.webdataset import samples_per_shard
 from distill.core.cache.encode import TokenMode, parse_token_mode, pool_grid, quantize_int8, topk_tokens
 from teachers import Teacher, create_teacher
 

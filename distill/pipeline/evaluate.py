@@ -30,7 +30,8 @@ from distill.core.cache.reader import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.registry import load_plugins
 from distill.pipeline.train.config import Setting, check_args
-from distill.core.data.dataset import ImageTextDataset, TransformedImages, load_dataset
+from distill.core.data.dataset import ImageTextDataset, TransformedImages
+from distill.core.data.factory import load_dataset
 from distill.core.errors import NoSplitsError
 from distill.core.metrics import retrieval_metrics
 

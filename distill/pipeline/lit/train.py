@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.registry import load_plugins
-from distill.core.data.dataset import ImageTextDataset, TransformedImages, load_dataset
+from distill.core.data.dataset import ImageTextDataset, TransformedImages
+from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError
 from distill.core.towers import trim_padding
 from teachers.lit import LiTConfig, LiTTeacher
