@@ -138,7 +138,8 @@ def test_cache_train_resume_evaluate(shards, tmp_path: Path):
     assert [r["total"] for r in resumed] == pytest.approx([r["total"] for r in straight[2:]], rel=1e-5)
     assert straight[0]["lr"] == pytest.approx(1e-3)  # default warm-up: 5% of 4 steps = 1 step
 
-    result = evaluate.main(["--model", str(tmp_path / "straight" / "student"), "--data", data, "--num-workers", "0",
-                            "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    assert evaluate.main(["--model", str(tmp_path / "straight" / "student"), "--data", data, "--num-workers", "0",
+                          "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
     assert (result["num_images"], result["split"], result["label"]) == (24, "all", "straight")
     assert 0 < result["metrics"]["rsum"] <= 600
