@@ -10,6 +10,10 @@ holds the same image twice. The result (``lit.json`` + ``projections.safetensors
 ``--mode finetune`` also trains the last blocks of both towers contrastively on augmented images
 (:mod:`distill.pipeline.lit.finetune`), starting from ``--init`` or a short probe; the changed tower tensors
 are saved in ``towers.safetensors`` beside the projections. Recall@1 is reported in percent.
+
+The loss is the shared symmetric CLIP InfoNCE (:func:`distill.core.contrastive.clip_info_nce`) and
+Recall@1 the exact core metric (:func:`distill.core.metrics.retrieval_metrics`). Library use:
+:func:`train_lit` -> :class:`LiTResult`; ``main(argv)`` is the command and returns its exit code.
 """
 from __future__ import annotations
 
