@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C  # noqa: E402
 from distill.core.cache import TeacherCache  # noqa: E402
 from distill.core.cache.verify import sha256_file  # noqa: E402
-from distill.core.data.dataset import load_dataset  # noqa: E402
+from distill.core.data.factory import load_dataset  # noqa: E402
 from distill.pipeline.train.data import fetch_teacher  # noqa: E402
 
 NAME = "cache_verify_cost"

@@ -223,7 +223,7 @@ class Bench:
 
     def evaluate(self, row: str, build: Callable[[], Any]) -> dict[str, Any]:
         """Evaluate ``build()`` on the test split (reusing ``<row>/eval.json``)."""
-        from distill.core.data.dataset import load_dataset
+        from distill.core.data.factory import load_dataset
         from distill.pipeline.evaluate import evaluate_model
         from distill.core.profile import count_params, image_gflops
 

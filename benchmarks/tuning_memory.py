@@ -4,7 +4,7 @@
 all-MiniLM-L6-v2 weights (seeded random projections) and, side by side in one run, compares three
 students on it: ``full`` (the ``pruned`` student keeping every block/layer, i.e. the same towers
 with everything trainable, started from the same projections), ``mwa`` and ``pmf``
-(``students/tuned.py``). For each it reports
+(``students/mwa.py``, ``students/pmf.py``). For each it reports
 
 * the trainable-parameter share;
 * training memory of one CLIP-loss AdamW step, as bytes of parameters + gradients + optimizer
@@ -149,7 +149,7 @@ def load_split(split: str, n: int):
     """First ``n`` images of a Flickr8k split (None when the data set is absent)."""
     if not (FLICKR8K / "captions.tsv").is_file():
         return None
-    from distill.core.data.dataset import load_dataset
+    from distill.core.data.factory import load_dataset
 
     data = load_dataset(FLICKR8K, split)
     return data.subset(range(min(n, data.num_images)))

@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from distill.balance.base import Balancer
+from distill.core.dist import all_gather, gather_with_grad
 from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 from distill.core.registry import create_balancer, create_loss
 from distill.losses.base import DistillBatch, DistillLoss, Dims
@@ -30,37 +29,13 @@ from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor) -> Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        ctx.rank, ctx.n = rank, t.shape[0]
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def gather(t: Tensor | None, grad: bool) -> Tensor | None:
-    """Concatenate ``t`` from all ranks (identity in a single process)."""
-    if t is None or not distributed():
+    """Concatenate ``t`` from all ranks (identity in a single process); with ``grad`` the gather is
+    differentiable and its backward sums the gradient over ranks (every rank computes the same
+    global loss)."""
+    if t is None:
         return t
-    if grad and t.requires_grad:
-        return _GatherWithGrad.apply(t)
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
+    return gather_with_grad(t, sum_grads=True) if grad else all_gather(t)
 
 
 def gather_image(f: ImageFeatures) -> ImageFeatures:

@@ -32,7 +32,7 @@ default_preset() {
 preflight() {
     "$PY" - "$1" "$2" <<'EOF' || exit 2
 import sys
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError
 
 sizes = []

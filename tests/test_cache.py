@@ -16,7 +16,7 @@ from distill.core.cache.reader import TeacherCache, bytes_per_sample
 from distill.pipeline.cache.main import main
 from distill.pipeline.cache.settings import CacheSettings
 from distill.pipeline.cache.views import image_view_params
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from tests.conftest import REPO
 
 BASE = ["--plugin", "tests.toy_teacher", "--teacher", "toy:0", "--num-workers", "0", "--batch-size", "3",

@@ -20,7 +20,7 @@ from distill.core.cache.reader import TeacherCache
 from distill.core.errors import BadSampleError, CacheCorruptError, CacheMismatchError, CacheVerifyError, CacheWriteError, ManifestError
 from distill.pipeline.cache.main import main
 from distill.pipeline.cache.teacher import verify_cache
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from teachers import TEACHERS, create_teacher
 from tests.conftest import REPO, make_tiny_dataset
 from tests.test_cache import BASE, build, tree_bytes

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError
 from tests.conftest import make_tiny_dataset
 

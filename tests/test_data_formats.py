@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.core.errors import BadSampleError, ConfigError, NoSplitsError, SplitError
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from tests.conftest import make_tiny_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
@@ -63,16 +63,19 @@ def test_unknown_split_lists_the_known_ones(data: Path):
 
 
 def test_evaluate_default_split_on_a_file_without_splits(data: Path, capsys):
-    from distill.pipeline.evaluate import main
+    from distill.pipeline.evaluate import evaluate, main
 
     import tests.toy_teacher  # noqa: F401
 
     path = coco_json(data / "captions.json", [f"images/img00{i}.jpg" for i in range(4)])
-    result = main(["--model", "toy:0", "--data", str(path), "--num-workers", "0", "--device", "cpu"])
+    out = data / "eval.json"
+    assert main(["--model", "toy:0", "--data", str(path), "--num-workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
     assert result["split"] == "all" and result["num_images"] == 4 and result["label"] == "toy:0"
     assert "has no splits; evaluating all its rows" in capsys.readouterr().err
     with pytest.raises(NoSplitsError):
         main(["--model", "toy:0", "--data", str(path), "--split", "test", "--device", "cpu"])
+    assert evaluate("toy:0", str(path), num_workers=0).split == "all"
 
 
 def test_symlinked_image_folder_is_followed_and_dotdot_refused(tmp_path: Path):
@@ -96,3 +99,44 @@ def test_missing_image_hints_at_images_root(data: Path):
                                              r"relative to .*annotations; pass --images-root DIR"):
         load_dataset(path)
     assert load_dataset(path, images_root=data / "images").num_images == 1
+
+
+def test_formats_are_registered_readers_asked_in_a_fixed_order(data: Path):
+    from distill.core.data.factory import create_reader, reader_classes
+    from distill.core.data.formats.base import DatasetReader
+    from distill.core.registry import DATASET_FORMATS
+
+    builtin = [c for c in reader_classes() if c.__module__.startswith("distill.core.data.formats.")]
+    assert [DATASET_FORMATS.get(n) for n in ("webdataset", "flickr8k", "csv", "karpathy", "coco")] == builtin
+    assert type(create_reader(data)).__name__ == "CsvReader"  # a folder with captions.tsv
+    assert type(create_reader(SAMPLE)).__name__ == "Flickr8kReader"
+    assert type(create_reader(coco_json(data / "c.json", ["images/img000.jpg"]))).__name__ == "CocoCaptionsReader"
+    assert type(create_reader(data / "captions.tsv", format="csv")).__name__ == "CsvReader"
+
+    class LinesReader(DatasetReader):
+        """``image<TAB>caption`` lines in a ``.lines`` file: a format added the way a plugin adds one."""
+        label, suffixes = "lines file", (".lines",)
+
+        @classmethod
+        def accepts(cls, source):
+            return source.is_file and source.suffix == ".lines"
+
+        def read(self):
+            from distill.core.data.dataset import assemble
+
+            path = self.source.path
+            rows = [(*line.split("\t", 1), f"{path}:{n}")
+                    for n, line in enumerate(path.read_text().splitlines(), start=1)]
+            return assemble(self.root(), rows, path.stem, self.split or "all", self.on_bad_sample, self.check_decode)
+
+    lines = data / "two.lines"
+    lines.write_text("images/img000.jpg\ta dog\nimages/img001.jpg\ta cat\n")
+    with pytest.raises(ValueError, match=r"unsupported dataset format '\.lines'"):
+        load_dataset(lines)
+    DATASET_FORMATS.register("test_lines")(LinesReader)
+    try:
+        assert reader_classes()[-1] is LinesReader  # priority 100: asked after the built-in formats
+        ds = load_dataset(lines)
+        assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.captions == ["a dog", "a cat"]
+    finally:
+        DATASET_FORMATS._items.pop("test_lines")

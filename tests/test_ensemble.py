@@ -14,7 +14,7 @@ import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.cache.reader import TeacherCache
 from distill.pipeline.cache.main import main as cache_main
 from distill.core.errors import ConfigError
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from teachers import TEACHERS, create_teacher
 from teachers.ensemble import EnsembleTeacher, parse_members
 from tests.test_teachers import CAPTIONS, random_pixels

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from tests.conftest import REPO
 from tests.test_examples import check_outputs, run_script, teacher, write_jpeg  # noqa: F401  (fixture)
 

@@ -3,6 +3,7 @@ exports with parity checks on the bundled sample, and the ``students.export`` CL
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from PIL import Image
 
 from students import create_student, load_student
-from distill.pipeline.export.main import export_open_clip, main
+from distill.core.errors import ExportError
+from distill.pipeline.cli import run_cli
+from distill.pipeline.export.main import ExportResult, export_open_clip, export_student, main
 from tests.test_students import CAPTIONS, TINY  # importing it registers the "prunetoy" teacher
 
 
@@ -58,31 +61,37 @@ def test_export_of_pruned_student_points_to_save_student(tmp_path: Path):
 def test_cli_from_training_checkpoint(vit, tmp_path: Path, capsys):
     ckpt = tmp_path / "last.pt"
     torch.save({"student_config": vit.config(), "student": vit.state_dict()}, ckpt)
-    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "oc")])
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "oc")]) == 0
     assert "wrote open_clip export of the 'vit' student" in capsys.readouterr().out
     model = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.encode_image(x, normalize=True), vit.encode_image(x).embed)
 
-    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "st"), "--format", "safetensors"])
+    result = export_student(ckpt, tmp_path / "st", "safetensors")
+    assert result == ExportResult(tmp_path / "st", "safetensors", "vit", vit.num_params(), {})
     again = load_student(tmp_path / "st")
     with torch.no_grad():
         assert torch.equal(again.encode_image(x).embed, vit.encode_image(x).embed)
 
 
-def test_cli_plugin_and_pruned_safetensors(tmp_path: Path):
+def test_cli_plugin_and_pruned_safetensors(tmp_path: Path, capsys):
     pruned = create_student("pruned", teacher="prunetoy:0", image_layers=2, text_layers=1, embed_dim=8)
     ckpt = tmp_path / "p.pt"
     torch.save({"student_config": pruned.config(), "student": pruned.state_dict()}, ckpt)
     main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "p"), "--format", "safetensors",
           "--plugin", "tests.test_students"])
     assert load_student(tmp_path / "p").config() == pruned.config()
-    # the default format (open_clip) on a pruned student: one clear line, no traceback, nothing written
-    with pytest.raises(SystemExit, match=r"^error: the 'pruned' student is not an open_clip architecture.*--format onnx"):
-        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "q")])
-    with pytest.raises(SystemExit, match=r"^error: the 'pruned' student has no Hugging Face CLIPModel equivalent"):
-        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "q"), "--format", "hf"])
+    # the default format (open_clip) on a pruned student: a typed error, one clear line, nothing written
+    with pytest.raises(ExportError, match=r"^the 'pruned' student is not an open_clip architecture.*--format onnx"):
+        export_student(ckpt, tmp_path / "q")
+    assert run_cli(main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "q")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and re.match(r"^error: the 'pruned' student is not an open_clip architecture.*--format onnx",
+                                      err[0])
+    assert run_cli(main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "q"), "--format", "hf"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("error: the 'pruned' student has no Hugging Face CLIPModel equivalent")
     assert not (tmp_path / "q").exists()
 
 
@@ -93,7 +102,7 @@ LONG = " ".join(["a very long caption about a dog"] * 20)  # truncated to the co
 
 def _sample(student, n: int = 5) -> tuple[torch.Tensor, list[str]]:
     """``n`` bundled sample images preprocessed for ``student`` and one caption each (plus a long one)."""
-    from distill.core.data.dataset import load_dataset
+    from distill.core.data.factory import load_dataset
 
     data = load_dataset(SAMPLE, "test").subset(range(n))
     tf = student.image_transform()
@@ -169,7 +178,7 @@ def test_cli_onnx_and_hf_report_parity(vit, tmp_path: Path, capsys):
     ckpt = tmp_path / "last.pt"
     torch.save({"student_config": vit.config(), "student": vit.state_dict()}, ckpt)
     for fmt, files in (("onnx", ["image_encoder.onnx", "text_encoder.onnx"]), ("hf", ["config.json", "model.safetensors"])):
-        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / fmt), "--format", fmt])
+        assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / fmt), "--format", fmt]) == 0
         out = capsys.readouterr().out
         assert f"wrote {fmt} export of the 'vit' student" in out
         image, text = (float(x.rstrip(",")) for x in out.split("image ")[1].split(", text "))

@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from teachers import create_teacher
 from teachers.lit import LiTTeacher
 from distill.pipeline.lit.train import main as train_lit_main
 from distill.pipeline.lit.finetune import pick_captions, trainable_prefixes
-from distill.pipeline.lit.train import contrastive_loss, info_nce, recall_at_1, train_projections
+from distill.core.contrastive import clip_info_nce
+from distill.pipeline.cli import run_cli
+from distill.pipeline.lit.train import LiTResult, contrastive_loss, recall_at_1, train_lit, train_projections
 from tests.conftest import FLICKR8K, REPO
 
 SAMPLE = REPO / "examples" / "sample_flickr8k"
@@ -103,9 +105,10 @@ class _TinyLiT(torch.nn.Module):
 @pytest.mark.slow
 def test_train_lit_cli_roundtrip(flickr8k, tmp_path):
     out = tmp_path / "lit"
-    report = train_lit_main(["--data", str(flickr8k), "--split", "train", "--val-split", "dev", "--max-images", "12",
-                             "--out", str(out), "--epochs", "15", "--batch-size", "6", "--lr", "3e-3",
-                             "--embed-dim", "64", "--image-size", "128", "--device", "cpu", "--seed", "1"])
+    assert train_lit_main(["--data", str(flickr8k), "--split", "train", "--val-split", "dev", "--max-images", "12",
+                           "--out", str(out), "--epochs", "15", "--batch-size", "6", "--lr", "3e-3",
+                           "--embed-dim", "64", "--image-size", "128", "--device", "cpu", "--seed", "1"]) == 0
+    report = json.loads((out / "lit.json").read_text())["training"]  # the report the command saved
     assert report["losses"][-1] < 0.5 * report["losses"][0]
     assert report["num_images"] == 12 and report["num_captions"] == 60 and 0 <= report["val_r1"]["mean_r1"] <= 100
     saved = json.loads((out / "lit.json").read_text())
@@ -171,7 +174,9 @@ def test_contrastive_loss_one_and_many_positives():
     logits = torch.e ** 2 * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
     ref = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(4))
                  + torch.nn.functional.cross_entropy(logits.T, torch.arange(4)))
-    torch.testing.assert_close(info_nce(img, txt, log_scale), ref)
+    unit = torch.nn.functional.normalize
+    ids = torch.arange(4)  # the core's symmetric CLIP InfoNCE (the student's loss too) with one caption per image
+    torch.testing.assert_close(clip_info_nce(unit(img, dim=-1), unit(txt, dim=-1), torch.e ** 2, ids, ids), ref)
     torch.testing.assert_close(contrastive_loss(img, txt, torch.arange(4), log_scale), ref)
     # two captions per image: image->text averages the cross-entropy over both positives
     txt2, owner = torch.randn(8, 6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -201,7 +206,8 @@ def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
             "--mode", "finetune", "--epochs", "2", "--batch-size", "4", "--image-size", "64", "--probe-epochs", "2",
             "--trainable-image-blocks", "2", "--trainable-text-layers", "1", "--backbone-lr", "1e-3",
             "--embed-dim", "32", "--device", "cpu"]
-    report = train_lit_main(argv)
+    assert train_lit_main(argv) == 0
+    report = json.loads((out / "lit.json").read_text())["training"]
     assert report["mode"] == "finetune" and len(report["losses"]) == 2 and report["steps"] == 4
     assert report["trained"] == ["backbone.17.", "backbone.18.", "text_model.encoder.layer.5."]
     assert 0 <= report["val_r1"]["mean_r1"] <= 100 and len(report["val_r1_per_epoch"]) == 2
@@ -225,9 +231,10 @@ def test_finetune_roundtrip_saves_and_reloads_towers(lit_default, tmp_path):
     torch.testing.assert_close(dict(towers.text.model.named_parameters())["encoder.layer.5.output.dense.weight"],
                                own["text_model.encoder.layer.5.output.dense.weight"])
     again = tmp_path / "again"  # continue from the fine-tuned folder, training other blocks: both are kept
-    report2 = train_lit_main([*argv[:argv.index("--out")], "--out", str(again), "--mode", "finetune", "--epochs", "1",
-                              "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3", "--captions", "all",
-                              "--trainable-image-blocks", "1", "--trainable-text-layers", "0", "--device", "cpu"])
+    assert train_lit_main([*argv[:argv.index("--out")], "--out", str(again), "--mode", "finetune", "--epochs", "1",
+                           "--batch-size", "4", "--image-size", "64", "--init", str(out), "--backbone-lr", "1e-3", "--captions", "all",
+                           "--trainable-image-blocks", "1", "--trainable-text-layers", "0", "--device", "cpu"]) == 0
+    report2 = json.loads((again / "lit.json").read_text())["training"]
     assert report2["trained"] == ["backbone.18."] and "probe" not in report2 and report2["captions"] == "all"
     saved2 = load_file(str(again / "towers.safetensors"))
     assert sorted(saved2) == sorted(saved)
@@ -262,10 +269,10 @@ def _coco_layout(root, n: int = 4):
 
 def test_train_lit_missing_image_names_file_and_images_root(tmp_path, capsys):
     ann = _coco_layout(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        train_lit_main(["--data", str(ann), "--split", "all", "--out", str(tmp_path / "t")])
-    msg = str(e.value)
-    assert msg.startswith("error: ") and "\n" not in msg
+    assert run_cli(train_lit_main, ["--data", str(ann), "--split", "all", "--out", str(tmp_path / "t")]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    msg = lines[0]
     assert f"{ann}: annotations[0]" in msg and str(tmp_path / "annotations" / "000000000000.jpg") in msg
     assert "--images-root" in msg and not (tmp_path / "t").exists()
 
@@ -273,11 +280,11 @@ def test_train_lit_missing_image_names_file_and_images_root(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_lit_images_root_coco(tmp_path):
     ann = _coco_layout(tmp_path)
-    report = train_lit_main(["--data", str(ann), "--split", "all", "--images-root", str(tmp_path / "train2017"),
-                             "--out", str(tmp_path / "t"), "--epochs", "2", "--batch-size", "4", "--image-size", "64",
-                             "--embed-dim", "16", "--device", "cpu"])
-    assert report["num_images"] == 4 and report["num_captions"] == 8
-    assert create_teacher(f"lit:{tmp_path / 't'}").embed_dim == 16
+    result = train_lit(str(ann), str(tmp_path / "t"), "all", epochs=2, batch_size=4, image_size=64, embed_dim=16,
+                       device="cpu", images_root=str(tmp_path / "train2017"))  # the library call: a typed result
+    assert isinstance(result, LiTResult) and result.mode == "probe" and len(result.losses) == 2
+    assert result.report["num_images"] == 4 and result.report["num_captions"] == 8
+    assert result.spec == f"lit:{tmp_path / 't'}" and create_teacher(result.spec).embed_dim == 16
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from distill.core.cache.reader import TeacherCache
 from distill.core.checkpoint import load_checkpoint
 from distill.core.errors import CheckpointError, ConfigError, DatasetMismatchError
 from distill.pipeline.train.config import DEFAULT_LOSSES, load_config_file, parse_override, resolve_config
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.dist import init_distributed
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
 from distill.pipeline.train.data import GlobalBatchSampler

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.pipeline.train.main import make_optimizer
 from students import create_student, load_student, save_student
-from students.tuned import ParallelAdapted
+from students.mwa import ParallelAdapted
 from teachers import create_teacher
 from teachers.lit import LiTConfig, LiTTeacher
 from tests.conftest import FLICKR8K, make_tiny_dataset

@@ -14,7 +14,7 @@ from distill.core.cache.encode import parse_token_mode
 from distill.core.cache.reader import TeacherCache
 from distill.core.cache.verify import verify_pixels
 from distill.core.errors import CacheCorruptError, CacheError, PixelCacheError
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.dist import init_distributed
 from distill.core.data.mixup import NO_MIX, mix_images, view_image
 from distill.core.data.pixels import crop_pixels, normalise_pixels, student_pixels

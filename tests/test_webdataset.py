@@ -1,4 +1,4 @@
-"""webdataset ``.tar`` input (:mod:`distill.core.data.wds`): shards made here from the bundled Flickr8k sample
+"""webdataset ``.tar`` input (:mod:`distill.core.data.formats.webdataset`): shards made here from the bundled Flickr8k sample
 (24 train images in 4 shards of 6, captions as ``.json`` lists or ``.txt``), cached with the toy
 teacher, a few training steps with exact resume, and evaluation."""
 from __future__ import annotations
@@ -16,10 +16,10 @@ import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.core.cache.reader import TeacherCache
 from distill.core.cache.writer import plan_shards
 from distill.pipeline.cache.main import main as cache_main
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError, NoSplitsError
 from distill.pipeline.train.log import read_log
-from distill.core.data.wds import WebDatasetImages, expand_shards, samples_per_shard
+from distill.core.data.formats.webdataset import WebDatasetImages, expand_shards, samples_per_shard
 from teachers import create_teacher
 from tests.test_train import TINY_STUDENT
 
@@ -138,7 +138,8 @@ def test_cache_train_resume_evaluate(shards, tmp_path: Path):
     assert [r["total"] for r in resumed] == pytest.approx([r["total"] for r in straight[2:]], rel=1e-5)
     assert straight[0]["lr"] == pytest.approx(1e-3)  # default warm-up: 5% of 4 steps = 1 step
 
-    result = evaluate.main(["--model", str(tmp_path / "straight" / "student"), "--data", data, "--num-workers", "0",
-                            "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    assert evaluate.main(["--model", str(tmp_path / "straight" / "student"), "--data", data, "--num-workers", "0",
+                          "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
     assert (result["num_images"], result["split"], result["label"]) == (24, "all", "straight")
     assert 0 < result["metrics"]["rsum"] <= 600

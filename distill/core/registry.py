@@ -73,8 +73,8 @@ STUDENTS: Registry[Any] = Registry("student", provider="students")
 LOSSES: Registry[Any] = Registry("loss", provider="distill.losses")
 #: Loss balancers: ``create_balancer("dynamic", names, **cfg)``.
 BALANCERS: Registry[Any] = Registry("balancer", provider="distill.balance")
-#: Dataset formats (readers): ``create_reader("jsonl", path)``; see :mod:`distill.core.data.factory`.
-DATASET_FORMATS: Registry[Any] = Registry("dataset format", provider="distill.core.data")
+#: Dataset formats (reader classes): ``create_reader(path, format="csv")``; see :mod:`distill.core.data.factory`.
+DATASET_FORMATS: Registry[Any] = Registry("dataset format", provider="distill.core.data.formats")
 
 
 def create_teacher(spec: str, device: Any = "cpu") -> Any:

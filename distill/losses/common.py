@@ -1,15 +1,15 @@
 """Helpers shared by the loss modules: fp32 computation, the student's embeddings in the teacher's
-space, (multi-positive) InfoNCE, false-negative masks and optional cross-rank gathering."""
+space and optional cross-rank gathering (the multi-positive InfoNCE pieces and false-negative masks
+are in :mod:`distill.core.contrastive`)."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from distill.core.dist import all_gather_cat
+from distill.core.dist import gather_with_grad, is_dist, rank
 
 
 @contextlib.contextmanager
@@ -33,24 +33,13 @@ def in_teacher_space(batch: Any, loss: str) -> tuple[Tensor, Tensor]:
     return batch.s_img.embed.float(), batch.s_txt.embed.float()
 
 
-def multi_positive_nce(logits: Tensor, positives: Tensor) -> Tensor:
-    """Mean over rows of ``-log sum_{j positive} softmax(logits)_j`` (InfoNCE with several positives;
-    with one positive per row it equals the cross-entropy). Excluded columns carry ``-inf``."""
-    pos = logits.masked_fill(~positives, float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos, dim=1)).mean()
-
-
-def same_image(ids_a: Tensor, ids_b: Tensor) -> Tensor:
-    """[len(a), len(b)] bool: True where two rows come from the same image."""
-    return ids_a.reshape(-1, 1) == ids_b.reshape(1, -1)
-
-
 def gather_rows(t: Tensor, enabled: bool) -> tuple[Tensor, int]:
     """Concatenate ``t`` over ranks when ``enabled`` and running distributed; returns the gathered
-    tensor and the row offset of this rank's slice in it (0 in a single process)."""
-    if not enabled or not (dist.is_available() and dist.is_initialized()):
+    tensor and the row offset of this rank's slice in it (0 in a single process). This rank's
+    slice keeps its gradient (:func:`distill.core.dist.gather_with_grad`)."""
+    if not enabled or not is_dist():
         return t, 0
-    return all_gather_cat(t), dist.get_rank() * t.shape[0]
+    return gather_with_grad(t), rank() * t.shape[0]
 
 
 class Gathered(NamedTuple):
@@ -67,17 +56,3 @@ def gather_pairs(img: Tensor, txt: Tensor, image_ids: Tensor, enabled: bool) -> 
     all_txt, _ = gather_rows(txt, enabled)
     all_ids, _ = gather_rows(image_ids.to(img.device), enabled)
     return Gathered(all_img, all_txt, all_ids, offset)
-
-
-def positives_and_mask(logits: Tensor, ids_rows: Tensor, ids_cols: Tensor, offset: int,
-                       multi_positive: bool) -> tuple[Tensor, Tensor]:
-    """(logits, positives) for an in-batch block whose own pair is column ``offset + i``: with
-    ``multi_positive`` every column of the same image is a positive, otherwise the other columns of
-    the same image are masked to ``-inf`` (false negatives) and only the own pair is positive."""
-    same = same_image(ids_rows, ids_cols)
-    own = torch.zeros_like(same)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    own[rows, rows + offset] = True
-    if multi_positive:
-        return logits, same | own
-    return logits.masked_fill(same & ~own, float("-inf")), own

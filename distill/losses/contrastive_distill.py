@@ -27,10 +27,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from distill.core.contrastive import multi_positive_nce, positives_and_mask, same_image
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import (full_precision, gather_pairs, gather_rows, in_teacher_space, multi_positive_nce,
-                                  positives_and_mask, same_image)
+from distill.losses.common import full_precision, gather_pairs, gather_rows, in_teacher_space
 
 TERMS = ("img_img", "txt_txt", "img_txt", "txt_img")
 TEXT_TARGETS = ("caption", "caption_mean", "both")

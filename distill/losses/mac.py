@@ -17,7 +17,8 @@ from torch import Tensor
 
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import full_precision, gather_pairs, same_image
+from distill.core.contrastive import same_image
+from distill.losses.common import full_precision, gather_pairs
 
 SCHEDULES = ("exponential", "linear")
 

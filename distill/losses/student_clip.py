@@ -3,14 +3,16 @@ learnable scale ``exp(batch.student_logit_scale)`` (clamped to <= 100). Rows of 
 captions of it in the batch) are positives with ``multi_positive`` (default: multi-positive InfoNCE,
 ``-log sum_{positives} softmax``, so all captions of an image pull on it); with ``multi_positive:
 false`` they are masked out of the denominators (false negatives). With ``gather`` (default) each
-local anchor is contrasted with the candidates of all ranks."""
+local anchor is contrasted with the candidates of all ranks. The loss itself is
+:func:`distill.core.contrastive.clip_info_nce`, shared with LiT teacher training."""
 from __future__ import annotations
 
 from torch import Tensor
 
+from distill.core.contrastive import clip_info_nce
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import full_precision, gather_pairs, multi_positive_nce, positives_and_mask
+from distill.losses.common import full_precision, gather_pairs
 
 MAX_SCALE = 100.0
 
@@ -26,6 +28,5 @@ class StudentClipLoss(DistillLoss):
             scale = batch.student_logit_scale.float().exp().clamp(max=MAX_SCALE)
             img, txt = batch.s_img.embed.float(), batch.s_txt.embed.float()
             ids, g = batch.image_ids.to(img.device), gather_pairs(img, txt, batch.image_ids, self.gather)
-            i2t = positives_and_mask(scale * img @ g.txt.T, ids, g.ids, g.offset, self.multi_positive)
-            t2i = positives_and_mask(scale * txt @ g.img.T, ids, g.ids, g.offset, self.multi_positive)
-            return (multi_positive_nce(*i2t) + multi_positive_nce(*t2i)) / 2
+            return clip_info_nce(img, txt, scale, ids, ids, candidates=(g.img, g.txt, g.ids),
+                                 own_offset=None if self.multi_positive else g.offset)

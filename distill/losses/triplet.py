@@ -12,7 +12,8 @@ from torch import Tensor
 
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
-from distill.losses.common import full_precision, same_image
+from distill.core.contrastive import same_image
+from distill.losses.common import full_precision
 
 
 def hinge_on_mined(s_sim: Tensor, t_sim: Tensor, invalid: Tensor, margin: float) -> Tensor:

@@ -1,11 +1,13 @@
 """One top-level error handler for every command-line entry point.
 
 ``cli_main(main)`` in a module's ``__main__`` block (``sys.exit(run_cli(main))``): the project's typed errors
-(``ConfigError``, the ``CacheError`` family, ``BadSampleError``, ``CheckpointError``, ...), other
-``ValueError``\\s, missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr
-and exit 2; ``--debug`` anywhere on the command line shows the full traceback instead. ``main(argv)``
-itself stays a plain Python function that returns its typed result (e.g. the training summary) and
-raises typed errors; only the ``__main__`` path turns them into an exit code.
+(every :class:`~distill.core.errors.DistillError`: ``ConfigError``, the ``CacheError`` family,
+``BadSampleError``, ``CheckpointError``, ``ExportError``, ...), other ``ValueError``\\s,
+missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr and exit 2;
+``--debug`` anywhere on the command line shows the full traceback instead. A command's
+``main(argv)`` returns its exit code and raises typed errors; the work itself is a library function
+returning a typed result (``evaluate(...) -> EvalResult``, ``export_student(...) -> ExportResult``,
+``train_lit(...) -> LiTResult``).
 
 :class:`ArgumentParser` (a drop-in ``argparse.ArgumentParser``) reports a bad flag as one
 ``error: argument --x: ...`` line (exit 2) instead of the usage block, and lists ``--debug``.
@@ -15,16 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import Any, Callable, Iterable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from distill.core.errors import CacheError, CheckpointError, ConfigError
+from distill.core.errors import DistillError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
 EXIT_ERROR = 2
 
 #: Errors that are the user's input, not a bug: reported as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, CacheError, CheckpointError, FileNotFoundError,
-                                                 PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DistillError, ValueError, FileNotFoundError, PermissionError,
+                                                 IsADirectoryError, NotADirectoryError)
 
 NO_GPU = "CUDA requested but no GPU is available"
 
@@ -89,18 +91,18 @@ def _report(e: BaseException, debug: bool) -> int:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` as a command: 0 on success (or ``main``'s int result), 2 with one
-    ``error: ...`` line for user errors, the traceback instead with ``--debug``."""
+    """Run the command ``main(argv)``: its exit code (0 when it returns no int), 2 with one
+    ``error: ...`` line for user errors, the traceback too with ``--debug``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         check_device(_flag_value(argv, "--device"))
-        result = main(argv)
-    except SystemExit as e:  # argparse (already printed) or a legacy ``SystemExit("error: ...")``
+        code = main(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line printed); or SystemExit("error: ...")
         return _report(e, debug) if isinstance(e.code, str) else int(e.code or 0)
     except USER_ERRORS as e:
         return _report(e, debug)
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def cli_main(main: Callable[[list[str]], Any]) -> NoReturn:

@@ -9,6 +9,11 @@ or exported folder, or a teacher cache folder (its stored embeddings are scored 
 
 An image query hits when any of its captions is in the top K; a caption query hits when its image
 is. Scoring is exact and tiled (:mod:`distill.core.metrics`).
+
+Library use: :func:`evaluate` (a model spec and a ``--data`` argument -> :class:`EvalResult`, whose
+:meth:`~EvalResult.to_json` is what ``--out`` holds), :func:`evaluate_model` (a loaded model and a
+dataset -> metrics) and :func:`evaluate_cache`. ``main(argv)`` is the command and returns its exit
+code.
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from distill.core.cache import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.registry import load_plugins
 from distill.pipeline.train.config import Setting, check_args
-from distill.core.data.dataset import ImageTextDataset, TransformedImages, load_dataset
-from distill.core.errors import NoSplitsError
+from distill.core.data.dataset import ImageTextDataset, TransformedImages
+from distill.core.data.factory import load_dataset
+from distill.core.errors import ConfigError, NoSplitsError
 from distill.core.metrics import retrieval_metrics
 
 METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -101,8 +107,8 @@ def load_model(spec: str, device: str = "cpu") -> tuple[str, Any]:
 
     backend, sep, _ = spec.partition(":")
     if not sep or backend not in TEACHERS:
-        raise SystemExit(f"error: --model {spec!r} is neither an existing student/cache path nor a teacher spec "
-                         f"'<backend>:<args>' (backends: {', '.join(TEACHERS.names())})")
+        raise ConfigError(f"--model {spec!r} is neither an existing student/cache path nor a teacher spec "
+                          f"'<backend>:<args>' (backends: {', '.join(TEACHERS.names())})")
     return "teacher", create_teacher(spec, device=device)
 
 
@@ -153,48 +159,84 @@ ARG_RULES = (Setting("max_captions", "int", lambda v: v >= 1, "an integer >= 1",
              Setting("num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    load_plugins(args.plugin)
-    kind, model = load_model(args.model, args.device)
-    data = None
-    if args.data:
-        try:
-            data = load_dataset(args.data, args.split or "test", args.images_root, on_bad_sample=args.on_bad_sample)
-        except NoSplitsError:
-            if args.split is not None:
-                raise
-            print(f"note: {args.data} has no splits; evaluating all its rows", file=sys.stderr)
-            data = load_dataset(args.data, None, args.images_root, on_bad_sample=args.on_bad_sample)
-        if data.skipped:
-            print(f"skipped {len(data.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in data.skipped),
-                  file=sys.stderr)
-        if args.max_captions is not None:
+@dataclasses.dataclass
+class EvalResult:
+    """One evaluation: what was evaluated on which data, its size, the seconds the scoring took and
+    the metrics (Recall@K both directions in percent, ``rsum``). :meth:`to_json` is the ``--out`` file."""
+
+    model: str
+    label: str
+    kind: str  # "teacher", "student" or "cache"
+    data: str | None
+    split: str | None
+    num_images: int
+    num_captions: int
+    skipped: list[str]
+    seconds: float
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_eval_data(data: str, split: str | None, images_root: str | None, on_bad_sample: str = "error") -> ImageTextDataset:
+    """The evaluation dataset: ``split`` (default ``test``; all rows, with a note on stderr, for a
+    dataset without splits when no split was asked for)."""
+    try:
+        ds = load_dataset(data, split or "test", images_root, on_bad_sample=on_bad_sample)
+    except NoSplitsError:
+        if split is not None:
+            raise
+        print(f"note: {data} has no splits; evaluating all its rows", file=sys.stderr)
+        ds = load_dataset(data, None, images_root, on_bad_sample=on_bad_sample)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} bad sample(s): " + "; ".join(f"{s.where}: {s.reason}" for s in ds.skipped),
+              file=sys.stderr)
+    return ds
+
+
+def evaluate(model: str, data: str | None = None, split: str | None = None, images_root: str | None = None, *,
+             max_captions: int | None = None, on_bad_sample: str = "error", batch_size: int = 64,
+             num_workers: int = 2, device: str = "cpu") -> EvalResult:
+    """Evaluate ``model`` (a teacher spec, a student checkpoint/folder or a teacher cache folder) on
+    ``data`` (optional for a cache: its stored embeddings are scored)."""
+    kind, loaded = load_model(model, device)
+    ds = None
+    if data:
+        ds = load_eval_data(data, split, images_root, on_bad_sample)
+        if max_captions is not None:
             if kind == "cache":
-                raise SystemExit("error: --max-captions applies to a teacher or a student, not to a cache")
-            data = first_captions(data, args.max_captions)
+                raise ConfigError("--max-captions applies to a teacher or a student, not to a cache")
+            ds = first_captions(ds, max_captions)
     elif kind != "cache":
-        raise SystemExit("error: --data is required to evaluate a teacher or a student")
+        raise ConfigError("--data is required to evaluate a teacher or a student")
     start = time.perf_counter()
     if kind == "cache":
-        metrics = evaluate_cache(model, data)
-        num_images, num_captions = model.num_images, model.num_captions
+        metrics = evaluate_cache(loaded, ds)
+        num_images, num_captions = loaded.num_images, loaded.num_captions
     else:
-        metrics = evaluate_model(model, data, args.batch_size, args.device, args.num_workers)
-        num_images, num_captions = data.num_images, data.num_captions
-    label = model_label(args.model, kind)
-    result = {"model": args.model, "label": label, "kind": kind, "data": args.data,
-              "split": data.split if data else args.split,
-              "num_images": num_images, "num_captions": num_captions,
-              "skipped": [f"{s.where}: {s.reason}" for s in data.skipped] if data else [],
-              "seconds": round(time.perf_counter() - start, 3), "metrics": metrics}
-    print(format_metrics(label, metrics))
-    print(f"{num_images} images, {num_captions} captions, {result['seconds']:.1f} s")
+        metrics = evaluate_model(loaded, ds, batch_size, device, num_workers)
+        num_images, num_captions = ds.num_images, ds.num_captions
+    return EvalResult(model=model, label=model_label(model, kind), kind=kind, data=data,
+                      split=ds.split if ds else split, num_images=num_images, num_captions=num_captions,
+                      skipped=[f"{s.where}: {s.reason}" for s in ds.skipped] if ds else [],
+                      seconds=round(time.perf_counter() - start, 3), metrics=metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m distill.evaluate``: print the metrics table (and write ``--out``); returns the exit code."""
+    args = parse_args(argv)
+    load_plugins(args.plugin)
+    result = evaluate(args.model, args.data, args.split, args.images_root, max_captions=args.max_captions,
+                      on_bad_sample=args.on_bad_sample, batch_size=args.batch_size, num_workers=args.num_workers,
+                      device=args.device)
+    print(format_metrics(result.label, result.metrics))
+    print(f"{result.num_images} images, {result.num_captions} captions, {result.seconds:.1f} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(result.to_json(), indent=2))
         print(f"results: {args.out}")
-    return result
+    return 0
 
 
 if __name__ == "__main__":

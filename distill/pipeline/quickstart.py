@@ -111,7 +111,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    from distill.core.data.dataset import load_dataset
+    from distill.core.data.factory import load_dataset
     from distill.pipeline.evaluate import evaluate_model
     from students import load_student
     from teachers import create_teacher

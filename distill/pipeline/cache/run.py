@@ -25,7 +25,8 @@ from distill.core.cache.lock import writer_lock
 from distill.core.cache.schema import SHARDS, VIEW_PARAMS, read_manifest, stored_in_fp16
 from distill.core.cache.writer import (ShardPlan, check_existing, clear_cache, plan_shards, read_shard_json,
                                        shard_is_complete, write_manifest, write_shard)
-from distill.core.data.dataset import ImageTextDataset, load_dataset
+from distill.core.data.dataset import ImageTextDataset
+from distill.core.data.factory import load_dataset
 from distill.core.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from distill.core.errors import BadSampleError
 from distill.core.registry import load_plugins

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from distill.core.cache.encode import DTYPES, NONFINITE_MODES, OVERFLOW_MODES, TokenMode, TokenStorage, parse_token_mode
 from distill.core.data.pixels import PixelSettings
-from distill.core.data.wds import samples_per_shard
+from distill.core.data.formats.webdataset import samples_per_shard
 from distill.core.errors import ConfigError
 
 #: Images per shard unless set (webdataset input: the samples per tar shard, see :meth:`CacheSettings.for_dataset`).

@@ -11,21 +11,26 @@
 
 CLI: ``python -m students.export --checkpoint CKPT_OR_DIR --out DIR [--format open_clip|onnx|hf|safetensors]``;
 ``onnx`` and ``hf`` exports are checked against PyTorch on two random images and two captions.
+Library: :func:`export_student` (a checkpoint/folder or a loaded student -> :class:`ExportResult`);
+a format the student's architecture cannot express raises :class:`~distill.core.errors.ExportError`.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from distill.pipeline.cli import ArgumentParser, cli_main
+from distill.core.errors import ConfigError, ExportError
 from distill.core.registry import load_plugins
+from distill.pipeline.cli import ArgumentParser, cli_main
 from students.base import Student
 from students.io import load_student, save_student
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+FORMATS = ("open_clip", "onnx", "hf", "safetensors")
 
 
 def export_open_clip(student: Student, out_dir: str | Path) -> Path:
@@ -33,9 +38,9 @@ def export_open_clip(student: Student, out_dir: str | Path) -> Path:
     ``open_clip_model.safetensors`` for a student that is an open_clip model (``vit``)."""
     clip = getattr(student, "clip", None)
     if clip is None or not hasattr(student, "open_clip_model_cfg"):
-        raise TypeError(f"the {student.name!r} student is not an open_clip architecture and cannot be "
-                        "exported to open_clip (only 'vit' students can); use --format onnx for deployment, or "
-                        "students.save_student(student, DIR) (--format safetensors) to reload it with load_student")
+        raise ExportError(f"the {student.name!r} student is not an open_clip architecture and cannot be "
+                          "exported to open_clip (only 'vit' students can); use --format onnx for deployment, or "
+                          "students.save_student(student, DIR) (--format safetensors) to reload it with load_student")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": student.open_clip_model_cfg(), "preprocess_cfg": student.open_clip_preprocess_cfg()}
@@ -45,11 +50,34 @@ def export_open_clip(student: Student, out_dir: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class ExportResult:
+    """One export: the folder written, its format, the exported student (name, parameters) and, for
+    ``onnx``/``hf``, the parity check's worst cosines against PyTorch (``{"image", "text"}``)."""
+
+    folder: Path
+    format: str
+    student: str
+    num_params: int
+    parity: dict[str, float] = field(default_factory=dict)
+
+
+def export_student(student: Student | str | Path, out_dir: str | Path, fmt: str = "open_clip") -> ExportResult:
+    """Export ``student`` (a loaded student, a training checkpoint or a ``save_student`` folder) in
+    ``fmt`` to ``out_dir``; an architecture the format cannot express raises :class:`ExportError`."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    model = student if isinstance(student, Student) else load_student(student)
+    out, parity = export(model, fmt, out_dir)
+    return ExportResult(Path(out), fmt, model.name, model.num_params(), parity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m students.export``: export and report; returns the exit code."""
     ap = ArgumentParser(prog="python -m students.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or save_student folder")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--format", choices=("open_clip", "onnx", "hf", "safetensors"), default="open_clip",
+    ap.add_argument("--format", choices=FORMATS, default="open_clip",
                     help="open_clip: loadable with open_clip 'local-dir:' (vit only); onnx: image + text encoder "
                          "ONNX files (any student); hf: transformers CLIPModel folder (vit only); "
                          "safetensors: students.load_student")
@@ -57,14 +85,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="module to import first (e.g. one that registers a teacher); repeatable")
     args = ap.parse_args(argv)
     load_plugins(args.plugin)
-    student = load_student(args.checkpoint)
-    try:
-        out, parity = export(student, args.format, args.out)
-    except TypeError as e:  # an architecture the format cannot express (HFExportError is one)
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {args.format} export of the {student.name!r} student ({student.num_params():,} params) to {out}")
-    if parity:
-        print(f"parity with PyTorch (min cosine): image {parity['image']:.6f}, text {parity['text']:.6f}")
+    result = export_student(args.checkpoint, args.out, args.format)
+    print(f"wrote {result.format} export of the {result.student!r} student ({result.num_params:,} params) to {result.folder}")
+    if result.parity:
+        print(f"parity with PyTorch (min cosine): image {result.parity['image']:.6f}, text {result.parity['text']:.6f}")
+    return 0
 
 
 def export(student: Student, fmt: str, out_dir: str | Path) -> tuple[Path, dict[str, float]]:
@@ -89,7 +114,7 @@ def export(student: Student, fmt: str, out_dir: str | Path) -> tuple[Path, dict[
 
         out = export_hf(student, out_dir)
         return out, hf_parity(student, out, pixels, list(EXAMPLE_CAPTIONS))
-    raise ValueError(f"unknown export format {fmt!r}")
+    raise ConfigError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ holds the same image twice. The result (``lit.json`` + ``projections.safetensors
 ``--mode finetune`` also trains the last blocks of both towers contrastively on augmented images
 (:mod:`distill.pipeline.lit.finetune`), starting from ``--init`` or a short probe; the changed tower tensors
 are saved in ``towers.safetensors`` beside the projections. Recall@1 is reported in percent.
+
+The loss is the shared symmetric CLIP InfoNCE (:func:`distill.core.contrastive.clip_info_nce`) and
+Recall@1 the exact core metric (:func:`distill.core.metrics.retrieval_metrics`). Library use:
+:func:`train_lit` -> :class:`LiTResult`; ``main(argv)`` is the command and returns its exit code.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,8 +36,11 @@ from tqdm import tqdm
 
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.registry import load_plugins
-from distill.core.data.dataset import ImageTextDataset, TransformedImages, load_dataset
+from distill.core.data.dataset import ImageTextDataset, TransformedImages
+from distill.core.data.factory import load_dataset
+from distill.core.contrastive import clip_info_nce
 from distill.core.errors import BadSampleError
+from distill.core.metrics import retrieval_metrics
 from distill.core.towers import trim_padding
 from teachers.lit import LiTConfig, LiTTeacher
 
@@ -62,33 +69,27 @@ def precompute_features(teacher: LiTTeacher, data: ImageTextDataset, batch_size:
 
 
 def contrastive_loss(img: Tensor, txt: Tensor, owner: Tensor, log_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE with several captions per image: ``txt[j]`` belongs to ``img[owner[j]]``.
+    """LiT's symmetric InfoNCE with several captions per image: ``txt[j]`` belongs to
+    ``img[owner[j]]``; :func:`distill.core.contrastive.clip_info_nce` on the L2-normalised
+    embeddings at scale ``exp(log_scale)``.
 
     Text->image is a plain cross-entropy; image->text averages the cross-entropy over each image's
-    positives (SupCon-style), so with one caption per image (``owner = arange``) this is the usual
-    symmetric InfoNCE.
+    positives (SupCon-style, ``average_positives``), so with one caption per image
+    (``owner = arange``) this is the usual symmetric InfoNCE.
     """
-    logits = log_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T  # [B, M]
-    t2i = F.cross_entropy(logits.T, owner)
-    pos = (owner[None, :] == torch.arange(len(img), device=img.device)[:, None]).float()
-    i2t = -(F.log_softmax(logits, dim=1) * pos).sum(1) / pos.sum(1).clamp_min(1)
-    return 0.5 * (t2i + i2t.mean())
-
-
-def info_nce(img: Tensor, txt: Tensor, log_scale: Tensor) -> Tensor:
-    """Symmetric InfoNCE over a batch of matched (image, text) embeddings."""
-    return contrastive_loss(img, txt, torch.arange(len(img), device=img.device), log_scale)
+    ids = torch.arange(len(img), device=img.device)
+    return clip_info_nce(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), log_scale.exp(), ids, owner,
+                         average_positives=True)
 
 
 def recall_at_1(teacher: LiTTeacher, img_feats: Tensor, txt_feats: Tensor, caption_image: np.ndarray) -> dict[str, float]:
-    """Image->text and text->image Recall@1 in percent of the projected features (multi-caption protocol)."""
+    """Image->text and text->image Recall@1 in percent of the projected features (multi-caption
+    protocol, :func:`distill.core.metrics.retrieval_metrics`)."""
     with torch.no_grad():
         img = F.normalize(teacher.image_proj(img_feats), dim=-1)
         txt = F.normalize(teacher.text_proj(txt_feats), dim=-1)
-        sim = img @ txt.T
-    owner = torch.as_tensor(caption_image)
-    i2t = 100 * (owner[sim.argmax(dim=1)] == torch.arange(len(img))).float().mean().item()
-    t2i = 100 * (sim.argmax(dim=0) == owner).float().mean().item()
+    m = retrieval_metrics(img, txt, caption_image, ks=(1,))
+    i2t, t2i = m["i2t_R@1"], m["t2i_R@1"]
     return {"i2t_r1": i2t, "t2i_r1": t2i, "mean_r1": (i2t + t2i) / 2}
 
 
@@ -119,7 +120,8 @@ def train_projections(teacher: LiTTeacher, img_feats: Tensor, txt_feats: Tensor,
                 ii, tt = order[start:start + batch_size], caps[start:start + batch_size]
                 if len(ii) < 2:
                     continue
-                loss = info_nce(teacher.image_proj(img_feats[ii]), teacher.text_proj(txt_feats[tt]), teacher.log_logit_scale)
+                loss = contrastive_loss(teacher.image_proj(img_feats[ii]), teacher.text_proj(txt_feats[tt]),
+                                        torch.arange(len(ii), device=img_feats.device), teacher.log_logit_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -131,6 +133,43 @@ def train_projections(teacher: LiTTeacher, img_feats: Tensor, txt_feats: Tensor,
     for p in params:
         p.requires_grad_(False)
     return losses
+
+
+@dataclass(frozen=True)
+class LiTResult:
+    """What :func:`train_lit` returns: the saved teacher folder (loadable as :attr:`spec`) and the
+    training report, as stored under ``training`` in its ``lit.json`` (Recall@1 in percent)."""
+
+    folder: Path
+    report: dict[str, Any]
+
+    @property
+    def spec(self) -> str:
+        return f"lit:{self.folder}"
+
+    @property
+    def mode(self) -> str:
+        return self.report["mode"]
+
+    @property
+    def losses(self) -> list[float]:
+        """Mean loss per epoch (of the fine-tuning in ``finetune`` mode, else of the probe)."""
+        return list(self.report.get("losses") or [])
+
+    @property
+    def train_r1(self) -> dict[str, float] | None:
+        return self.report.get("train_r1")
+
+    @property
+    def val_r1(self) -> dict[str, float] | None:
+        return self.report.get("val_r1")
+
+    def summary(self) -> dict[str, Any]:
+        """The summary the command prints: mode, images, train/val Recall@1, first and last loss."""
+        out = {k: self.report[k] for k in ("mode", "num_images", "train_r1", "val_r1") if k in self.report}
+        losses = self.losses
+        out.update({"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None})
+        return out
 
 
 def load_split(data: str, split: str, images_root: str | None, max_images: int | None) -> ImageTextDataset:
@@ -145,9 +184,9 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
               max_images: int | None = None, max_length: int = 32, *, images_root: str | None = None,
               mode: str = "probe", backbone_lr: float = 5e-5, trainable_image_blocks: int = 4,
               trainable_text_layers: int = 2, captions: str = "one", augment: bool = True,
-              init: str | None = None, probe_epochs: int = 10, val_every: int = 1) -> dict[str, Any]:
-    """Train a LiT teacher and save it into ``out`` (loadable as ``lit:<out>``); returns the report
-    (also stored under ``training`` in ``lit.json``; Recall@1 values in percent).
+              init: str | None = None, probe_epochs: int = 10, val_every: int = 1) -> LiTResult:
+    """Train a LiT teacher and save it into ``out`` (loadable as ``lit:<out>``); returns the folder
+    and the report (also stored under ``training`` in ``lit.json``; Recall@1 values in percent).
 
     ``mode="probe"``: precompute the frozen towers' features, train the projections ``epochs`` epochs.
     ``mode="finetune"``: start from the projections (and towers) of ``init`` (a ``lit:`` folder, whose
@@ -228,8 +267,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
         r = report["val_r1"]
         print(f"{val_split} R@1: i2t {r['i2t_r1']:.2f}% t2i {r['t2i_r1']:.2f}% mean {r['mean_r1']:.2f}%", file=sys.stderr)
     teacher.save(out, {"training": report}, towers=towers)
-    report["folder"] = str(out)
-    return report
+    return LiTResult(Path(out), report)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -274,11 +312,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m teachers.train_lit``: train, print the summary as JSON; returns the exit code."""
     args = parse_args(argv)
     load_plugins(args.plugin)
     try:
-        report = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,
+        result = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,
                            args.embed_dim, args.image_size, args.backbone, args.backbone_weights, args.text_model,
                            args.device, args.seed, args.feature_batch_size, args.workers, args.max_images,
                            args.max_length, images_root=args.images_root, mode=args.mode, backbone_lr=args.backbone_lr,
@@ -288,13 +327,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            val_every=args.val_every)
     except BadSampleError as e:
         where = f"under --images-root {args.images_root}" if args.images_root else "relative to the captions file"
-        raise SystemExit(f"error: {e} (image paths are looked up {where}; pass --images-root FOLDER, e.g. "
-                         "train2017/ beside annotations/ for COCO)") from None
-    summary = {k: report[k] for k in ("mode", "num_images", "train_r1", "val_r1") if k in report}
-    losses = report.get("losses") or []
-    summary.update({"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None})
-    print(json.dumps(summary, indent=2))
-    return report
+        raise BadSampleError(f"{e} (image paths are looked up {where}; pass --images-root FOLDER, e.g. "
+                             "train2017/ beside annotations/ for COCO)", e.where) from None
+    print(json.dumps(result.summary(), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

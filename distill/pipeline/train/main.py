@@ -30,7 +30,7 @@ from distill.core.errors import CheckpointError, ConfigError, NonFiniteTargetErr
 from distill.pipeline.cli import ArgumentParser, check_device, cli_main
 from distill.core.registry import load_plugins
 from distill.pipeline.train.config import presets, resolve_config, save_config, warmup_steps
-from distill.core.data.dataset import load_dataset
+from distill.core.data.factory import load_dataset
 from distill.core.determinism import enable_determinism
 from distill.distiller import Distiller, build_distiller, loss_dims
 from distill.core.data.pixels import student_pixels
@@ -248,8 +248,7 @@ def _restore_snapshot(distiller: Distiller, snap: dict[str, Tensor]) -> None:
 def _all_finite(ok: Tensor) -> bool:
     """True only if the bool tensor ``ok`` holds on every rank: the step's one host sync."""
     bad = (~ok).to(torch.float32).reshape(1)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad)
+    D.all_reduce(bad)  # sum over ranks (a no-op in a single process)
     return bad.item() == 0.0
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from distill.core.cache.reader import TeacherCache
 from distill.core.cache.schema import is_image_array, target_arrays
+from distill.core.dist import is_dist
 from distill.core.errors import NonFiniteTargetError
 from distill.core.features import TeacherTargets
 from distill.pipeline.train.data import TrainBatch
@@ -61,7 +62,7 @@ def describe(cache: TeacherCache, batch: TrainBatch, fields: dict[str, Tensor], 
 
 
 def _all_reduce(values: list[int], op: Any, device: torch.device) -> list[int]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_dist():
         return values
     t = torch.tensor(values, dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=op)
@@ -76,7 +77,7 @@ def screen_batch(batch: TrainBatch, cache: TeacherCache, mode: str) -> tuple[Tra
     bad = torch.stack(list(fields.values())).any(dim=0) if fields else torch.zeros(n, dtype=torch.bool)
     device = bad.device
     local_bad = int(bad.sum())
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = is_dist()
     if not distributed and local_bad == 0:
         return batch, 0
     (total_bad,) = _all_reduce([local_bad], torch.distributed.ReduceOp.SUM if distributed else None, device)

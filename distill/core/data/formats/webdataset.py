@@ -26,8 +26,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from distill.core.errors import BadSampleError, ConfigError
 from distill.core.data.dataset import BadSample, ImageTextDataset, check_split
+from distill.core.data.formats.base import DataSource, DatasetReader
+from distill.core.data.formats.csv_tsv import FOLDER_FILES
+from distill.core.errors import BadSampleError, ConfigError
+from distill.core.registry import DATASET_FORMATS
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "json")
@@ -48,8 +51,7 @@ def is_webdataset(spec: str | Path) -> bool:
     ``*.tar`` files without a captions file)."""
     s = str(spec)
     if Path(s).is_dir():
-        captions = ("captions.tsv", "captions.csv", "data.tsv", "data.csv")
-        return any(Path(s).glob("*.tar")) and not any((Path(s) / c).is_file() for c in captions)
+        return any(Path(s).glob("*.tar")) and not any((Path(s) / c).is_file() for c in FOLDER_FILES)
     return s.endswith(".tar") or ("{" in s and ".tar" in s) or ("::" in s and ".tar" in s)
 
 
@@ -147,6 +149,25 @@ def _index_shard(path: Path, check_decode: bool) -> list[tuple[str, str, int, in
     except (tarfile.TarError, OSError) as e:
         raise BadSampleError(f"{path}: not a readable tar shard ({e})", str(path)) from e
     return out
+
+
+@DATASET_FORMATS.register("webdataset")
+class WebDatasetReader(DatasetReader):
+    """``.tar`` shards: a path, a brace pattern, ``::``-joined lists, or a folder of ``*.tar`` files
+    (see the module docstring). Asked first: a pattern names no existing file."""
+
+    priority = 10
+    label = "webdataset shards"
+    suffixes = (".tar",)
+    folder = "*.tar shards"
+
+    @classmethod
+    def accepts(cls, source: DataSource) -> bool:
+        return is_webdataset(source.spec)
+
+    def read(self) -> WebDatasetImages:
+        """Index the shards into a :class:`WebDatasetImages`."""
+        return load_webdataset(self.source.spec, self.split, self.images_root, self.on_bad_sample, self.check_decode)
 
 
 def load_webdataset(spec: str | Path, split: str | None = None, images_root: str | Path | None = None,
