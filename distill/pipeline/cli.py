@@ -4,8 +4,8 @@
 (``ConfigError``, the ``CacheError`` family, ``BadSampleError``, ``CheckpointError``, ...), other
 ``ValueError``\\s, missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr
 and exit 2; ``--debug`` anywhere on the command line shows the full traceback instead. ``main(argv)``
-itself stays a plain Python function that returns its typed result (e.g. the training summary) and
-raises typed errors; only the ``__main__`` path turns them into an exit code.
+itself stays a plain Python function that returns its result (e.g. an evaluation report, or an exit
+status) and raises typed errors; only the ``__main__`` path turns them into an exit code.
 
 :class:`ArgumentParser` (a drop-in ``argparse.ArgumentParser``) reports a bad flag as one
 ``error: argument --x: ...`` line (exit 2) instead of the usage block, and lists ``--debug``.

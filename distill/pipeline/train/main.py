@@ -1,5 +1,6 @@
-"""Train a student from a teacher cache: ``python -m distill.train_student --cache DIR --data X.tsv``,
-or from Python ``train(config) -> TrainResult``.
+"""Train a student from a teacher cache: ``python -m distill.train_student --cache DIR --data X.tsv``.
+
+From Python: ``train(config) -> TrainResult`` (``config`` a :class:`TrainRunConfig` or a config dict).
 
 Student forward -> :class:`DistillBatch` -> the loss terms of the active stage -> its balancer ->
 backward, with AdamW + warmup/cosine schedule, AMP, gradient accumulation, clipping, a non-finite
