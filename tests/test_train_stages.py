@@ -169,10 +169,23 @@ def test_a_checkpoint_of_the_previous_layout_loads_as_stages(tiny, tmp_path):  #
     old["checksum"] = checksum(old)
     torch.save(old, tmp_path / "old.pt")
     got = load_checkpoint(tmp_path / "old.pt")
-    assert "losses" not in got and len(got["stages"]) == 2
+    assert "losses" not in got and len(got["stages"]) == 2 and got["previous_layout"]
     for mine, theirs in zip(got["stages"], new["stages"]):
         assert mine["losses"].keys() == theirs["losses"].keys()
     assert got["stages"][1]["balancer"].keys() == main["balancer"].keys()
+    # its optimizer state was saved in the old parameter order (main losses before the warm-up's)
+    with pytest.raises(CheckpointError, match="written before training stages with a train.warmup_stage"):
+        ts.main(train_args(cache, tsv, tmp_path / "again", 3, "--set", "train.warmup_stage.steps=1",
+                           "--resume", str(tmp_path / "old.pt")))
+    # one stage: the parameter order is unchanged, the old checkpoint resumes
+    ts.main(train_args(cache, tsv, tmp_path / "one", 2))
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
+    old = {k: v for k, v in one.items() if k not in ("stages", "checksum")}
+    old.update(losses=one["stages"][0]["losses"], balancer=one["stages"][0]["balancer"], warmup_losses={})
+    old["checksum"] = checksum(old)
+    torch.save(old, tmp_path / "old_one.pt")
+    ts.main(train_args(cache, tsv, tmp_path / "resumed", 3, "--resume", str(tmp_path / "old_one.pt")))
+    assert [r["step"] for r in read_log(tmp_path / "resumed")] == [3]
 
 
 def test_the_loader_tokenizes_the_captions(tiny, tmp_path):  # noqa: F811

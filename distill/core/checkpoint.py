@@ -186,10 +186,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint of the previous layout (``losses`` + ``balancer`` of the main stage,
     ``warmup_losses`` of the ``train.warmup_stage`` named in its config) in the current one
-    (``stages``); a current one unchanged. The checksum stays that of the stored content."""
+    (``stages``, plus ``previous_layout: True``); a current one unchanged. The checksum stays that
+    of the stored content."""
     if "stages" in state:
         return state
-    state = dict(state)
+    state = dict(state, previous_layout=True)
     losses, balancer, warmup = state.pop("losses"), state.pop("balancer"), state.pop("warmup_losses", {})
     had_warmup = bool(((state.get("config") or {}).get("train") or {}).get("warmup_stage")) or bool(warmup)
     state["stages"] = ([{"losses": warmup, "balancer": {}}] if had_warmup else []) + \

@@ -185,6 +185,10 @@ def restore(run: Run, ckpt: dict[str, Any]) -> LoopState:
                               "queue (loss-owned projections/queues); it cannot be resumed by this version: start "
                               "a new run (the saved student/ weights remain usable)")
     stages = run.distiller.stages
+    if ckpt.get("previous_layout") and len(ckpt["stages"]) > 1:
+        raise CheckpointError("the checkpoint was written before training stages with a train.warmup_stage; its "
+                              "optimizer state does not map onto this version's parameters: start a new run "
+                              "(the saved student/ weights remain usable)")
     if len(ckpt["stages"]) != len(stages):
         raise CheckpointError(f"the checkpoint holds {len(ckpt['stages'])} training stage(s) but the config has "
                               f"{len(stages)}: resume with the config it was trained with")
