@@ -2,8 +2,8 @@
 
 Builds two real teachers on the train split only, caches the teacher of record once (many augmented
 views + mixup views, their pixels at the student's input size: patient and consistent teaching),
-distils students with the toolkit's CLIs and evaluates every model on the test split with the same
-protocol (Recall@1/5/10 both directions, RSUM).
+distils students with the toolkit's training API (``train(config)``) and evaluates every model on the
+test split with the same protocol (Recall@1/5/10 both directions, RSUM).
 
 Teachers:
     teacher        the teacher of record: ImageNet MobileNetV2 + all-MiniLM-L6-v2 FINE-TUNED contrastively
@@ -29,7 +29,7 @@ Profiles (``--profile``) set every default; any flag given explicitly overrides 
     gpu   all rows, teacher included, in minutes on one H100/H200 (needs the pixel cache)
 
 Every row writes ``<work>/<row>/eval.json``; a finished row is reused when the benchmark is rerun with
-the same command line (a row trained with other settings is deleted and retrained).
+the same training config (a row trained with other settings is deleted and retrained).
 Results: ``benchmarks/results/quality_flickr8k_<profile>.json`` and ``.md``.
 
     python benchmarks/quality_flickr8k.py --profile cpu
@@ -78,8 +78,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def losses_override(names: list[str]) -> str:
-    return "losses=[" + ", ".join(f"{{name: {n}, cfg: {{}}}}" for n in names) + "]"
+def losses_layer(names: list[str]) -> dict[str, Any]:
+    """A config layer training only the losses ``names`` (default options)."""
+    return {"losses": [{"name": n, "cfg": {}} for n in names]}
 
 
 def seeds_of(args: argparse.Namespace) -> list[int]:
@@ -170,53 +171,49 @@ class Bench:
         return self._layers
 
     # -- students ------------------------------------------------------------------------------
-    def pruned_args(self, student: str = "pruned", teacher_init: bool = True) -> list[str]:
-        a, k = self.args, self.image_layers()
-        if student != "pruned":  # tuned students are built from the teacher's full towers
-            sets = [f"student.teacher={self.teacher()}", f"train.lr={a.tuned_lr}"]
-        else:
-            frozen = max(0, k - a.trainable_image_blocks) if a.trainable_image_blocks else 0
-            sets = [f"student.teacher={self.teacher()}", f"student.image_layers={k}",
-                    f"student.text_layers={a.text_layers}", f"student.frozen_image_layers={frozen}",
-                    "student.freeze_text_embeddings=true", f"train.lr={a.pruned_lr}"]
-            if teacher_init:
-                sets += self.init_sets()
-        return ["--student", student, *[x for s in sets for x in ("--set", s)]]
+    def pruned_layer(self, student: str = "pruned", teacher_init: bool = True) -> dict[str, Any]:
+        """The config layer of the pruned student (:func:`pruned_student_recipe`), or of a tuned one."""
+        from distill.pipeline.recipes import pruned_student_recipe
 
-    def vit_args(self, teacher_init: bool = True) -> list[str]:
-        sets = [f"train.lr={self.args.vit_lr}", *(self.init_sets() if teacher_init else [])]
-        return ["--student", "vit", *[x for s in sets for x in ("--set", s)]]
-
-    def init_sets(self) -> list[str]:
-        """``--set`` values of the least-squares projection start (distilled rows only)."""
-        return [f"train.init_projections={self.args.init_projections}"] if self.args.init_projections else []
-
-    def train_argv(self, row: str, cache: Path, student_args: list[str], *sets: str, preset: str = "cpu",
-                   seed: int = 0) -> list[str]:
-        """The ``train_student`` command line of ``row``."""
         a = self.args
-        return ["--preset", preset, "--cache", str(cache), "--data", a.data, "--split", "train",
-                "--out", str(self.work / row), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                "--device", a.device, "--num-workers", str(a.workers), "--resume", "auto",
-                "--seed", str(seed), *student_args, *[x for s in sets for x in ("--set", s)]]
+        if student != "pruned":  # tuned students are built from the teacher's full towers
+            return {"student": {"name": student, "teacher": self.teacher()}, "train": {"lr": a.tuned_lr}}
+        return pruned_student_recipe(self.teacher(), self.image_layers(), a.text_layers, a.trainable_image_blocks or None,
+                                     lr=a.pruned_lr, init_projections=a.init_projections if teacher_init else 0)
 
-    def train(self, row: str, argv: list[str]) -> Path:
-        """Train ``row`` (resuming an interrupted run). ``<row>/argv.json`` records the command line; a
+    def vit_layer(self, teacher_init: bool = True) -> dict[str, Any]:
+        train: dict[str, Any] = {"lr": self.args.vit_lr}
+        if teacher_init and self.args.init_projections:  # the least-squares start (distilled rows only)
+            train["init_projections"] = self.args.init_projections
+        return {"student": {"name": "vit"}, "train": train}
+
+    def train_config(self, row: str, cache: Path, *layers: dict[str, Any], preset: str = "cpu",
+                     seed: int = 0) -> dict[str, Any]:
+        """The resolved training config of ``row``: ``preset``, the run's data and budget, ``layers``."""
+        from distill.pipeline.train.config import resolve_config
+
+        a = self.args
+        run = {"data": {"cache": str(cache), "path": a.data, "split": "train", "num_workers": a.workers},
+               "out": str(self.work / row), "device": a.device, "seed": seed,
+               "train": {"steps": a.steps, "batch_size": a.batch_size}}
+        return resolve_config(preset, layers=[run, *layers])
+
+    def train(self, row: str, config: dict[str, Any]) -> Path:
+        """Train ``row`` (resuming an interrupted run). ``<row>/config.json`` records the config; a
         row trained with other settings is deleted and retrained, never silently reused."""
         from distill.pipeline.train import main as train_student
 
-        run, stamp = self.work / row, self.work / row / "argv.json"
-        same = stamp.is_file() and json.loads(stamp.read_text()) == argv
+        run, stamp = self.work / row, self.work / row / "config.json"
+        same = stamp.is_file() and json.loads(stamp.read_text()) == config
         if same and (run / "student" / "student.json").is_file():
             return run / "student"
         if run.exists() and not same:
             print(f"[{row}] trained with other settings: deleting and retraining {run}", flush=True)
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(argv))
+        stamp.write_text(json.dumps(config))
         start = time.perf_counter()
-        summary = train_student.main(argv)
-        summary = summary if isinstance(summary, dict) else {"exit": summary}
+        summary = train_student.train(config, resume="auto").to_dict()
         summary["wall_seconds"] = time.perf_counter() - start
         (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return run / "student"
@@ -245,12 +242,12 @@ class Bench:
         path.write_text(json.dumps(result, indent=2))
         return result
 
-    def student_row(self, row: str, student_args: list[str], *sets: str, preset: str = "cpu",
-                    seed: int = 0, cache: Path | None = None) -> dict[str, Any]:
+    def student_row(self, row: str, *layers: dict[str, Any], preset: str = "cpu", seed: int = 0,
+                    cache: Path | None = None) -> dict[str, Any]:
         from students import load_student
 
         cache = cache or self.cache()
-        folder = self.train(row, self.train_argv(row, cache, student_args, *sets, preset=preset, seed=seed))
+        folder = self.train(row, self.train_config(row, cache, *layers, preset=preset, seed=seed))
         result = self.evaluate(row, lambda: load_student(folder, device=self.args.device))
         log = self.work / row / "summary.json"
         student = json.loads((folder / "student.json").read_text())["config"]
@@ -262,33 +259,35 @@ class Bench:
         from teachers import create_teacher
 
         vit_preset = self.args.vit_preset
-        no_teacher = losses_override(["student_clip"])
+        no_teacher = losses_layer(["student_clip"])
         return {
             "teacher": lambda s: self.evaluate("teacher", lambda: create_teacher(self.teacher(), self.args.device)),
             "teacher_probe": lambda s: self.evaluate("teacher_probe",
                                                      lambda: create_teacher(self.probe_teacher(), self.args.device)),
-            "pruned_distilled": lambda s: self.student_row(f"pruned_distilled_s{s}", self.pruned_args(), seed=s),
+            "pruned_distilled": lambda s: self.student_row(f"pruned_distilled_s{s}", self.pruned_layer(), seed=s),
             "pruned_no_teacher": lambda s: self.student_row(f"pruned_no_teacher_s{s}",
-                                                            self.pruned_args(teacher_init=False), no_teacher, seed=s),
-            "vit_distilled": lambda s: self.student_row(f"vit_distilled_s{s}", self.vit_args(), preset=vit_preset,
+                                                            self.pruned_layer(teacher_init=False), no_teacher, seed=s),
+            "vit_distilled": lambda s: self.student_row(f"vit_distilled_s{s}", self.vit_layer(), preset=vit_preset,
                                                         seed=s),
-            "vit_no_teacher": lambda s: self.student_row(f"vit_no_teacher_s{s}", self.vit_args(teacher_init=False),
+            "vit_no_teacher": lambda s: self.student_row(f"vit_no_teacher_s{s}", self.vit_layer(teacher_init=False),
                                                          no_teacher, preset=vit_preset, seed=s),
-            "abl_global_only": lambda s: self.student_row("abl_global_only", self.pruned_args(),
-                                                          losses_override(GLOBAL)),
-            "abl_fixed": lambda s: self.student_row("abl_fixed", self.pruned_args(), "balancer={name: fixed, cfg: {}}"),
-            "abl_dsmd": lambda s: self.student_row("abl_dsmd", self.pruned_args(), "balancer={name: dsmd, cfg: {}}"),
-            "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_args(), "data.use_views=false"),
+            "abl_global_only": lambda s: self.student_row("abl_global_only", self.pruned_layer(), losses_layer(GLOBAL)),
+            "abl_fixed": lambda s: self.student_row("abl_fixed", self.pruned_layer(),
+                                                    {"balancer": {"name": "fixed", "cfg": {}}}),
+            "abl_dsmd": lambda s: self.student_row("abl_dsmd", self.pruned_layer(),
+                                                   {"balancer": {"name": "dsmd", "cfg": {}}}),
+            "abl_one_view": lambda s: self.student_row("abl_one_view", self.pruned_layer(),
+                                                       {"data": {"use_views": False}}),
             "teacher_ensemble": lambda s: self.evaluate(
                 "teacher_ensemble", lambda: create_teacher(self.ensemble_teacher(), self.args.device)),
-            "tokens_int8": lambda s: self.student_row("tokens_int8", self.pruned_args(),
+            "tokens_int8": lambda s: self.student_row("tokens_int8", self.pruned_layer(),
                                                       cache=self.cache("cache_int8", "--dtype", "int8")),
-            "tokens_grid2": lambda s: self.student_row("tokens_grid2", self.pruned_args(),
+            "tokens_grid2": lambda s: self.student_row("tokens_grid2", self.pruned_layer(),
                                                        cache=self.cache("cache_grid2", "--image-tokens", "grid:2")),
-            "puma": lambda s: self.student_row("puma", self.pruned_args(), preset="puma"),
-            "coma": lambda s: self.student_row("coma", self.pruned_args(), *self.coma_sets()),
-            "pmf": lambda s: self.student_row("pmf", self.pruned_args("pmf")),
-            "mwa": lambda s: self.student_row("mwa", self.pruned_args("mwa")),
+            "puma": lambda s: self.student_row("puma", self.pruned_layer(), preset="puma"),
+            "coma": lambda s: self.student_row("coma", self.pruned_layer(), self.coma_layer()),
+            "pmf": lambda s: self.student_row("pmf", self.pruned_layer("pmf")),
+            "mwa": lambda s: self.student_row("mwa", self.pruned_layer("mwa")),
         }
 
     def run_row(self, row: str) -> dict[str, Any]:
@@ -306,9 +305,12 @@ class Bench:
         print(f"[{row}] rsum {result['rsum']:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
         return result
 
-    def coma_sets(self) -> list[str]:
+    def coma_layer(self) -> dict[str, Any]:
+        """CoMa: a first stage of a fifth of the steps trains only ``coma_reconstruct`` (fixed
+        weight), then the default losses and balancer."""
         n = max(1, self.args.steps // 5)
-        return [f"train.warmup_stage={{steps: {n}, losses: [{{name: coma_reconstruct, cfg: {{}}}}]}}"]
+        return {"stages": [{"name": "CoMa warm-up", "steps": n, "losses": [{"name": "coma_reconstruct", "cfg": {}}],
+                            "balancer": {"name": "fixed", "cfg": {}}}, {}]}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -387,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("teacher_lr", "teacher_backbone_lr", "pruned_lr", "vit_lr", "tuned_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     p.add_argument("--seeds", default=None, help="comma list of seeds for the seeded rows")
-    p.add_argument("--vit-preset", default=None, help="train_student preset of the ViT rows")
+    p.add_argument("--vit-preset", default=None, help="training preset of the ViT rows")
     args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key) is None:

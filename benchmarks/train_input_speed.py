@@ -16,7 +16,7 @@ CPU core, at each ``--sizes`` resolution, side by side in interleaved rounds:
 Target: ``pixels`` >= 15x ``decode`` samples/s per core.
 
 Part 2 (``--device cuda``, or ``--train-steps N`` on any device): training samples/s of the real
-training step (:func:`distill.train_student.train_step`, reading pixels from the cache) of the
+training step (:func:`distill.pipeline.train.loop.train_step`, reading pixels from the cache) of the
 pruned student (``lit:default`` teacher's towers, half its image FLOPs) and of the ViT-S/16 ``gpu``
 preset in bf16, the model FLOPs utilisation (3 x forward FLOPs per sample from
 :func:`distill.core.profile.count_flops`, over ``--peak-tflops``) and the input path's share of the step.
@@ -154,8 +154,9 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def train_speed(args: argparse.Namespace, tsv: Path, tmp: Path, device: torch.device, student: str) -> dict[str, Any]:
     """Part 2: the real training step of one student reading pixels from a ``--pixels`` cache."""
+    from distill.pipeline.train import loop as tl
     from distill.pipeline.train import main as ts
-    from distill.pipeline.train.config import resolve_config
+    from distill.pipeline.train.config import TrainRunConfig
     from distill.core.dist import DistInfo
     from distill.core.data.pixels import student_pixels
     from distill.core.profile import count_flops
@@ -163,29 +164,29 @@ def train_speed(args: argparse.Namespace, tsv: Path, tmp: Path, device: torch.de
     if student == "pruned":
         from students.pruned import half_compute_layers
 
-        preset, overrides = None, ["student.name=pruned", f"student.teacher={args.train_teacher}",
-                                   f"student.image_layers={half_compute_layers(args.train_teacher)}",
-                                   f"student.text_layers={args.pruned_text_layers}"]
+        preset, layer = None, {"student": {"name": "pruned", "teacher": args.train_teacher,
+                                           "image_layers": half_compute_layers(args.train_teacher),
+                                           "text_layers": args.pruned_text_layers}}
     elif student == "vit-gpu":
-        preset, overrides = "gpu", [f"student.{k}={v}" for k, v in args.student_cfg.items()]
+        preset, layer = "gpu", {"student": dict(args.student_cfg)}
     else:
         raise SystemExit(f"error: unknown --train-students entry {student!r} (pruned, vit-gpu)")
-    probe = resolve_config(preset, [], {}, overrides)
+    probe = TrainRunConfig.resolve(preset, layers=[layer]).student
     from students import create_student
 
-    size = int(create_student(probe["student"]["name"], **{k: v for k, v in probe["student"].items() if k != "name"}).image_size)
+    size = int(create_student(probe.name, **probe.options).image_size)
     cache = tmp / f"train_cache_{size}"
     if not (cache / "manifest.json").is_file():
         C.build_cache(args.train_teacher, tsv, cache, 64, device, args.plugin,
                       ["--views", "2", "--pixels", str(size), "--image-tokens", "grid:2"])
-    flags = {"data.cache": str(cache), "data.path": str(tsv), "data.num_workers": args.train_workers,
-             "out": str(tmp / f"run_{student}"), "train.steps": 10_000, "train.batch_size": args.train_batch_size,
-             "device": str(device), "seed": args.seed, "train.precision": args.train_precision}
-    cfg = resolve_config(preset, [], flags, overrides)
+    run_layer = {"data": {"cache": str(cache), "path": str(tsv), "num_workers": args.train_workers},
+                 "out": str(tmp / f"run_{student}"), "device": str(device), "seed": args.seed,
+                 "train": {"steps": 10_000, "batch_size": args.train_batch_size, "precision": args.train_precision}}
+    config = TrainRunConfig.resolve(preset, layers=[layer, run_layer])
     with contextlib.redirect_stdout(io.StringIO()):  # one summary line
-        run = ts.setup(cfg, DistInfo(0, 1, 0, device))
+        run = ts.setup(config, DistInfo(0, 1, 0, device))
     run.distiller.train()
-    batches = ts.epoch_batches(run, 0, 0)
+    batches = tl.epoch_batches(run, 0, 0)
     input_s = {"t": 0.0}
 
     def timed_batches():  # the input path: loader wait + host->device copy + pixel decode/normalise
@@ -201,13 +202,13 @@ def train_speed(args: argparse.Namespace, tsv: Path, tmp: Path, device: torch.de
 
     it = timed_batches()
     for step in range(3):  # warm-up (workers start, kernels tune)
-        ts.train_step(run, it, step)
+        tl.train_step(run, it, step)
     steps = args.train_steps
     C.sync(device)
     input_s["t"] = 0.0
     t0 = time.perf_counter()
     for step in range(steps):
-        ts.train_step(run, it, 3 + step)
+        tl.train_step(run, it, 3 + step)
     C.sync(device)
     wall = time.perf_counter() - t0
     rate = steps * args.train_batch_size / wall

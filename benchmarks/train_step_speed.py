@@ -1,6 +1,6 @@
 """Training step time from the teacher cache vs online distillation (teacher in the loop).
 
-Both modes run the real training step (:func:`distill.train_student.train_step`: student forward,
+Both modes run the real training step (:func:`distill.pipeline.train.loop.train_step`: student forward,
 every configured loss, balancer, backward, AdamW) on the same student. ``cache`` reads the
 teacher outputs through the real DataLoader (:class:`DistillTrainSet` + :class:`TeacherCollate`);
 ``online`` loads the same images and captions, runs the teacher (default: a random-init
@@ -18,6 +18,7 @@ by a 1-block copy of the teacher (identical output shapes, so identical bytes to
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import tempfile
@@ -30,9 +31,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
-from distill.pipeline.train import main as ts
+from distill.pipeline.train import loop as tl  # noqa: E402
+from distill.pipeline.train import main as ts  # noqa: E402
 from distill.core.data.augment import apply_view  # noqa: E402
-from distill.pipeline.train.config import resolve_config  # noqa: E402
+from distill.pipeline.train.config import TrainRunConfig, parse_override  # noqa: E402
 from distill.core.dist import DistInfo  # noqa: E402
 from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures  # noqa: E402
 from distill.pipeline.train.data import DistillTrainSet, TrainBatch  # noqa: E402
@@ -76,10 +78,13 @@ class OnlineSet(DistillTrainSet):
                 "text": self.dataset.captions[caption], "image_index": index, "caption_index": caption, "view": view}
 
 
-def collate_online(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_online(items: list[dict[str, Any]],
+                   tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Stacked student and teacher pixels, the captions and their student tokens (as the cache loader)."""
+    texts = [it["text"] for it in items]
     return {"pixels": torch.stack([it["pixels"] for it in items]),
             "teacher_pixels": torch.stack([it["teacher_pixels"] for it in items]),
-            "texts": [it["text"] for it in items],
+            "texts": texts, "text": dict(tokenize(texts)),
             **{k: torch.tensor([it[k] for it in items]) for k in ("image_index", "caption_index", "view")}}
 
 
@@ -93,28 +98,29 @@ def teacher_outputs(teacher: Any, pixels: torch.Tensor, texts: Sequence[str], de
                           TextFeatures(txt.embed, txt.tokens, txt.mask).map(to_float), teacher.logit_scale)
 
 
-def online_batches(run: ts.Run, teacher: Any, device: torch.device) -> Iterator[tuple[int, int, TrainBatch]]:
-    """Endless (epoch, position, batch) like :func:`train_student.epoch_batches`, with the teacher
-    features computed on the fly."""
+def online_batches(run: tl.Run, teacher: Any, device: torch.device) -> Iterator[tuple[int, int, TrainBatch]]:
+    """Endless (epoch, position, batch) like :func:`distill.pipeline.train.loop.epoch_batches`, with
+    the teacher features computed on the fly."""
     base = run.loader.dataset
     loader = DataLoader(OnlineSet(base, teacher.image_transform()), batch_sampler=run.sampler,
-                        num_workers=run.loader.num_workers, collate_fn=collate_online)
+                        num_workers=run.loader.num_workers,
+                        collate_fn=functools.partial(collate_online, tokenize=run.student.tokenize))
     for epoch in itertools.count():
         run.sampler.set_epoch(epoch)
         for position, b in enumerate(loader, 1):
             t = teacher_outputs(teacher, b["teacher_pixels"], b["texts"], device)
-            yield epoch, position, TrainBatch(b["pixels"], b["texts"], b["image_index"], b["caption_index"], b["view"], t)
+            yield epoch, position, TrainBatch(b["pixels"], b["texts"], b["image_index"], b["caption_index"], b["view"], t,
+                                              text=b["text"])
 
 
-def train_config(args: argparse.Namespace, cache: Path, tsv: Path, out: Path) -> dict[str, Any]:
+def train_config(args: argparse.Namespace, cache: Path, tsv: Path, out: Path) -> TrainRunConfig:
     """A training config for the benchmark student (steps only set the LR schedule)."""
-    overrides = [f"student.{k}={v}" for k, v in C.student_config(args).items()]
+    layers = [{"data": {"cache": str(cache), "path": str(tsv), "num_workers": args.num_workers},
+               "student": {"name": "vit", **C.student_config(args)}, "out": str(out), "device": args.device,
+               "seed": args.seed, "train": {"steps": 10_000, "batch_size": args.batch_size, "precision": args.precision}}]
     if args.losses:
-        overrides.append(f"losses={args.losses}")
-    flags = {"data.cache": str(cache), "data.path": str(tsv), "data.num_workers": args.num_workers, "student.name": "vit",
-             "out": str(out), "train.steps": 10_000, "train.batch_size": args.batch_size, "device": args.device,
-             "seed": args.seed, "train.precision": args.precision}
-    return resolve_config(None, [], flags, overrides)
+        layers.append(parse_override(f"losses={args.losses}"))
+    return TrainRunConfig.resolve(layers=layers)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -133,18 +139,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run.distiller.train()
         teacher = create_teacher(args.teacher, str(device))
 
-        cached = ts.epoch_batches(run, 0, 0)
+        cached = tl.epoch_batches(run, 0, 0)
         online = online_batches(run, teacher, device)
-        _, _, fixed = next(ts.epoch_batches(run, 0, 0))
+        _, _, fixed = next(tl.epoch_batches(run, 0, 0))
         fixed = fixed.to(device)
         teacher_pixels = torch.stack([teacher.image_transform()(run.loader.dataset.dataset.load_image(int(i)))
                                       for i in fixed.image_index])
         step = itertools.count()
         fns = {"teacher": lambda: teacher_outputs(teacher, teacher_pixels, fixed.texts, device),
-               "student": lambda: ts.train_step(run, itertools.repeat((0, 0, fixed)), next(step)),
+               "student": lambda: tl.train_step(run, itertools.repeat((0, 0, fixed)), next(step)),
                "loader": lambda: next(cached),
-               "cache": lambda: ts.train_step(run, cached, next(step)),
-               "online": lambda: ts.train_step(run, online, next(step))}
+               "cache": lambda: tl.train_step(run, cached, next(step)),
+               "online": lambda: tl.train_step(run, online, next(step))}
         timings = C.time_interleaved(fns, args.warmup, args.repeats, device, args.clock)
         med = {k: t.median for k, t in timings.items()}
         ideal = (med["teacher"] + med["student"]) / med["student"]
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "cache_overhead_vs_student_step": med["cache"] / med["student"],
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in run.student.parameters()),
-            "losses": [x["name"] for x in run.cfg["losses"]],
+            "losses": [x.name for x in run.config.losses],
             "peak_rss_mb": C.peak_rss_mb(), "cuda_peak_mb": C.cuda_peak_mb(device),
         }
         settings = {**{k: v for k, v in vars(args).items() if k != "out"}, "dataset": data_desc,

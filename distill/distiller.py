@@ -1,5 +1,5 @@
-"""The trainable unit: student + loss terms + the shared embedding projections and teacher queue +
-balancer.
+"""The trainable unit: student + training stages (each: loss terms + balancer) + the shared embedding
+projections and teacher queue.
 
 The student-to-teacher embedding projections (one per modality, :mod:`distill.losses.projection`) and
 the FIFO of past teacher embeddings (:mod:`distill.losses.queue`) are owned here, once, and handed to
@@ -15,8 +15,10 @@ the gradient of that global loss.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import accumulate
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -59,29 +61,42 @@ class StepOutput:
     weights: dict[str, float]
 
 
+class Stage(nn.Module):
+    """One training stage: its loss terms, the balancer over them and its length in optimizer steps
+    (``steps``; ``None`` for the last stage, which runs until the end); ``name`` labels it."""
+
+    def __init__(self, losses: dict[str, DistillLoss], balancer: Balancer, steps: int | None = None,
+                 name: str | None = None) -> None:
+        super().__init__()
+        self.losses = nn.ModuleDict(losses)
+        self.balancer = balancer
+        self.steps = steps
+        self.name = name
+
+
 class Distiller(nn.Module):
     """``forward(pixels, text, teacher, image_ids, step, total_steps) -> StepOutput``.
 
-    With a warm-up stage, steps ``< warmup_steps`` (stage 1) use only ``warmup_losses`` combined by
-    ``warmup_balancer``; later steps (stage 2) use ``losses`` and ``balancer``.
+    Training runs through ``stages`` in order: stage ``i`` covers the optimizer steps from the end
+    of stage ``i - 1`` for ``stages[i].steps`` steps (the last stage: until the end), and a step
+    uses only the losses of its stage combined by that stage's balancer (:meth:`stage_at`).
 
     With ``dims``, ``projections`` (:class:`EmbedProjections`, mode ``projection``) exist when a loss
-    of either stage sets ``uses_projection``, and ``queue`` (:class:`TeacherQueue`) when one requests
+    of any stage sets ``uses_projection``, and ``queue`` (:class:`TeacherQueue`) when one requests
     ``queue_size > 0`` (its size: the largest request); otherwise they are None."""
 
-    def __init__(self, student: nn.Module, losses: dict[str, DistillLoss], balancer: Balancer,
-                 warmup_losses: dict[str, DistillLoss] | None = None, warmup_balancer: Balancer | None = None,
-                 warmup_steps: int = 0, dims: Dims | None = None, projection: str = "auto") -> None:
+    def __init__(self, student: nn.Module, stages: Sequence[Stage], dims: Dims | None = None,
+                 projection: str = "auto") -> None:
         super().__init__()
-        if warmup_steps > 0 and (not warmup_losses or warmup_balancer is None):
-            raise ValueError("a warm-up stage needs its losses and balancer")
+        if not stages:
+            raise ValueError("a distiller needs at least one stage")
+        if any(s.steps is None or s.steps < 1 for s in stages[:-1]):
+            raise ValueError("every stage but the last needs a number of steps >= 1")
         self.student = student
-        self.losses = nn.ModuleDict(losses)
-        self.balancer = balancer
-        self.warmup_losses = nn.ModuleDict(warmup_losses or {})
-        self.warmup_balancer = warmup_balancer
-        self.warmup_steps = warmup_steps
-        every = [*self.losses.values(), *self.warmup_losses.values()]
+        self.stages = nn.ModuleList(stages)
+        #: optimizer step at which each stage after the first begins
+        self.boundaries = list(accumulate(int(s.steps) for s in stages[:-1]))
+        every = [loss for s in stages for loss in s.losses.values()]
         self.projections: EmbedProjections | None = None
         self.queue: TeacherQueue | None = None
         if dims is not None and any(loss.uses_projection for loss in every):
@@ -90,9 +105,16 @@ class Distiller(nn.Module):
         if dims is not None and queue_size > 0:
             self.queue = TeacherQueue(queue_size, dims.teacher_embed)
 
-    def stage(self, step: int) -> int:
-        """1 during the warm-up stage, else 2."""
-        return 1 if step < self.warmup_steps else 2
+    def stage_index(self, step: int) -> int:
+        """Index into ``stages`` of the stage that trains optimizer step ``step`` (0-based)."""
+        return bisect_right(self.boundaries, step)
+
+    def stage_at(self, step: int) -> Stage:
+        return self.stages[self.stage_index(step)]
+
+    def stage_label(self, index: int) -> str:
+        """``stages[index].name``, or ``stage <index + 1>``."""
+        return self.stages[index].name or f"stage {index + 1}"
 
     def forward(self, pixels: Tensor, text: dict[str, Tensor], teacher: TeacherTargets, image_ids: Tensor,
                 step: int = 0, total_steps: int = 1) -> StepOutput:
@@ -104,9 +126,9 @@ class Distiller(nn.Module):
                              queue=self.queue.view() if self.queue is not None else None)
         if self.projections is not None:
             batch = self.projections.attach(batch)
-        terms, balancer = (self.warmup_losses, self.warmup_balancer) if self.stage(step) == 1 else (self.losses, self.balancer)
-        losses = {name: loss(batch).float() for name, loss in terms.items()}
-        total, weights = balancer(losses, self.student.shared_parameters())
+        stage = self.stage_at(step)
+        losses = {name: loss(batch).float() for name, loss in stage.losses.items()}
+        total, weights = stage.balancer(losses, self.student.shared_parameters())
         if self.queue is not None and self.training:
             t = batch.teacher
             self.queue.push(t.image.embed, t.text.embed, batch.image_ids)
@@ -166,16 +188,13 @@ def build_losses(dims: Dims, loss_cfg: Sequence[dict[str, Any]]) -> dict[str, Di
     return losses
 
 
-def build_distiller(student: nn.Module, dims: Dims, loss_cfg: Sequence[dict[str, Any]], balancer_cfg: dict[str, Any],
-                    warmup_stage: dict[str, Any] | None = None, projection: str = "auto") -> Distiller:
-    """Build the loss terms and the balancer over their names, plus the optional warm-up stage
-    (``{steps, losses, weights}``: its losses under a ``fixed`` balancer), the shared projections
-    (mode ``projection``) and queue."""
-    losses = build_losses(dims, loss_cfg)
-    balancer = create_balancer(balancer_cfg["name"], list(losses), **(balancer_cfg.get("cfg") or {}))
-    if not warmup_stage:
-        return Distiller(student, losses, balancer, dims=dims, projection=projection)
-    warmup_losses = build_losses(dims, warmup_stage["losses"])
-    warmup_balancer = create_balancer("fixed", list(warmup_losses), weights=warmup_stage.get("weights") or {})
-    return Distiller(student, losses, balancer, warmup_losses, warmup_balancer, int(warmup_stage["steps"]),
-                     dims=dims, projection=projection)
+def build_distiller(student: nn.Module, dims: Dims, stages: Sequence[Mapping[str, Any]],
+                    projection: str = "auto") -> Distiller:
+    """Build every stage (``{losses: [{name, cfg}], balancer: {name, cfg}, steps, name}``: its loss
+    terms and the balancer over their names), the shared projections (mode ``projection``) and queue."""
+    built = []
+    for spec in stages:
+        losses = build_losses(dims, spec["losses"])
+        balancer = create_balancer(spec["balancer"]["name"], list(losses), **(spec["balancer"].get("cfg") or {}))
+        built.append(Stage(losses, balancer, spec.get("steps"), spec.get("name")))
+    return Distiller(student, built, dims=dims, projection=projection)

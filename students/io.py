@@ -5,8 +5,9 @@ A saved student is a folder with ``student.safetensors`` (weights) and ``student
     {"format_version": 1, "config": {"name": "vit", ...},   # kwargs of students.create_student
      "tokenizer": {...}, "preprocess": {...}, "num_params": N}
 
-:func:`load_student` also reads training checkpoints: a ``torch.save``'d dict with
-``"student_config"`` (the config above) and ``"student"`` (a state dict).
+:func:`load_student` also reads training checkpoints (their format is
+:mod:`distill.core.checkpoint`, which hands over ``student_config``, the config above, and the
+``student`` state dict).
 """
 from __future__ import annotations
 
@@ -83,20 +84,12 @@ def _load_folder(folder: Path) -> Student:
 
 
 def _load_checkpoint(path: Path) -> Student:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or "student_config" not in ckpt or "student" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a checkpoint with 'student_config' and 'student', found {keys}")
-    from distill.core.checkpoint import CHECKSUM_KEY, checksum
+    from distill.core.checkpoint import read_student_checkpoint
 
-    if CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != checksum(ckpt):
-        raise ValueError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum")
-    student = _build(ckpt["student_config"], path)
+    config, state = read_student_checkpoint(path)
+    student = _build(config, path)
     try:
-        student.load_state_dict(ckpt["student"])
+        student.load_state_dict(state)
     except RuntimeError as e:
         raise RuntimeError(f"{path}: student weights do not match its student_config: {e}") from e
     return student

@@ -154,34 +154,37 @@ def test_peak_memory(teacher_spec, tmp_path, capsys):
 
 
 def test_quality_rows_are_reused_resumed_or_retrained(tmp_path, monkeypatch):
-    """``quality_flickr8k``: a finished row with the same command line is reused, an interrupted one
-    resumes in place, and one trained with other settings is deleted (eval.json included) and
+    """``quality_flickr8k``: a finished row with the same training config is reused, an interrupted
+    one resumes in place, and one trained with other settings is deleted (eval.json included) and
     retrained."""
     from benchmarks import quality_flickr8k as q
     from distill.pipeline.train import main as train_student
 
-    calls: list[list[str]] = []
+    calls: list[dict] = []
 
-    def fake_train(argv: list[str]) -> dict:
-        calls.append(argv)
-        student = Path(argv[argv.index("--out") + 1]) / "student"
+    def fake_train(config: dict, resume: str | None = None, overwrite: bool = False) -> train_student.TrainResult:
+        assert resume == "auto"
+        calls.append(config)
+        student = Path(config["out"]) / "student"
         student.mkdir(parents=True, exist_ok=True)
         (student / "student.json").write_text("{}")
-        return {}
+        return train_student.TrainResult(1, 0.5, 0, 0, 0.1, student)
 
-    monkeypatch.setattr(train_student, "main", fake_train)
+    monkeypatch.setattr(train_student, "train", fake_train)
     bench = q.Bench(q.parse_args(["--work", str(tmp_path)]))
-    argv = bench.train_argv("row", tmp_path / "cache", ["--student", "pruned"])
-    assert bench.train("row", argv) == tmp_path / "row" / "student" and len(calls) == 1
+    config = bench.train_config("row", tmp_path / "cache", {"student": {"name": "pruned"}})
+    assert config["data"]["cache"] == str(tmp_path / "cache") and config["student"] == {"name": "pruned"}
+    assert bench.train("row", config) == tmp_path / "row" / "student" and len(calls) == 1
+    assert json.loads((tmp_path / "row" / "summary.json").read_text())["steps"] == 1
     (tmp_path / "row" / "eval.json").write_text("{}")
-    bench.train("row", argv)
+    bench.train("row", config)
     assert len(calls) == 1 and (tmp_path / "row" / "eval.json").is_file()  # reused
     (tmp_path / "row" / "student" / "student.json").unlink()  # interrupted: checkpoints stay
     (tmp_path / "row" / "checkpoints").mkdir()
-    bench.train("row", argv)
+    bench.train("row", config)
     assert len(calls) == 2 and (tmp_path / "row" / "checkpoints").is_dir()
-    other = bench.train_argv("row", tmp_path / "cache", ["--student", "pruned"], "train.lr=1e-3")
+    other = bench.train_config("row", tmp_path / "cache", {"student": {"name": "pruned"}}, {"train": {"lr": 1e-3}})
     bench.train("row", other)
     assert len(calls) == 3 and not (tmp_path / "row" / "eval.json").exists()
     assert not (tmp_path / "row" / "checkpoints").exists()
-    assert json.loads((tmp_path / "row" / "argv.json").read_text()) == other
+    assert json.loads((tmp_path / "row" / "config.json").read_text()) == other

@@ -432,5 +432,5 @@ def test_train_student_refuses_a_cache_older_than_its_images(tiny_tsv, tmp_path)
     with pytest.raises(StaleCacheError, match=r"changed size or modification time after the cache was built.*rerun"):
         ts.main(train_args(cache, tiny_tsv, tmp_path / "run", 1))
     assert not (tmp_path / "run" / "checkpoints").exists()
-    summary = ts.main(train_args(cache, tiny_tsv, tmp_path / "run2", 1, "--verify-cache", "none"))  # explicit opt-out
-    assert summary["steps"] == 1
+    summary = ts.train_from_argv(train_args(cache, tiny_tsv, tmp_path / "run2", 1, "--verify-cache", "none"))  # explicit opt-out
+    assert summary.steps == 1

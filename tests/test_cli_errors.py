@@ -1,7 +1,8 @@
 """One-line errors (issue 13.6): every entry point runs through ``distill.pipeline.cli.run_cli``, which prints
 the project's errors, bad files and bad arguments as ONE ``error: ...`` line and exits 2, shows the
 traceback with ``--debug``, and refuses ``--device cuda`` without a GPU in one line. ``main(argv)``
-stays a Python function returning its result (the training summary)."""
+stays a Python function raising typed errors (train_student's returns its exit status, 0; its
+``train_from_argv`` the typed training result)."""
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ def _one_line(capsys) -> str:
 
 def test_train_student_main_returns_the_summary_and_the_cli_exit_code_is_0(tiny, tmp_path, capsys):  # noqa: F811
     tsv, cache = tiny
-    summary = ts.main(train_args(cache, tsv, tmp_path / "a", 2))
-    assert isinstance(summary, dict) and summary["steps"] == 2
+    summary = ts.train_from_argv(train_args(cache, tsv, tmp_path / "a", 2))
+    assert isinstance(summary, ts.TrainResult) and summary.steps == 2
+    assert ts.main(train_args(cache, tsv, tmp_path / "c", 2)) == 0
     assert run_cli(ts.main, train_args(cache, tsv, tmp_path / "b", 2)) == 0
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from distill.core import checkpoint as ck
+from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.errors import CacheCorruptError, CheckpointCorruptError, CheckpointError, ManifestError, NonFiniteTargetError, ResumeMismatchError, RunFolderError
 from distill.core.checkpoint import load_checkpoint
@@ -40,13 +41,13 @@ STEPS = 7
 EXTRA = ("--set", "train.checkpoint_every=3")  # checkpoints after steps 3 and 6 (and 7, the last)
 
 if os.environ.get("MMDISTILL_TEST_STEP_SLEEP"):
-    _real_step, _delay = ts.train_step, float(os.environ["MMDISTILL_TEST_STEP_SLEEP"])
+    _real_step, _delay = tl.train_step, float(os.environ["MMDISTILL_TEST_STEP_SLEEP"])
 
     def _slow_step(run, batches, step):
         time.sleep(_delay)
         return _real_step(run, batches, step)
 
-    ts.train_step = _slow_step
+    tl.train_step = _slow_step
 
 
 def _trajectory(out: Path) -> list[dict]:
@@ -93,8 +94,8 @@ def test_kill9_of_training_process_then_resume_is_identical(tiny, reference, tmp
     assert not (out / "checkpoints" / "step_000006.pt").exists() and not (out / "student").exists()
     assert load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 3
 
-    summary = ts.main(train_args(cache, tsv, out, STEPS, *EXTRA, "--resume", "auto"))
-    assert summary["steps"] == STEPS
+    summary = ts.train_from_argv(train_args(cache, tsv, out, STEPS, *EXTRA, "--resume", "auto"))
+    assert summary.steps == STEPS
     _assert_same_run(out, reference)
 
 
@@ -141,8 +142,8 @@ def test_truncated_latest_falls_back_to_the_step_file_and_an_explicit_path_is_na
     with pytest.raises(CheckpointError, match=r"checkpoints/latest\.pt"):
         ts.main(train_args(cache, tsv, out, 5, *EXTRA, "--resume", str(latest)))
     assert load_checkpoint(out / "checkpoints" / "step_000003.pt")["step"] == 3  # a copy, not a link: intact
-    summary = ts.main(train_args(cache, tsv, out, 5, *EXTRA, "--resume", "auto"))  # step files first
-    assert summary["steps"] == 5 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5]
+    summary = ts.train_from_argv(train_args(cache, tsv, out, 5, *EXTRA, "--resume", "auto"))  # step files first
+    assert summary.steps == 5 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5]
 
 
 def _flip(path: Path, at: int) -> None:
@@ -232,8 +233,8 @@ def test_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(tiny, t
     with pytest.raises(ManifestError):  # --overwrite with an input that does not load deletes nothing
         ts.main(train_args(tmp_path / "no_cache", tsv, out, 2, *EXTRA, "--overwrite"))
     assert len(read_log(out)) == 7 and sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    summary = ts.main(train_args(cache, tsv, out, 2, *EXTRA, "--overwrite"))
-    assert summary["steps"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
+    summary = ts.train_from_argv(train_args(cache, tsv, out, 2, *EXTRA, "--overwrite"))
+    assert summary.steps == 2 and [r["step"] for r in read_log(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step_000002.pt"]
 
 
@@ -317,13 +318,13 @@ def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_
     tsv, cache = tiny
     _poison_targets(monkeypatch)
     out = tmp_path / "run"
-    summary = ts.main(train_args(cache, tsv, out, STEPS, *EXTRA, "--set", "data.on_nonfinite=skip"))
+    summary = ts.train_from_argv(train_args(cache, tsv, out, STEPS, *EXTRA, "--set", "data.on_nonfinite=skip"))
     sampler = GlobalBatchSampler(12, 4, seed=0)  # 3 batches per epoch: 7 steps = 2 epochs + 1 batch
     seen = [int(i) for e in range(3) for i in sampler.order(e)[:12 if e < 2 else 4]]
     expected = sum(i in BAD_IMAGES for i in seen)
     recs = read_log(out)
-    assert summary["skipped_samples"] == expected == recs[-1]["skipped_samples"] and expected >= 4
-    assert summary["skipped_nonfinite"] == 0 and all(np.isfinite(r["total"]) for r in recs)
+    assert summary.skipped_samples == expected == recs[-1]["skipped_samples"] and expected >= 4
+    assert summary.skipped_nonfinite == 0 and all(np.isfinite(r["total"]) for r in recs)
     assert all(np.isfinite(r[k]) for r in recs for k in r if k.startswith("loss/"))
     assert load_checkpoint(out / "checkpoints" / "latest.pt")["skipped_samples"] == expected
 
@@ -382,8 +383,9 @@ def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tm
     assert np.isnan(recs[1]["loss/test_nan_value"]) and recs[1]["weight/test_nan_value"] == 0.0
     a, b = (load_checkpoint(out / "checkpoints" / f"step_{s:06d}.pt") for s in (1, 2))
     for part in ("student", "losses"):  # the step was not applied: weights and the queue are unchanged
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
+        x, y = (c[part] if part == "student" else c["stages"][0][part] for c in (a, b))
+        for k, v in x.items():
+            assert torch.equal(v, y[k]), (part, k)
 
 
 def test_truncated_cache_shard_is_named_before_training(tmp_path):

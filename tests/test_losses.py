@@ -673,9 +673,9 @@ def test_distiller_owns_one_projection_per_modality_and_one_queue():
     d = Dims(16, 24, student.image_token_dim, student.text_token_dim, 8, 8)
     cfg = [{"name": "contrastive_distill", "cfg": {"queue_size": 8}}, {"name": "relation_kl", "cfg": {"queue_size": 4}},
            {"name": "cosine"}, {"name": "student_clip"}]
-    distiller = build_distiller(student, d, cfg, {"name": "fixed", "cfg": {}})
+    distiller = build_distiller(student, d, [{"losses": cfg, "balancer": {"name": "fixed", "cfg": {}}}])
     assert set(distiller.projections.linear_maps()) == {"image", "text"} and distiller.queue.size == 8
-    assert all(len(list(loss.parameters())) == 0 for loss in distiller.losses.values())
+    assert all(len(list(loss.parameters())) == 0 for loss in distiller.stages[0].losses.values())
     assert not any(n.startswith("queue.") for n in distiller.rollback_buffers())
     pixels = torch.randn(3, 3, 32, 32)
     text = student.tokenize(["a dog", "a cat", "the sea"])
@@ -691,5 +691,5 @@ def test_distiller_owns_one_projection_per_modality_and_one_queue():
     with torch.no_grad():
         distiller(pixels, text, teacher, torch.tensor([3, 4, 5]))
     assert distiller.queue.pending_rows() == 0  # evaluation forwards never enqueue
-    only_token = build_distiller(student, d, [{"name": "token"}], {"name": "fixed", "cfg": {}})
+    only_token = build_distiller(student, d, [{"losses": [{"name": "token"}], "balancer": {"name": "fixed", "cfg": {}}}])
     assert only_token.projections is None and only_token.queue is None

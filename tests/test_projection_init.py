@@ -192,8 +192,9 @@ def test_resume_needs_the_shared_state_and_refuses_an_old_checkpoint(tiny, tmp_p
     assert {"image.linear.weight", "text.linear.weight"} == set(ckpt["shared"]["projections"])
     assert int(ckpt["shared"]["queue"]["filled"]) > 0
     ts.main([*train_args(cache, tsv, out, 3, "--set", "train.embed_projection=linear"), "--resume"])  # a new run resumes
-    old = {k: v for k, v in ckpt.items() if k != "shared"}
-    old["losses"] = {"contrastive_distill.proj.linear.weight": torch.zeros(2, 2), **old["losses"]}
+    old = {k: v for k, v in ckpt.items() if k not in ("shared", "stages", "checksum")}
+    old["losses"] = {"contrastive_distill.proj.linear.weight": torch.zeros(2, 2), **ckpt["stages"][0]["losses"]}
+    old["balancer"], old["warmup_losses"] = ckpt["stages"][0]["balancer"], {}
     old["checksum"] = checksum(old)  # an intact file of the old layout
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="predates the distiller's shared embedding projections"):

@@ -1,6 +1,6 @@
 """PUMA (layer-pruned self-distillation preset) and the CoMa compression warm-up stage:
-the ``coma_reconstruct`` loss on hand-checkable cases, the ``train.warmup_stage`` switch, exact
-resume across it, and an optimizer built only from trainable parameters."""
+the ``coma_reconstruct`` loss on hand-checkable cases, the ``train.warmup_stage`` switch (a first
+training stage), exact resume across it, and an optimizer built only from trainable parameters."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
+from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
 from distill.pipeline.train.config import resolve_config
@@ -80,7 +81,7 @@ def test_tiny_puma_run(tmp_path, monkeypatch, capsys):
     recs = read_log(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
     for r in recs:
-        assert r["weight/mac"] == 0.9 and r["weight/deep_mse"] == 0.1 and r["stage"] == 2
+        assert r["weight/mac"] == 0.9 and r["weight/deep_mse"] == 0.1 and r["stage"] == 1  # the only stage
         assert r["total"] == pytest.approx(0.9 * r["loss/mac"] + 0.1 * r["loss/deep_mse"], rel=1e-6)
     # learning: the MAC-dominated total falls (deep_mse alone, at weight 0.1, is noise over 5 steps)
     assert recs[-1]["total"] < 0.5 * recs[0]["total"]
@@ -187,18 +188,20 @@ def test_stage_switch_at_step_n(tiny, tmp_path, capsys):
     ts.main(train_args(cache, tsv, tmp_path / "plain", 6, *extra))
     plain = read_log(tmp_path / "plain")
     assert [r["lr"] for r in recs] == [r["lr"] for r in plain]  # one LR schedule over both stages
-    assert all(r["stage"] == 2 for r in plain)
+    assert all(r["stage"] == 1 for r in plain)  # one stage
 
     ck = {s: load_checkpoint(tmp_path / "staged" / "checkpoints" / f"step_{s:06d}.pt") for s in (1, 3, 6)}
-    changed = lambda a, b, part: [k for k in ck[a][part] if not torch.equal(ck[a][part][k], ck[b][part][k])]  # noqa: E731
-    assert changed(1, 3, "warmup_losses") and not changed(1, 3, "losses")  # stage 1 trains only CoMa (+ student)
-    assert changed(3, 6, "losses") and not changed(3, 6, "warmup_losses")  # stage 2 leaves CoMa alone
+    part_of = lambda ckpt, part: ckpt["student"] if part == "student" else ckpt["stages"][part]["losses"]  # noqa: E731
+    changed = lambda a, b, part: [k for k in part_of(ck[a], part)  # noqa: E731
+                                  if not torch.equal(part_of(ck[a], part)[k], part_of(ck[b], part)[k])]
+    assert changed(1, 3, 0) and not changed(1, 3, 1)  # stage 1 trains only CoMa (+ student)
+    assert changed(3, 6, 1) and not changed(3, 6, 0)  # stage 2 leaves CoMa alone
     assert changed(1, 3, "student") and changed(3, 6, "student")
 
 
 def test_warmup_stage_must_end_before_training_does(tiny, tmp_path):
     tsv, cache = tiny
-    with pytest.raises(SystemExit, match=r"warmup_stage.steps \(3\) must be smaller than the number of optimizer steps \(3\)"):
+    with pytest.raises(ConfigError, match=r"warmup_stage.steps \(3\) must be smaller than the number of optimizer steps \(3\)"):
         ts.main(train_args(cache, tsv, tmp_path / "run", 3, "--set", STAGE))
 
 
@@ -206,30 +209,33 @@ def test_resume_across_the_stage_switch_is_exact(tiny, tmp_path, monkeypatch):
     tsv, cache = tiny
     extra = ("--set", MAIN_LOSSES, "--set", STAGE, "--set", "train.checkpoint_every=2")
     ts.main(train_args(cache, tsv, tmp_path / "full", 6, *extra))
-    real_step = ts.train_step
+    real_step = tl.train_step
 
     def dying_step(run, batches, step):
         if step == 4:
             raise KeyboardInterrupt("simulated kill")
         return real_step(run, batches, step)
 
-    monkeypatch.setattr(ts, "train_step", dying_step)
+    monkeypatch.setattr(tl, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra))
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["step"] == 4
     (tmp_path / "cut" / "checkpoints" / "latest.pt").unlink()  # resume from step 2, inside stage 1
-    monkeypatch.setattr(ts, "train_step", real_step)
+    monkeypatch.setattr(tl, "train_step", real_step)
     ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra, "--resume", str(tmp_path / "cut" / "checkpoints" /
                                                                               "step_000002.pt")))
     strip = lambda out: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_log(out)]  # noqa: E731
     assert strip(tmp_path / "cut") == strip(tmp_path / "full")
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
-    for part in ("student", "losses", "warmup_losses", "balancer"):
-        assert a[part].keys() == b[part].keys()
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
-    assert any(k.startswith("coma_reconstruct.") for k in a["warmup_losses"])
+    parts = [("student", a["student"], b["student"])]
+    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
+              for key in ("losses", "balancer")]
+    for part, x, y in parts:
+        assert x.keys() == y.keys(), part
+        for k, v in x.items():
+            assert torch.equal(v, y[k]), (part, k)
+    assert any(k.startswith("coma_reconstruct.") for k in a["stages"][0]["losses"])
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -245,4 +251,4 @@ def test_optimizer_holds_exactly_the_trainable_parameters(tiny):
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in run.distiller.parameters() if p.requires_grad}
     assert in_optimizer == trainable and not in_optimizer & {id(p) for p in frozen}
-    assert {id(p) for p in run.distiller.warmup_losses.parameters()} <= in_optimizer
+    assert {id(p) for p in run.distiller.stages[0].losses.parameters()} <= in_optimizer

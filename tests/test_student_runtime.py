@@ -65,13 +65,14 @@ def test_new_train_keys_are_validated():
 
 
 def _first_step(tiny, tmp_path, *sets: str):
+    from distill.pipeline.train import loop as tl
     from distill.pipeline.train import main as ts
     from distill.core.dist import DistInfo
 
     tsv, cache = tiny
     args = ts.build_parser().parse_args(train_args(cache, tsv, tmp_path, 3, *[a for s in sets for a in ("--set", s)]))
     run = ts.setup(ts.config_from_args(args), DistInfo(0, 1, 0, torch.device("cpu")))
-    fields, *_ = ts.train_step(run, ts.epoch_batches(run, 0, 0), 0)
+    fields, *_ = tl.train_step(run, tl.epoch_batches(run, 0, 0), 0)
     return run, fields
 
 

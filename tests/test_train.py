@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
+from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.data.augment import apply_view
 from distill.core.cache.reader import TeacherCache
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_short_run_learns_and_writes_outputs(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
-    summary = ts.main(train_args(cache, tsv, out, 15))
+    summary = ts.train_from_argv(train_args(cache, tsv, out, 15))
     recs = read_log(out)
     assert [r["step"] for r in recs] == list(range(1, 16))
     first = np.mean([r["total"] for r in recs[:3]])
@@ -76,7 +77,7 @@ def test_short_run_learns_and_writes_outputs(tiny, tmp_path):
     assert recs[0]["lr"] == pytest.approx(0.5e-3) and recs[1]["lr"] == pytest.approx(1e-3)  # linear warmup over 2 steps
     assert recs[-1]["lr"] < recs[2]["lr"]  # cosine decay
     assert [r["epoch"] for r in recs[:4]] == [0, 0, 0, 1]  # 12 images / batch 4 = 3 batches per epoch
-    assert summary["steps"] == 15 and summary["final_total"] == recs[-1]["total"]
+    assert summary.steps == 15 and summary.final_total == recs[-1]["total"]
 
     assert (out / "plots" / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "tb").glob("events.out.tfevents.*"))
@@ -114,11 +115,11 @@ def test_periodic_eval_is_logged(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys.modules["distill.pipeline.evaluate"], "evaluate_model", spy)
     out = tmp_path / "run"
-    summary = ts.main(train_args(cache, tsv, out, 4, "--set", f"eval.data={tsv}", "--set", "eval.split=all",
+    summary = ts.train_from_argv(train_args(cache, tsv, out, 4, "--set", f"eval.data={tsv}", "--set", "eval.split=all",
                                  "--set", "eval.every=2", "--set", "eval.batch_size=8"))
     evals = read_log(out, "eval")
     assert [e["step"] for e in evals] == [2, 4] and calls == [12, 12]
-    assert "eval/rsum" in evals[-1] and summary["eval"]["rsum"] == evals[-1]["eval/rsum"]
+    assert "eval/rsum" in evals[-1] and summary.eval["rsum"] == evals[-1]["eval/rsum"]
 
 
 # ------------------------------------------------------------------------------ data alignment
@@ -135,7 +136,7 @@ def test_shuffled_batches_stay_aligned_with_teacher_views(tiny):
     run = _setup(cache_dir, tsv, seed=3, workers=1)
     transform = run.student.image_transform()
     orders, captions, views = [], [], []
-    for epoch, position, batch in _take(ts.epoch_batches(run, 0, 0), 6):  # two epochs
+    for epoch, position, batch in _take(tl.epoch_batches(run, 0, 0), 6):  # two epochs
         ids, caps, vs = batch.image_index.numpy(), batch.caption_index.numpy(), batch.view.numpy()
         orders.append(ids)
         captions.append(caps)
@@ -162,7 +163,7 @@ def test_shuffled_batches_stay_aligned_with_teacher_views(tiny):
     assert by_image(0) != by_image(1)  # captions are re-drawn every epoch
 
     other = _setup(cache_dir, tsv, seed=4)
-    other_order = np.concatenate([b.image_index.numpy() for _, _, b in _take(ts.epoch_batches(other, 0, 0), 3)])
+    other_order = np.concatenate([b.image_index.numpy() for _, _, b in _take(tl.epoch_batches(other, 0, 0), 3)])
     assert not np.array_equal(other_order, epoch0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
 from distill.core.errors import ResumeMismatchError
@@ -16,14 +17,14 @@ STEPS, KILL_AT = 7, 5  # checkpoints every 3 steps: the killed run resumes from 
 
 def die_at(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
     """Make the training loop raise (like an interrupt) when it starts step index ``kill_at``."""
-    real = ts.train_step
+    real = tl.train_step
 
     def dying(run, batches, step):
         if step == kill_at:
             raise KeyboardInterrupt("simulated kill")
         return real(run, batches, step)
 
-    monkeypatch.setattr(ts, "train_step", dying)
+    monkeypatch.setattr(tl, "train_step", dying)
 
 
 def _trajectory(out):
@@ -50,15 +51,19 @@ def test_killed_run_resumes_bitwise(tiny, tmp_path, monkeypatch):
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
-    for part in ("student", "losses", "balancer"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), (part, k)
+    parts = [("student", a["student"], b["student"])]
+    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
+              for key in ("losses", "balancer")]
+    for part, x, y in parts:
+        assert x.keys() == y.keys(), part
+        for k, v in x.items():
+            assert torch.equal(v, y[k]), (part, k)
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tiny, tmp_path):
     tsv, cache = tiny
-    summary = ts.main(train_args(cache, tsv, tmp_path / "run", 2, "--resume"))
-    assert summary["steps"] == 2 and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
+    summary = ts.train_from_argv(train_args(cache, tsv, tmp_path / "run", 2, "--resume"))
+    assert summary.steps == 2 and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
 
 
 def test_resume_with_another_student_is_refused(tiny, tmp_path):

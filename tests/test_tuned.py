@@ -148,10 +148,10 @@ def test_train_student_cli_with_mwa(lit_spec, teacher, tmp_path: Path):
     cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(cache),
                 "--num-workers", "0", "--batch-size", "8", "--device", "cpu"])
     out = tmp_path / "run"
-    summary = ts.main(["--cache", str(cache), "--data", str(tsv), "--out", str(out), "--steps", "3", "--batch-size", "4",
+    summary = ts.train_from_argv(["--cache", str(cache), "--data", str(tsv), "--out", str(out), "--steps", "3", "--batch-size", "4",
                        "--lr", "1e-3", "--num-workers", "0", "--device", "cpu", "--student", "mwa",
                        "--set", f"student.teacher={lit_spec}", "--set", "train.warmup_steps=1"])
-    assert summary["steps"] == 3 and summary["skipped_nonfinite"] == 0 and summary["final_total"] > 0
+    assert summary.steps == 3 and summary.skipped_nonfinite == 0 and summary.final_total > 0
     s = load_student(out / "student")
     assert s.config()["name"] == "mwa"
     # the towers are still exactly the teacher's, the adapters moved

@@ -12,7 +12,8 @@ import pytest
 import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline.train import main as ts
 from distill.pipeline.cache.main import main as cache_main
-from distill.pipeline.train.config import DEFAULTS, resolve_config, warmup_steps
+from distill.pipeline.train.config import DEFAULTS, resolve_config
+from distill.pipeline.train.optim import warmup_steps
 from distill.core.errors import ConfigError
 from distill.pipeline.train.log import read_log
 from tests.conftest import make_tiny_dataset, tiny_openclip_spec

@@ -255,10 +255,10 @@ def test_view_tokens_options(data, tmp_path):
 def test_train_student_picks_pixels_and_trains_on_mixup_views(data, tmp_path, capsys):
     tsv = data["tsv"]
     out = tmp_path / "run"
-    summary = ts.main(train_args(data["raw"], tsv, out, 4))
+    summary = ts.train_from_argv(train_args(data["raw"], tsv, out, 4))
     assert "student pixels read from the cache (raw, 32 px)" in capsys.readouterr().out
     recs = read_log(out)
-    assert summary["steps"] == 4 and summary["skipped_nonfinite"] == 0 and len(recs) == 4
+    assert summary.steps == 4 and summary.skipped_nonfinite == 0 and len(recs) == 4
     assert all(np.isfinite(r["total"]) and np.isfinite(r["loss/token"]) for r in recs)
     # the 4 steps x 4 images drew mixup views (the training set draws from all 5 cached views)
     run = ts.setup(ts.config_from_args(ts.build_parser().parse_args(train_args(data["raw"], tsv, out, 4))),
@@ -266,8 +266,8 @@ def test_train_student_picks_pixels_and_trains_on_mixup_views(data, tmp_path, ca
     drawn = {run.loader.dataset.choose(i, e)[1] for e in range(2) for i in range(12)}
     assert drawn & {3, 4} and drawn & {0, 1, 2}
     # jpeg cache on CPU: decoded in the training step
-    summary = ts.main(train_args(data["jpeg"], tsv, tmp_path / "run2", 2))
-    assert "(jpeg, 24 px)" in capsys.readouterr().out and summary["skipped_nonfinite"] == 0
+    summary = ts.train_from_argv(train_args(data["jpeg"], tsv, tmp_path / "run2", 2))
+    assert "(jpeg, 24 px)" in capsys.readouterr().out and summary.skipped_nonfinite == 0
     # data.pixels=decode ignores them; data.pixels=cache requires them
     cfg = ts.config_from_args(ts.build_parser().parse_args(train_args(data["raw"], tsv, tmp_path / "u", 2,
                                                                       "--set", "data.pixels=decode")))

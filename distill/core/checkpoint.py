@@ -1,14 +1,28 @@
-"""Training checkpoints: atomic ``torch.save`` of tensors and plain data only, loaded with
-``torch.load(weights_only=True)`` so a checkpoint can never execute code.
+"""The training checkpoint format, written and read here only: atomic ``torch.save`` of tensors and
+plain data, loaded with ``torch.load(weights_only=True)`` so a checkpoint can never execute code.
 
-Layout: ``OUT/checkpoints/step_000123.pt`` plus ``latest.pt``, a copy of the newest step file (never
-a hard link, so damage to one file cannot reach the other). RNG states are stored as tensors/lists
-so exact resume needs no pickled objects.
+Content (:func:`checkpoint_payload`, plus ``step``, ``rng`` and ``checksum`` added by
+:func:`save_checkpoint`)::
+
+    student, student_config          the student's state dict and create_student kwargs
+    stages: [{losses, balancer}]     state dicts of every training stage's loss terms and balancer
+    shared: {projections, queue}     the distiller's shared embedding projections and teacher queue
+    config                           the resolved training config (dict)
+    optimizer, scheduler, scaler     their state dicts
+    sampler: {epoch, position}       where the data order resumes
+    skipped_nonfinite, skipped_samples, source: {teacher_hash, dataset_fingerprint}
+
+Checkpoints of the previous layout (``losses`` / ``balancer`` / ``warmup_losses`` instead of
+``stages``) are read into this one by :func:`load_checkpoint`.
+
+Layout on disk: ``OUT/checkpoints/step_000123.pt`` plus ``latest.pt``, a copy of the newest step file
+(never a hard link, so damage to one file cannot reach the other). RNG states are stored as
+tensors/lists so exact resume needs no pickled objects. Which checkpoint a run resumes from, and
+which ones it keeps, is the run folder's business (:mod:`distill.pipeline.train.run_dir`).
 
 Integrity: every checkpoint carries ``checksum``, the sha256 of its content (every tensor's dtype,
 shape and bytes and every plain value, in key order); :func:`load_checkpoint` recomputes it and
-refuses a mismatch. ``--resume auto`` (:func:`find_resume`) takes the newest step file that loads and
-verifies, warning about each damaged newer one, and falls back to ``latest.pt`` last.
+refuses a mismatch.
 """
 from __future__ import annotations
 
@@ -17,13 +31,12 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from distill.core.errors import CheckpointError, CheckpointCorruptError, RunFolderError
+from distill.core.errors import CheckpointError, CheckpointCorruptError
 
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
@@ -117,9 +130,22 @@ def step_files(folder: Path) -> list[Path]:
                   key=lambda p: int(STEP_RE.search(p.name).group(1)))
 
 
-def save_checkpoint(out: str | Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
+def checkpoint_payload(*, student: dict[str, Any], student_config: dict[str, Any], stages: list[dict[str, Any]],
+                       shared: dict[str, Any], config: dict[str, Any], optimizer: dict[str, Any],
+                       scheduler: dict[str, Any], scaler: dict[str, Any], epoch: int, position: int,
+                       skipped_nonfinite: int, skipped_samples: int, source: dict[str, str]) -> dict[str, Any]:
+    """The content of a training checkpoint (see the module docstring); ``stages`` holds one
+    ``{"losses": state dict, "balancer": state dict}`` per training stage."""
+    return {"student": student, "student_config": student_config,
+            "stages": [{"losses": s["losses"], "balancer": s["balancer"]} for s in stages], "shared": shared,
+            "config": config, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+            "sampler": {"epoch": int(epoch), "position": int(position)}, "skipped_nonfinite": int(skipped_nonfinite),
+            "skipped_samples": int(skipped_samples), "source": source}
+
+
+def save_checkpoint(out: str | Path, step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` (+ ``step``, the RNG states and the checksum) to ``step_XXXXXX.pt``, then copy
-    it to ``latest.pt``; keeps only the newest ``keep`` step files when ``keep`` > 0."""
+    it to ``latest.pt``; returns the step file."""
     folder = checkpoint_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.pt"
@@ -127,86 +153,14 @@ def save_checkpoint(out: str | Path, step: int, state: dict[str, Any], keep: int
     full[CHECKSUM_KEY] = checksum(full)
     _atomic_write(path, lambda tmp: _save_to(full, tmp))
     _atomic_write(folder / LATEST, lambda tmp: _copy_to(path, tmp))
-    if keep > 0:
-        for old in step_files(folder)[:-keep]:
-            old.unlink(missing_ok=True)
     return path
-
-
-def clean_stale_tmp(out: str | Path) -> list[Path]:
-    """Delete ``.*.tmp-<pid>`` leftovers of interrupted checkpoint writes (those of live processes
-    other than this one are kept); returns the deleted paths."""
-    folder = checkpoint_dir(out)
-    removed = []
-    for p in folder.glob(".*.tmp-*") if folder.is_dir() else ():
-        m = TMP_RE.match(p.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
-            continue
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
-
-
-def _warn(msg: str) -> None:
-    print(f"distill: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def find_resume(out: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint :func:`load_resume` would resume from (``None``: start fresh)."""
-    found = load_resume(out, resume)
-    return found[0] if found else None
-
-
-def load_resume(out: str | Path, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
-    """``None``/``""``: no resume. ``"auto"`` (or a run folder): the newest intact checkpoint of
-    ``OUT/checkpoints`` (step files newest first, then ``latest.pt``), skipping damaged ones with a
-    warning; ``None`` when the folder holds no checkpoint; :class:`CheckpointCorruptError` when every
-    one is damaged. A file path must itself be intact. Returns (path, loaded state)."""
-    if not resume:
-        return None
-    path = Path(out) if resume == "auto" else Path(resume)
-    if not (resume == "auto" or path.is_dir()):
-        if not path.is_file():
-            raise CheckpointError(f"--resume {resume}: no checkpoint file at {path}")
-        return path, load_checkpoint(path)
-    folder = checkpoint_dir(path) if checkpoint_dir(path).is_dir() or resume == "auto" else path
-    candidates = [p for p in [*reversed(step_files(folder)), folder / LATEST] if p.is_file()] if folder.is_dir() else []
-    if not candidates:
-        if resume != "auto":
-            raise CheckpointError(f"--resume {resume}: no checkpoint in {folder}")
-        return None
-    errors = []
-    for p in candidates:
-        try:
-            state = load_checkpoint(p)
-        except CheckpointError as e:
-            errors.append(str(e))
-            _warn(f"{e}; trying an older checkpoint")
-            continue
-        if errors:
-            _warn(f"resuming from {p}, the newest intact checkpoint")
-        return p, state
-    raise CheckpointCorruptError(f"--resume {resume}: no intact checkpoint in {folder} ({len(errors)} damaged: "
-                                 + "; ".join(errors) + ")")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` and verify its checksum; anything that needs
     unpickling arbitrary objects is refused with :class:`CheckpointError` (and never executed), a
-    damaged file with :class:`CheckpointCorruptError`."""
+    damaged file with :class:`CheckpointCorruptError`. A checkpoint of the previous layout comes back
+    in the current one (:func:`upgrade`)."""
     if not Path(path).is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
@@ -214,8 +168,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
         raise CheckpointCorruptError(f"refusing to load checkpoint {path}: not a plain tensor/data checkpoint "
                                      f"(weights_only load failed: {(str(e).splitlines() or [type(e).__name__])[0]})") from e
-    missing = [k for k in ("step", "student", "student_config", "losses", "balancer", "optimizer") if k not in state] \
-        if isinstance(state, dict) else ["(not a dict)"]
+    required = ("step", "student", "student_config", "optimizer")
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else ["(not a dict)"]
+    if not missing and "stages" not in state and not {"losses", "balancer"} <= set(state):
+        missing = ["stages"]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint: missing {', '.join(missing)}")
     stored = state.get(CHECKSUM_KEY)
@@ -224,34 +180,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                      "before checksums); it cannot be verified")
     if stored != checksum(state):
         raise CheckpointCorruptError(f"checkpoint {path} is corrupt: its content does not match its sha256 checksum")
+    return upgrade(state)
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of the previous layout (``losses`` + ``balancer`` of the main stage,
+    ``warmup_losses`` of the ``train.warmup_stage`` named in its config) in the current one
+    (``stages``, plus ``previous_layout: True``); a current one unchanged. The checksum stays that
+    of the stored content."""
+    if "stages" in state:
+        return state
+    state = dict(state, previous_layout=True)
+    losses, balancer, warmup = state.pop("losses"), state.pop("balancer"), state.pop("warmup_losses", {})
+    had_warmup = bool(((state.get("config") or {}).get("train") or {}).get("warmup_stage")) or bool(warmup)
+    state["stages"] = ([{"losses": warmup, "balancer": {}}] if had_warmup else []) + \
+        [{"losses": losses, "balancer": balancer}]
     return state
 
 
-#: What a training run writes into its folder (``--overwrite`` removes exactly these).
-RUN_OUTPUTS = ("checkpoints", "student", "plots", "tb", "train_log.jsonl", "config.yaml")
+def read_student_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(student config, student state dict) of a training checkpoint file, for rebuilding the
+    student alone: the checksum is verified when the file has one. Raises ``ValueError`` for a file
+    that is no readable checkpoint, holds no student or is corrupt."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    return student_state_from_checkpoint(state, path)
 
 
-def check_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> list[str]:
-    """Raise :class:`RunFolderError` if ``out`` holds an earlier run and neither ``resume`` nor
-    ``overwrite`` is given (or both are); returns the run outputs present in ``out``."""
-    out = Path(out)
-    if resume and overwrite:
-        raise RunFolderError("--resume and --overwrite exclude each other")
-    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if existing and not resume and not overwrite:
-        raise RunFolderError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume auto to "
-                             "continue it or --overwrite to replace it")
-    return existing
-
-
-def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
-    """On the main rank before training: :func:`check_run_dir`, delete the earlier run's outputs
-    with ``overwrite``, and delete stale ``.tmp-*`` checkpoint files."""
-    out = Path(out)
-    existing = check_run_dir(out, resume, overwrite)
-    if overwrite:
-        for name in existing:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    for p in clean_stale_tmp(out):
-        _warn(f"deleted {p}, left over from an interrupted checkpoint write")
+def student_state_from_checkpoint(state: Any, source: str | Path = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``student_config``, ``student``) of a loaded checkpoint dict (``ValueError`` when it has
+    none, or when its stored checksum does not match)."""
+    if not isinstance(state, dict) or "student_config" not in state or "student" not in state:
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{source}: expected a checkpoint with 'student_config' and 'student', found {keys}")
+    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != checksum(state):
+        raise ValueError(f"checkpoint {source} is corrupt: its content does not match its sha256 checksum")
+    return state["student_config"], state["student"]

@@ -7,6 +7,7 @@ missing/unreadable files and bad arguments print ONE line ``error: ...`` on stde
 ``--debug`` anywhere on the command line shows the full traceback instead. A command's
 ``main(argv)`` returns its exit code and raises typed errors; the work itself is a library function
 returning a typed result (``evaluate(...) -> EvalResult``, ``export_student(...) -> ExportResult``,
+``train(config) -> TrainResult``, ``run_cache(settings, job) -> CacheResult``,
 ``train_lit(...) -> LiTResult``).
 
 :class:`ArgumentParser` (a drop-in ``argparse.ArgumentParser``) reports a bad flag as one

@@ -68,22 +68,17 @@ def _run_cache(args: argparse.Namespace, teacher: str, out: Path) -> Path:
 
 
 def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path) -> Path:
-    from distill.pipeline.train import main as train_student
+    from distill.pipeline.recipes import pruned_student_recipe
+    from distill.pipeline.train.config import TrainRunConfig
+    from distill.pipeline.train.main import train
 
     run = out / f"student_{args.student}"
-    argv = ["--preset", "cpu", "--cache", str(cache), "--data", args.data, "--split", args.train_split,
-            "--out", str(run), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--device", args.device, "--num-workers", str(args.workers), "--resume", "auto"]
+    layers = [{"data": {"cache": str(cache), "path": args.data, "split": args.train_split, "num_workers": args.workers},
+               "out": str(run), "device": args.device, "train": {"steps": args.steps, "batch_size": args.batch_size}}]
     if args.student == "pruned":
-        from students.pruned import half_compute_layers
-
-        k = args.image_layers or half_compute_layers(teacher)
-        frozen = max(0, k - args.trainable_image_blocks)
-        argv += ["--student", "pruned", "--set", f"student.teacher={teacher}", "--set", f"student.image_layers={k}",
-                 "--set", f"student.frozen_image_layers={frozen}", "--set", "student.freeze_text_embeddings=true",
-                 "--set", f"student.text_layers={args.text_layers}", "--set", "train.lr=5e-4",
-                 "--set", "train.init_projections=512"]
-    train_student.main(argv)
+        layers.append(pruned_student_recipe(teacher, args.image_layers or None, args.text_layers,
+                                            args.trainable_image_blocks, lr=5e-4, init_projections=512))
+    train(TrainRunConfig.resolve("cpu", layers=layers), resume="auto")
     return run / "student"
 
 

@@ -1,5 +1,13 @@
-"""Training configuration: built-in defaults, presets (``distill/configs/*.yaml``), YAML/JSON config
-files and ``--set a.b=c`` overrides, merged in that order.
+"""Training configuration: a typed, declarative schema (:class:`TrainRunConfig` and its sections)
+built from one merged dict: built-in defaults <- preset (``distill/configs/*.yaml``) <- YAML/JSON
+config files <- Python layers <- CLI flags <- ``--set a.b=c`` overrides, merged in that order.
+
+Each section is a dataclass whose fields carry their defaults and value rules (:data:`SETTINGS`,
+checked with one-line :class:`ConfigError` messages naming the key). Training runs in
+:class:`StageConfig` stages (``stages: [{name, steps, losses, balancer}]``, as in torchdistill's
+multi-stage configs): every stage but the last trains ``steps`` optimizer steps with its own losses
+and balancer, the last one runs until ``train.steps``. Without ``stages`` the old keys make them:
+``losses`` + ``balancer`` one stage, preceded by ``train.warmup_stage`` (the CoMa warm-up) when set.
 
 Changing ``student.name`` in a later layer drops the student options of earlier layers (they
 belong to another architecture), so ``--preset cpu --student pruned --set student.teacher=...``
@@ -9,21 +17,28 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from distill.core.cache.reader import DEFAULT_VERIFY, VERIFY_MODES
+from distill.core.data.pixels import PIXEL_MODES
 from distill.core.errors import ConfigError
+from distill.pipeline import settings as _settings
+from distill.pipeline.settings import Setting, check_settings, check_value, is_int, is_num, looks_like_float
+
+#: The value rules' check of argparse flags, also importable from here (cache_teacher, evaluate).
+check_args = _settings.check_args
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: Losses of ``train.warmup_stage`` when it gives none.
 WARMUP_STAGE_LOSSES = ["coma_reconstruct"]
 WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
+#: Keys of one ``stages`` entry.
+STAGE_KEYS = ("name", "steps", "losses", "balancer")
 
 #: The paper's full multiscale loss set. The recipe lives in each loss's defaults: contrastive_distill
 #: with the caption-mean target for image->text (text_target: both), multi-positive terms and the
@@ -32,67 +47,237 @@ WARMUP_STAGE_KEYS = ("steps", "losses", "weights")
 #: per modality (train.embed_projection, train.init_projections). See docs of distill/losses/*.
 DEFAULT_LOSSES = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": None,  # None: CUDA when available
-    "out": "runs/distill",
-    "plugins": [],
-    "data": {
-        "path": None,
-        "split": None,  # None: the split recorded in the cache manifest
-        "images_root": None,
-        "cache": None,
-        "use_views": True,
-        "num_workers": 2,
-        "on_nonfinite": "error",  # error | skip: a teacher target with NaN/Inf stops training, or its sample is dropped
-        # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
-        # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
-        "pixels": "auto",
-        # Integrity check of the teacher cache: none | size | lazy (sha256 of each array file on
-        # its first read) | full (sha256 of everything at start) | auto (lazy when cheap, else
-        # size); see distill/cache.py.
-        "verify_cache": DEFAULT_VERIFY,
-    },
-    "student": {"name": "vit"},
-    "train": {
-        "steps": None,  # optimizer steps; None: derived from epochs
-        "epochs": 1,
-        "batch_size": 64,  # global batch per micro-step (split over ranks)
-        "accum_steps": 1,
-        "lr": 5.0e-4,
-        "min_lr_ratio": 0.0,
-        "warmup_steps": 0.05,  # linear LR warm-up: an int >= 0 is steps, a float in [0, 1) a fraction of train.steps
-        "weight_decay": 0.05,
-        "betas": [0.9, 0.98],
-        "eps": 1.0e-6,
-        "grad_clip": 1.0,  # 0 disables clipping
-        "precision": "fp32",  # fp32 | bf16 | fp16 (fp16 only on CUDA)
-        "deterministic": False,
-        "find_unused_parameters": True,
-        "log_every": 1,
-        "checkpoint_every": 500,
-        "keep_checkpoints": 3,  # 0 keeps every checkpoint
-        # Optional first stage (e.g. CoMa compression warm-up): {steps: N, losses: [{name, cfg}],
-        # weights: {name: w}}; its losses alone (fixed weights, default 1) train the first N steps.
-        "warmup_stage": None,
-        # Least-squares start of the student's projection heads on this many training samples
-        # (0: off); see distill/projection_init.py.
-        "init_projections": 0,
-        # The Distiller's shared student->teacher embedding projections: auto (identity when the
-        # widths match) | linear (always a learned map); see distill/losses/projection.py.
-        "embed_projection": "auto",
-        # SyncBatchNorm for students with trainable BatchNorm under DDP on CUDA: auto | true | false
-        # (auto: on when world_size > 1 on CUDA and the student has trainable BatchNorm layers).
-        "sync_bn": "auto",
-        "compile": False,  # torch.compile the student's encode_image / encode_text
-        "channels_last": False,  # channels_last memory format for the student and its input pixels
-    },
-    "losses": [{"name": n, "cfg": {}} for n in DEFAULT_LOSSES],
-    "balancer": {"name": "dynamic", "cfg": {}},
-    "eval": {"data": None, "split": "val", "every": 0, "batch_size": 64, "images_root": None},
-}
+
+def _rule(default: Any, kind: str, ok: Any, need: str, flag: str | None = None, nullable: bool = False) -> Any:
+    """A dataclass field with ``default`` whose value rule (:class:`Setting`) is in its metadata."""
+    meta = {"rule": (kind, ok, need, flag, nullable)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
+def _any(v: Any) -> bool:
+    return True
+
+
+def _betas(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(is_num(b) and 0 <= b < 1 for b in v)
+
+
+# -- sections -------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """``data``: the dataset, its teacher cache and how the loader reads them."""
+
+    path: str | None = None
+    split: str | None = None  # None: the split recorded in the cache manifest
+    images_root: str | None = None
+    cache: str | None = None
+    use_views: bool = _rule(True, "bool", _any, "true or false")
+    num_workers: int = _rule(2, "int", lambda v: v >= 0, "an integer >= 0", "--num-workers")
+    # error | skip: a teacher target with NaN/Inf stops training, or its sample is dropped
+    on_nonfinite: str = _rule("error", "choice", lambda v: v in ("error", "skip"), "error or skip")
+    # student pixels: auto (the cache's stored pixels when it has them, else decode the images),
+    # cache (require stored pixels) or decode (PIL decoding in the DataLoader workers)
+    pixels: str = _rule("auto", "choice", lambda v: v in PIXEL_MODES, "auto, cache or decode")
+    # Integrity check of the teacher cache: none | size | lazy (sha256 of each array file on its first
+    # read) | full (sha256 of everything at start) | auto (lazy when cheap, else size)
+    verify_cache: str = _rule(DEFAULT_VERIFY, "choice", lambda v: v in VERIFY_MODES, f"one of {', '.join(VERIFY_MODES)}")
+
+
+@dataclass
+class StudentConfig:
+    """``student``: the registry ``name`` and the keyword arguments of ``create_student``."""
+
+    name: str = "vit"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StudentConfig":
+        return cls(str(d["name"]), {k: copy.deepcopy(v) for k, v in d.items() if k != "name"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **copy.deepcopy(self.options)}
+
+
+@dataclass
+class TrainConfig:
+    """``train``: optimizer, schedule, precision, loop and checkpoint settings."""
+
+    steps: int | None = _rule(None, "int", lambda v: v >= 1, "an integer >= 1 (or null: derived from train.epochs)",
+                              "--steps", nullable=True)  # optimizer steps; None: derived from epochs
+    epochs: float = _rule(1, "float", lambda v: v > 0, "a number > 0", "--epochs")
+    batch_size: int = _rule(64, "int", lambda v: v >= 1, "an integer >= 1", "--batch-size")  # global, per micro-step
+    accum_steps: int = _rule(1, "int", lambda v: v >= 1, "an integer >= 1")
+    lr: float = _rule(5.0e-4, "float", lambda v: v > 0, "a number > 0", "--lr")
+    min_lr_ratio: float = _rule(0.0, "float", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    # linear LR warm-up: an int >= 0 is steps, a float in [0, 1) a fraction of train.steps
+    warmup_steps: int | float = _rule(0.05, "float", lambda v: v >= 0 if is_int(v) else 0 <= v < 1,
+                                      "a step count >= 0 or a fraction of train.steps in [0, 1)")
+    weight_decay: float = _rule(0.05, "float", lambda v: v >= 0, "a number >= 0")
+    betas: list[float] = _rule([0.9, 0.98], "betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.98]")
+    eps: float = _rule(1.0e-6, "float", lambda v: v > 0, "a number > 0")
+    grad_clip: float = _rule(1.0, "float", lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
+    precision: str = _rule("fp32", "choice", lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16")  # fp16: CUDA only
+    deterministic: bool = _rule(False, "bool", _any, "true or false")
+    find_unused_parameters: bool = _rule(True, "bool", _any, "true or false")
+    log_every: int = _rule(1, "int", lambda v: v >= 1, "an integer >= 1")
+    checkpoint_every: int = _rule(500, "int", lambda v: v >= 1, "an integer >= 1")
+    keep_checkpoints: int = _rule(3, "int", lambda v: v >= 0, "an integer >= 0 (0 keeps every checkpoint)")
+    # Optional first stage (e.g. CoMa compression warm-up): {steps: N, losses: [{name, cfg}], weights:
+    # {name: w}}; its losses alone (fixed weights, default 1) train the first N steps. Made a stage
+    # (TrainRunConfig.effective_stages); the general form is the top-level ``stages`` list.
+    warmup_stage: dict[str, Any] | None = None
+    # Least-squares start of the student's projection heads on this many training samples (0: off);
+    # see distill/pipeline/train/projection_init.py.
+    init_projections: int = _rule(0, "int", lambda v: v >= 0, "a number of samples >= 0")
+    # The Distiller's shared student->teacher embedding projections: auto (identity when the widths
+    # match) | linear (always a learned map); see distill/losses/projection.py.
+    embed_projection: str = _rule("auto", "choice", lambda v: v in ("auto", "linear"), "auto or linear")
+    # SyncBatchNorm for students with trainable BatchNorm under DDP on CUDA: auto | true | false
+    # (auto: on when world_size > 1 on CUDA and the student has trainable BatchNorm layers).
+    sync_bn: str | bool = _rule("auto", "choice", lambda v: v == "auto" or isinstance(v, bool), "auto, true or false")
+    compile: bool = _rule(False, "bool", _any, "true or false")  # torch.compile the student's encoders
+    channels_last: bool = _rule(False, "bool", _any, "true or false")  # for the student and its pixels
+
+
+@dataclass
+class LossSpec:
+    """One loss term: registry ``name`` and the keyword arguments ``cfg`` of ``create_loss``."""
+
+    name: str
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LossSpec":
+        return cls(str(d["name"]), copy.deepcopy(dict(d.get("cfg") or {})))
+
+
+@dataclass
+class BalancerSpec:
+    """The balancer of a stage: registry ``name`` and the keyword arguments ``cfg`` of ``create_balancer``."""
+
+    name: str
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BalancerSpec":
+        return cls(str(d["name"]), copy.deepcopy(dict(d.get("cfg") or {})))
+
+
+@dataclass
+class StageConfig:
+    """One training stage: ``losses`` combined by ``balancer`` for ``steps`` optimizer steps
+    (``None``: the last stage, until ``train.steps``); ``name`` labels it on the console."""
+
+    steps: int | None
+    losses: list[LossSpec]
+    balancer: BalancerSpec
+    name: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StageConfig":
+        return cls(d.get("steps"), [LossSpec.from_dict(x) for x in d["losses"]], BalancerSpec.from_dict(d["balancer"]),
+                   d.get("name"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{name, steps, losses, balancer}`` (what :func:`distill.distiller.build_distiller` takes)."""
+        return {"name": self.name, "steps": self.steps, "losses": [asdict(x) for x in self.losses],
+                "balancer": asdict(self.balancer)}
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: retrieval evaluation on a validation split during / after training."""
+
+    data: str | None = None
+    split: str | None = "val"
+    every: int = _rule(0, "int", lambda v: v >= 0, "an integer >= 0 (0: evaluate once at the end)")
+    batch_size: int = _rule(64, "int", lambda v: v >= 1, "an integer >= 1")
+    images_root: str | None = None
+
+
+@dataclass
+class TrainRunConfig:
+    """A whole training run. :meth:`from_dict` validates a (possibly partial) config dict;
+    :meth:`to_dict` gives the dict back (what ``OUT/config.yaml`` and checkpoints store)."""
+
+    seed: int = _rule(0, "int", lambda v: v >= 0, "an integer >= 0", "--seed")
+    device: str | None = None  # None: CUDA when available
+    out: str = "runs/distill"
+    plugins: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    losses: list[LossSpec] = field(default_factory=lambda: [LossSpec(n) for n in DEFAULT_LOSSES])
+    balancer: BalancerSpec = field(default_factory=lambda: BalancerSpec("dynamic"))
+    # None: one stage of ``losses`` + ``balancer`` (after ``train.warmup_stage`` when set)
+    stages: list[StageConfig] | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "TrainRunConfig":
+        """Validate ``cfg`` (merged over :data:`DEFAULTS`, so a partial dict is a layer) and build
+        the typed config; raises :class:`ConfigError` naming the first bad key."""
+        cfg = merge(DEFAULTS, dict(cfg))
+        validate(cfg)
+        return cls(seed=cfg["seed"], device=cfg["device"], out=str(cfg["out"]), plugins=list(cfg["plugins"]),
+                   data=DataConfig(**cfg["data"]), student=StudentConfig.from_dict(cfg["student"]),
+                   train=TrainConfig(**cfg["train"]), losses=[LossSpec.from_dict(x) for x in cfg["losses"]],
+                   balancer=BalancerSpec.from_dict(cfg["balancer"]),
+                   stages=None if cfg["stages"] is None else [StageConfig.from_dict(s) for s in cfg["stages"]],
+                   eval=EvalConfig(**cfg["eval"]))
+
+    @classmethod
+    def resolve(cls, preset: str | None = None, files: Iterable[str | Path] = (), flags: dict[str, Any] | None = None,
+                overrides: Iterable[str] = (), layers: Iterable[Mapping[str, Any]] = ()) -> "TrainRunConfig":
+        """:func:`resolve_config` as a typed config."""
+        return cls.from_dict(resolve_config(preset, files, flags, overrides, layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "device": self.device, "out": self.out, "plugins": list(self.plugins),
+                "data": asdict(self.data), "student": self.student.to_dict(), "train": asdict(self.train),
+                "losses": [asdict(x) for x in self.losses], "balancer": asdict(self.balancer),
+                "stages": None if self.stages is None else [s.to_dict() for s in self.stages],
+                "eval": asdict(self.eval)}
+
+    def effective_stages(self) -> list[StageConfig]:
+        """The stages the run trains: ``stages`` as configured, else ``losses`` + ``balancer``
+        preceded by the ``train.warmup_stage`` (its losses under a ``fixed`` balancer)."""
+        if self.stages is not None:
+            return copy.deepcopy(self.stages)
+        main = StageConfig(None, copy.deepcopy(self.losses), copy.deepcopy(self.balancer))
+        warm = self.train.warmup_stage
+        if not warm:
+            return [main]
+        return [StageConfig(int(warm["steps"]), [LossSpec.from_dict(x) for x in warm["losses"]],
+                            BalancerSpec("fixed", {"weights": dict(warm.get("weights") or {})}), "warm-up stage"), main]
+
+    def check_stage_steps(self, total: int) -> None:
+        """Refuse stages before the last that take the whole run of ``total`` optimizer steps."""
+        before = sum(s.steps or 0 for s in self.effective_stages()[:-1])
+        if before and before >= total:
+            if self.stages is None:
+                raise ConfigError(f"train.warmup_stage.steps ({before}) must be smaller than the number of optimizer "
+                                  f"steps ({total})")
+            raise ConfigError(f"stages: the stages before the last take {before} optimizer steps, which must be fewer "
+                              f"than the number of optimizer steps ({total})")
+
+
+def _section_rules(prefix: str, cls: type) -> list[Setting]:
+    return [Setting(f"{prefix}{f.name}", *f.metadata["rule"]) for f in fields(cls) if "rule" in f.metadata]
+
+
+#: Every numeric/enumerated setting of the config (the rules of the dataclass fields), checked by
+#: :func:`validate` when the config is resolved (so a bad value fails before any data is loaded).
+SETTINGS: tuple[Setting, ...] = tuple(_section_rules("", TrainRunConfig) + _section_rules("data.", DataConfig)
+                                      + _section_rules("train.", TrainConfig) + _section_rules("eval.", EvalConfig))
+
+#: The built-in defaults as a config dict.
+DEFAULTS: dict[str, Any] = TrainRunConfig().to_dict()
+
+
+# -- config layers --------------------------------------------------------------------------------
 def presets() -> list[str]:
     """Names of the built-in presets."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -116,7 +301,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A built-in preset by name (``cpu``, ``gpu``)."""
+    """A built-in preset by name (``cpu``, ``gpu``, ``puma``)."""
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(presets())}")
@@ -134,23 +319,9 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {e}") from e
-    if isinstance(value, str) and _looks_like_float(value):
+    if isinstance(value, str) and looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-3" as a string
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _looks_like_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return s.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+    return _nest(key, value)
 
 
 def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
@@ -169,13 +340,16 @@ def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(preset: str | None = None, files: Iterable[str | Path] = (), flags: dict[str, Any] | None = None,
-                   overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Defaults <- preset <- config files <- CLI flags (dotted keys, ``None`` = not given) <- ``--set``."""
+                   overrides: Iterable[str] = (), layers: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Defaults <- preset <- config files <- ``layers`` (dicts, from Python) <- CLI flags (dotted
+    keys, ``None`` = not given) <- ``--set``; returns the validated dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if preset:
         cfg = merge(cfg, load_preset(preset))
     for f in files:
         cfg = merge(cfg, load_config_file(f))
+    for layer in layers:
+        cfg = merge(cfg, dict(layer))
     for key, value in (flags or {}).items():
         if value is not None:
             cfg = merge(cfg, _nest(key, value))
@@ -195,8 +369,16 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def save_config(cfg: dict[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML (round-trips through :func:`load_config_file`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+
+
+# -- validation -----------------------------------------------------------------------------------
 def validate(cfg: dict[str, Any]) -> None:
-    """Reject unknown top-level/section keys and malformed loss/balancer entries early."""
+    """Reject unknown keys, bad values and malformed loss/balancer/stage entries early; normalises
+    ``cfg`` in place (values coerced, bare loss names expanded, stage defaults filled in)."""
     for key in cfg:
         if key not in DEFAULTS:
             raise ConfigError(f"unknown config key {key!r}; known: {', '.join(DEFAULTS)}")
@@ -209,128 +391,12 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(cfg["student"], dict) or not cfg["student"].get("name"):
         raise ConfigError("student must be a mapping with a name")
     _check_losses(cfg["losses"], "losses")
-    bal = cfg["balancer"]
-    if not isinstance(bal, dict) or "name" not in bal:
-        raise ConfigError(f"balancer must be {{name, cfg}}, got {bal!r}")
-    bal.setdefault("cfg", {})
-    if cfg["data"]["pixels"] not in ("auto", "cache", "decode"):
-        raise ConfigError(f"data.pixels must be auto, cache or decode, not {cfg['data']['pixels']!r}")
-    if cfg["data"]["verify_cache"] not in VERIFY_MODES:
-        raise ConfigError(f"data.verify_cache must be one of {', '.join(VERIFY_MODES)}, got {cfg['data']['verify_cache']!r}")
-    train = cfg["train"]
-    if train["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, not {train['precision']!r}")
-    check_settings(cfg)
-    if train["warmup_stage"] is not None:
-        _check_warmup_stage(train)
-    if train["sync_bn"] not in ("auto", True, False):
-        raise ConfigError(f"train.sync_bn must be auto, true or false, got {train['sync_bn']!r}")
-    for key in ("compile", "channels_last", "deterministic"):
-        if not isinstance(train[key], bool):
-            raise ConfigError(f"train.{key} must be true or false, got {train[key]!r}")
-
-
-# -- value checks -------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One value rule: ``key`` (dotted), ``ok(value)`` after coercion, the ``need`` text of the error
-    message, ``kind`` (``"int"``, ``"float"``, ``"bool"`` or ``"choice"``), the CLI ``flag`` that
-    sets it (named in the error), and whether ``None`` is allowed."""
-
-    key: str
-    kind: str
-    ok: Callable[[Any], bool]
-    need: str
-    flag: str | None = None
-    nullable: bool = False
-
-
-
-def _betas(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
-
-
-#: Every numeric/enumerated setting of the config, checked by :func:`check_settings` when the
-#: config is resolved (so a bad value fails before any data is loaded).
-SETTINGS: tuple[Setting, ...] = (
-    Setting("seed", "int", lambda v: v >= 0, "an integer >= 0", "--seed"),
-    Setting("data.num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"),
-    Setting("data.use_views", "bool", lambda v: True, "true or false"),
-    Setting("data.on_nonfinite", "choice", lambda v: v in ("error", "skip"), "error or skip"),
-    Setting("train.steps", "int", lambda v: v >= 1, "an integer >= 1 (or null: derived from train.epochs)", "--steps",
-            nullable=True),
-    Setting("train.epochs", "float", lambda v: v > 0, "a number > 0", "--epochs"),
-    Setting("train.batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
-    Setting("train.accum_steps", "int", lambda v: v >= 1, "an integer >= 1"),
-    Setting("train.lr", "float", lambda v: v > 0, "a number > 0", "--lr"),
-    Setting("train.min_lr_ratio", "float", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    Setting("train.warmup_steps", "float", lambda v: v >= 0 if _is_int(v) else 0 <= v < 1,
-            "a step count >= 0 or a fraction of train.steps in [0, 1)"),
-    Setting("train.weight_decay", "float", lambda v: v >= 0, "a number >= 0"),
-    Setting("train.betas", "betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.98]"),
-    Setting("train.eps", "float", lambda v: v > 0, "a number > 0"),
-    Setting("train.grad_clip", "float", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
-    Setting("train.deterministic", "bool", lambda v: True, "true or false"),
-    Setting("train.find_unused_parameters", "bool", lambda v: True, "true or false"),
-    Setting("train.log_every", "int", lambda v: v >= 1, "an integer >= 1"),
-    Setting("train.checkpoint_every", "int", lambda v: v >= 1, "an integer >= 1"),
-    Setting("train.keep_checkpoints", "int", lambda v: v >= 0, "an integer >= 0 (0 keeps every checkpoint)"),
-    Setting("train.embed_projection", "choice", lambda v: v in ("auto", "linear"), "auto or linear"),
-    Setting("train.init_projections", "int", lambda v: v >= 0, "a number of samples >= 0"),
-    Setting("eval.every", "int", lambda v: v >= 0, "an integer >= 0 (0: evaluate once at the end)"),
-    Setting("eval.batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
-)
-
-
-def coerce_value(value: Any, kind: str) -> Any:
-    """``value`` as ``kind`` (a numeric string such as YAML's ``1e-3`` becomes a float, an integral
-    float an int); returns ``value`` unchanged when it does not convert (the rule then fails)."""
-    if kind in ("float", "int") and isinstance(value, str) and _looks_like_float(value):
-        value = float(value)
-    if kind == "int" and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return value
-
-
-def check_value(name: str, value: Any, kind: str, ok: Callable[[Any], bool], need: str) -> Any:
-    """The coerced ``value`` if it is a ``kind`` satisfying ``ok``; else :class:`ConfigError`
-    ``"<name> must be <need>, got <value>"``."""
-    value = coerce_value(value, kind)
-    typed = {"int": _is_int, "float": _is_num, "bool": lambda v: isinstance(v, bool)}.get(kind, lambda v: True)
-    try:
-        good = typed(value) and bool(ok(value))
-    except TypeError:
-        good = False
-    if not good:
-        raise ConfigError(f"{name} must be {need}, got {value!r}")
-    return value
-
-
-def check_settings(cfg: dict[str, Any], rules: Iterable[Setting] = SETTINGS, by_flag: bool = False) -> None:
-    """Check (and coerce in place) every setting of ``rules`` present in ``cfg``; errors name
-    ``key (flag)``, or only the flag with ``by_flag``."""
-    for rule in rules:
-        *parents, leaf = rule.key.split(".")
-        node = cfg
-        for part in parents:
-            node = node[part]
-        if leaf not in node or (rule.nullable and node[leaf] is None):
-            continue
-        name = (rule.flag if by_flag else f"{rule.key} ({rule.flag})") if rule.flag else rule.key
-        node[leaf] = check_value(name, node[leaf], rule.kind, rule.ok, rule.need)
-
-
-def check_args(args: Any, rules: Iterable[Setting]) -> None:
-    """:func:`check_settings` for an ``argparse.Namespace`` (rule keys are attribute names)."""
-    check_settings(vars(args), rules, by_flag=True)
+    _check_balancer(cfg["balancer"], "balancer")
+    check_settings(cfg, SETTINGS)
+    if cfg["train"]["warmup_stage"] is not None:
+        _check_warmup_stage(cfg["train"])
+    if cfg["stages"] is not None:
+        _check_stages(cfg)
 
 
 def _check_losses(losses: Any, where: str) -> None:
@@ -348,6 +414,12 @@ def _check_losses(losses: Any, where: str) -> None:
         raise ConfigError(f"{where} must have distinct names, got {names}")
 
 
+def _check_balancer(bal: Any, where: str) -> None:
+    if not isinstance(bal, dict) or "name" not in bal:
+        raise ConfigError(f"{where} must be {{name, cfg}}, got {bal!r}")
+    bal.setdefault("cfg", {})
+
+
 def _check_warmup_stage(train: dict[str, Any]) -> None:
     """Validate ``train.warmup_stage`` in place, filling the default losses and weights."""
     stage = train["warmup_stage"]
@@ -357,7 +429,7 @@ def _check_warmup_stage(train: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"unknown config key train.warmup_stage.{unknown[0]}; known: {', '.join(WARMUP_STAGE_KEYS)}")
     steps = stage.get("steps")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ConfigError(f"train.warmup_stage.steps must be a positive integer, got {steps!r}")
     if stage.get("losses") is None:
         stage["losses"] = [{"name": n, "cfg": {}} for n in WARMUP_STAGE_LOSSES]
@@ -369,15 +441,34 @@ def _check_warmup_stage(train: dict[str, Any]) -> None:
     stage["weights"] = weights
 
 
-def warmup_steps(value: int | float, total: int) -> int:
-    """LR warm-up steps of ``train.warmup_steps`` for a run of ``total`` steps: an int is a step
-    count, a float in [0, 1) a fraction of the run (at least 1 step when positive)."""
-    if isinstance(value, float):
-        return max(1, round(value * total)) if value > 0 else 0
-    return int(value)
-
-
-def save_config(cfg: dict[str, Any], path: str | Path) -> None:
-    """Write the resolved config as YAML (round-trips through :func:`load_config_file`)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+def _check_stages(cfg: dict[str, Any]) -> None:
+    """Validate ``stages`` in place: every entry a ``{name, steps, losses, balancer}`` mapping,
+    ``steps`` >= 1 on all but the last (which runs until ``train.steps``), missing ``losses`` /
+    ``balancer`` taken from the top-level keys."""
+    stages = cfg["stages"]
+    if cfg["train"]["warmup_stage"] is not None:
+        raise ConfigError("train.warmup_stage and stages exclude each other: make the warm-up the first entry of stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"stages must be a non-empty list of {{name, steps, losses, balancer}} or null, got {stages!r}")
+    last = len(stages) - 1
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{where} must be a mapping {{name, steps, losses, balancer}}, got {stage!r}")
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown config key {where}.{unknown[0]}; known: {', '.join(STAGE_KEYS)}")
+        steps = stage.get("steps")
+        if i < last:
+            steps = check_value(f"{where}.steps", steps, "int", lambda v: v >= 1,
+                                "an integer >= 1 (every stage but the last trains a set number of steps)")
+        elif steps is not None:
+            raise ConfigError(f"{where}.steps must be left out: the last stage runs until train.steps, got {steps!r}")
+        name = stage.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{where}.name must be a string, got {name!r}")
+        losses = copy.deepcopy(cfg["losses"]) if stage.get("losses") is None else stage["losses"]
+        _check_losses(losses, f"{where}.losses")
+        balancer = copy.deepcopy(cfg["balancer"]) if stage.get("balancer") is None else stage["balancer"]
+        _check_balancer(balancer, f"{where}.balancer")
+        stages[i] = {"name": name, "steps": steps, "losses": losses, "balancer": balancer}

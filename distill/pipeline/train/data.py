@@ -3,13 +3,15 @@
 The training set indexes the IMAGES of a :class:`distill.core.cache.reader.TeacherCache`. For epoch ``e`` sample
 ``i`` uses caption ``offsets[i] + c`` and view ``v`` drawn from an RNG seeded by ``(seed, e, i)``, so
 the choice does not depend on the order, the rank or the number of workers. The sampler yields
-``(image index, epoch)`` pairs; every batch carries ``image_index``/``caption_index``/``view`` and
-the teacher features fetched for exactly those rows.
+``(image index, epoch)`` pairs; every batch carries ``image_index``/``caption_index``/``view``, the
+teacher features fetched for exactly those rows and the captions tokenized by the student's
+tokenizer (handed to :class:`TeacherCollate` when the loader is built), so the training step
+receives tensors only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,12 +162,15 @@ class TrainBatch:
     #: (concatenated bytes + ``pixel_lengths``; stays on the CPU for ``decode_jpeg``)
     pixel_format: str = "float"
     pixel_lengths: Tensor | None = None
+    #: ``texts`` tokenized by the student (``input_ids``, masks, ...); None when built without a tokenizer
+    text: dict[str, Tensor] | None = None
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> "TrainBatch":
         """A copy with ``fn`` applied to every tensor (teacher features included)."""
         f = lambda x: None if x is None else fn(x)  # noqa: E731
         return TrainBatch(f(self.pixels), self.texts, f(self.image_index), f(self.caption_index), f(self.view),
-                          self.teacher.map(fn), self.pixel_format, f(self.pixel_lengths))
+                          self.teacher.map(fn), self.pixel_format, f(self.pixel_lengths),
+                          None if self.text is None else {k: f(v) for k, v in self.text.items()})
 
     def to(self, device: torch.device) -> "TrainBatch":
         """Move to ``device``; fp16 teacher features become float32 there."""
@@ -192,24 +197,29 @@ def fetch_teacher(cache: TeacherCache, image_index: np.ndarray, caption_index: n
 
 
 class TeacherCollate:
-    """DataLoader ``collate_fn``: stacks the student inputs and fetches the teacher features of
-    exactly the batch's (image, view) and caption ids. The cache re-opens its memory maps when
+    """DataLoader ``collate_fn``: stacks the student inputs, tokenizes the captions with ``tokenize``
+    (the student's tokenizer; none: ``TrainBatch.text`` stays None) and fetches the teacher features
+    of exactly the batch's (image, view) and caption ids. The cache re-opens its memory maps when
     pickled into worker processes."""
 
-    def __init__(self, cache: TeacherCache, tokens: str = "auto") -> None:
+    def __init__(self, cache: TeacherCache, tokens: str = "auto",
+                 tokenize: Callable[[Sequence[str]], dict[str, Tensor]] | None = None) -> None:
         self.cache = cache
         self.tokens = tokens  # "full" when only view 0 is used (data.use_views=false)
+        self.tokenize = tokenize
 
     def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
         image_index = np.asarray([it["image_index"] for it in items], dtype=np.int64)
         caption_index = np.asarray([it["caption_index"] for it in items], dtype=np.int64)
         view = np.asarray([it["view"] for it in items], dtype=np.int64)
         pixels, fmt, lengths = self.student_pixels(items, image_index, view)
-        return TrainBatch(pixels=pixels, texts=[it["text"] for it in items],
+        texts = [it["text"] for it in items]
+        return TrainBatch(pixels=pixels, texts=texts,
                           image_index=torch.from_numpy(image_index), caption_index=torch.from_numpy(caption_index),
                           view=torch.from_numpy(view), teacher=fetch_teacher(self.cache, image_index, caption_index, view,
                                                                       keep_fp16=True, tokens=self.tokens),
-                          pixel_format=fmt, pixel_lengths=lengths)
+                          pixel_format=fmt, pixel_lengths=lengths,
+                          text=dict(self.tokenize(texts)) if self.tokenize is not None else None)
 
     def student_pixels(self, items: list[dict[str, Any]], image_index: np.ndarray,
                        view: np.ndarray) -> tuple[Tensor, str, Tensor | None]:

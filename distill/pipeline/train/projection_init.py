@@ -44,7 +44,8 @@ def init_projections(student: Student, batches: Iterable[TrainBatch], samples: i
     student.eval()
     for batch in batches:
         batch = batch.to(device)
-        text = {k: v.to(device) for k, v in student.tokenize(batch.texts).items()}
+        tokens = batch.text if batch.text is not None else student.tokenize(batch.texts)  # the loader tokenizes
+        text = {k: v.to(device) for k, v in tokens.items()}
         inputs = {"image": student_pixels(batch, student, device), "text": text}
         embeds = {"image": batch.teacher.image.embed, "text": batch.teacher.text.embed}
         for m, (features, _) in heads.items():

@@ -1,0 +1,128 @@
+"""The run folder ``OUT`` of a training run: refusing to train into an earlier run unless asked
+(``--resume`` / ``--overwrite``, :class:`RunFolderError`), clearing it for ``--overwrite``, deleting
+leftovers of interrupted checkpoint writes, choosing the checkpoint to resume from (``--resume
+auto``: the newest intact one, warning about each damaged newer one, ``latest.pt`` last) and
+keeping only the newest ``train.keep_checkpoints`` step files.
+
+The checkpoint files themselves (content, checksum, atomic writes) are :mod:`distill.core.checkpoint`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from distill.core.checkpoint import LATEST, TMP_RE, checkpoint_dir, load_checkpoint, step_files
+from distill.core.errors import CheckpointCorruptError, CheckpointError, RunFolderError
+
+#: What a training run writes into its folder (``--overwrite`` removes exactly these).
+RUN_OUTPUTS = ("checkpoints", "student", "plots", "tb", "train_log.jsonl", "config.yaml")
+
+
+def _warn(msg: str) -> None:
+    print(f"distill: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def check_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> list[str]:
+    """Raise :class:`RunFolderError` if ``out`` holds an earlier run and neither ``resume`` nor
+    ``overwrite`` is given (or both are); returns the run outputs present in ``out``."""
+    out = Path(out)
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other")
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise RunFolderError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume auto to "
+                             "continue it or --overwrite to replace it")
+    return existing
+
+
+def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
+    """On the main rank before training: :func:`check_run_dir`, delete the earlier run's outputs
+    with ``overwrite``, and delete stale ``.tmp-*`` checkpoint files."""
+    out = Path(out)
+    existing = check_run_dir(out, resume, overwrite)
+    if overwrite:
+        for name in existing:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for p in clean_stale_tmp(out):
+        _warn(f"deleted {p}, left over from an interrupted checkpoint write")
+
+
+def clean_stale_tmp(out: str | Path) -> list[Path]:
+    """Delete ``.*.tmp-<pid>`` leftovers of interrupted checkpoint writes (those of live processes
+    other than this one are kept); returns the deleted paths."""
+    folder = checkpoint_dir(out)
+    removed = []
+    for p in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        m = TMP_RE.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def prune_checkpoints(out: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` step files (``keep`` 0: keep every one); returns the
+    deleted paths. ``latest.pt`` always stays."""
+    if keep <= 0:
+        return []
+    old = step_files(checkpoint_dir(out))[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
+
+
+def find_resume(out: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint :func:`load_resume` would resume from (``None``: start fresh)."""
+    found = load_resume(out, resume)
+    return found[0] if found else None
+
+
+def load_resume(out: str | Path, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """``None``/``""``: no resume. ``"auto"`` (or a run folder): the newest intact checkpoint of
+    ``OUT/checkpoints`` (step files newest first, then ``latest.pt``), skipping damaged ones with a
+    warning; ``None`` when the folder holds no checkpoint; :class:`CheckpointCorruptError` when every
+    one is damaged. A file path must itself be intact. Returns (path, loaded state)."""
+    if not resume:
+        return None
+    path = Path(out) if resume == "auto" else Path(resume)
+    if not (resume == "auto" or path.is_dir()):
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume}: no checkpoint file at {path}")
+        return path, load_checkpoint(path)
+    folder = checkpoint_dir(path) if checkpoint_dir(path).is_dir() or resume == "auto" else path
+    candidates = [p for p in [*reversed(step_files(folder)), folder / LATEST] if p.is_file()] if folder.is_dir() else []
+    if not candidates:
+        if resume != "auto":
+            raise CheckpointError(f"--resume {resume}: no checkpoint in {folder}")
+        return None
+    errors = []
+    for p in candidates:
+        try:
+            state = load_checkpoint(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            _warn(f"{e}; trying an older checkpoint")
+            continue
+        if errors:
+            _warn(f"resuming from {p}, the newest intact checkpoint")
+        return p, state
+    raise CheckpointCorruptError(f"--resume {resume}: no intact checkpoint in {folder} ({len(errors)} damaged: "
+                                 + "; ".join(errors) + ")")
