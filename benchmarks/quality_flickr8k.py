@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import FLICKR8K, RESULTS_DIR, environment  # noqa: E402
+from distill.core.cache.encode import parse_token_mode  # noqa: E402
 
 GLOBAL = ["contrastive_distill", "feature_l1", "cosine", "student_clip"]
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
@@ -108,59 +109,62 @@ class Bench:
         self._layers: int | None = None
 
     # -- teachers and cache --------------------------------------------------------------------
-    def _lit(self, name: str, argv: list[str]) -> str:
-        """Train the LiT teacher ``name`` once (reused while its command line is unchanged)."""
-        from distill.pipeline.lit import train as train_lit
+    def _lit(self, name: str, **options: Any) -> str:
+        """Train the LiT teacher ``name`` once (reused while its settings are unchanged); ``options``
+        are :func:`distill.pipeline.lit.train.train_lit` keyword arguments."""
+        from distill.pipeline.lit.train import train_lit
 
-        folder, stamp = self.work / name, self.work / f"{name}.argv.json"
-        argv = ["--data", self.args.data, "--split", "train", "--out", str(folder), "--image-size",
-                str(self.args.image_size), "--device", self.args.device, "--workers", str(self.args.workers), *argv]
-        if not ((folder / "lit.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv):
+        folder, stamp = self.work / name, self.work / f"{name}.settings.json"
+        options = {"split": "train", "image_size": self.args.image_size, "device": self.args.device,
+                   "workers": self.args.workers, **options}
+        if not ((folder / "lit.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == options):
             if folder.exists():
                 shutil.rmtree(folder)
             start = time.perf_counter()
-            train_lit.main(argv)
-            stamp.write_text(json.dumps(argv))
+            train_lit(self.args.data, str(folder), **options)
+            stamp.write_text(json.dumps(options))
             (self.work / f"{name}.seconds").write_text(f"{time.perf_counter() - start:.1f}")
         return f"lit:{folder}"
 
     def probe_teacher(self) -> str:
-        return self._lit("teacher_probe", ["--mode", "probe", "--epochs", str(self.args.probe_epochs)])
+        return self._lit("teacher_probe", mode="probe", epochs=self.args.probe_epochs)
 
     def ensemble_teacher(self) -> str:
         """The teacher of record and an EfficientNet-Lite0 probe LiT, similarities averaged."""
-        effnet = self._lit("teacher_effnet_probe", ["--mode", "probe", "--backbone", "efficientnet_lite0",
-                                                   "--epochs", str(self.args.probe_epochs)])
+        effnet = self._lit("teacher_effnet_probe", mode="probe", backbone="efficientnet_lite0",
+                           epochs=self.args.probe_epochs)
         return f"ensemble:{self.teacher()}+{effnet}"
 
     def teacher(self) -> str:
         """The teacher of record: the probe teacher's towers fine-tuned (their last blocks/layers)."""
         a = self.args
         probe = self.probe_teacher().split(":", 1)[1]
-        return self._lit("teacher_finetuned", [
-            "--mode", "finetune", "--init", probe, "--epochs", str(a.teacher_epochs), "--batch-size", str(a.teacher_batch_size),
-            "--lr", str(a.teacher_lr), "--backbone-lr", str(a.teacher_backbone_lr),
-            "--trainable-image-blocks", str(a.teacher_image_blocks), "--trainable-text-layers",
-            str(a.teacher_text_layers), "--seed", "0"])
+        return self._lit("teacher_finetuned", mode="finetune", init=probe, epochs=a.teacher_epochs,
+                         batch_size=a.teacher_batch_size, lr=a.teacher_lr, backbone_lr=a.teacher_backbone_lr,
+                         trainable_image_blocks=a.teacher_image_blocks,
+                         trainable_text_layers=a.teacher_text_layers, seed=0)
 
-    def cache(self, name: str = "cache", *extra: str) -> Path:
+    def cache(self, name: str = "cache", **storage: Any) -> Path:
         """The teacher's cache: clean view + random crops + mixup views, pixels at the student's size
-        (``extra``: further ``cache_teacher`` flags of a variant cache, e.g. ``--dtype int8``)."""
-        from distill.pipeline.cache import main as cache_teacher
+        (``storage``: other :class:`CacheSettings` fields of a variant cache, e.g. ``dtype="int8"``)."""
+        from distill.core.cache.encode import parse_token_mode
+        from distill.core.data.pixels import PixelSettings
+        from distill.pipeline.cache.run import run_cache
+        from distill.pipeline.cache.settings import CacheJob, CacheSettings
 
         a, out = self.args, self.work / name
-        argv = ["--teacher", self.teacher(), "--data", a.data, "--split", "train", "--out", str(out),
-                "--image-tokens", "full", "--device", a.device, "--num-workers", str(a.workers),
-                "--batch-size", str(a.cache_batch_size), "--views", str(a.views),
-                "--mixup-views", str(a.mixup_views), *extra]
-        if a.pixels:
-            argv += ["--pixels", str(a.pixels)]
-        stamp = self.work / f"{name}.argv.json"
-        if not ((out / "manifest.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == argv):
-            start = time.perf_counter()
-            cache_teacher.main([*argv, "--overwrite"])
-            stamp.write_text(json.dumps(argv))
-            (self.work / f"{name}.seconds").write_text(f"{time.perf_counter() - start:.1f}")
+        settings = CacheSettings(**{"image_tokens": parse_token_mode("full"), "views": a.views,
+                                    "mixup_views": a.mixup_views,
+                                    "pixels": PixelSettings(a.pixels) if a.pixels else None, **storage})
+        job = CacheJob(self.teacher(), a.data, out, split="train", device=a.device, num_workers=a.workers,
+                       batch_size=a.cache_batch_size, overwrite=True)
+        stamp_path, stamp = self.work / f"{name}.settings.json", {"teacher": job.teacher, "data": job.data,
+                                                                  "settings": settings.key()}
+        if not ((out / "manifest.json").is_file() and stamp_path.is_file()
+                and json.loads(stamp_path.read_text()) == stamp):
+            result = run_cache(settings, job)
+            stamp_path.write_text(json.dumps(stamp))
+            (self.work / f"{name}.seconds").write_text(f"{result.seconds:.1f}")
         return out
 
     def image_layers(self) -> int:
@@ -281,9 +285,9 @@ class Bench:
             "teacher_ensemble": lambda s: self.evaluate(
                 "teacher_ensemble", lambda: create_teacher(self.ensemble_teacher(), self.args.device)),
             "tokens_int8": lambda s: self.student_row("tokens_int8", self.pruned_layer(),
-                                                      cache=self.cache("cache_int8", "--dtype", "int8")),
+                                                      cache=self.cache("cache_int8", dtype="int8")),
             "tokens_grid2": lambda s: self.student_row("tokens_grid2", self.pruned_layer(),
-                                                       cache=self.cache("cache_grid2", "--image-tokens", "grid:2")),
+                                                       cache=self.cache("cache_grid2", image_tokens=parse_token_mode("grid:2"))),
             "puma": lambda s: self.student_row("puma", self.pruned_layer(), preset="puma"),
             "coma": lambda s: self.student_row("coma", self.pruned_layer(), self.coma_layer()),
             "pmf": lambda s: self.student_row("pmf", self.pruned_layer("pmf")),

@@ -20,6 +20,7 @@ import sys
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
+from distill.core.registry import load_plugins
 from distill.core.errors import DistillError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
@@ -32,9 +33,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DistillError, ValueError, FileNo
 NO_GPU = "CUDA requested but no GPU is available"
 
 
+PLUGIN_HELP = ("module to import first (repeatable); it registers teachers, students, losses, balancers or "
+               "dataset formats")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (``error: argument --x: ...``, exit 2)
-    and which accepts ``--debug`` (read by :func:`run_cli`)."""
+    """``argparse.ArgumentParser`` whose errors are one line (``error: argument --x: ...``, exit 2),
+    which accepts ``--debug`` (read by :func:`run_cli`) and ``--plugin MODULE`` (repeatable): every
+    command's plugins are imported here, once, as soon as the flags are parsed
+    (:func:`distill.core.registry.load_plugins`), before any name is looked up."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -42,6 +49,12 @@ class ArgumentParser(argparse.ArgumentParser):
             kwargs["prog"] = f"python -m {spec.name}"
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        self.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        load_plugins(getattr(ns, "plugin", None) or [])
+        return ns, rest
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
@@ -91,19 +104,21 @@ def _report(e: BaseException, debug: bool) -> int:
     return EXIT_ERROR
 
 
-def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """Run the command ``main(argv)``: its exit code (0 when it returns no int), 2 with one
+def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
+    """Run the command ``main(argv)`` (which returns its exit code): that code, or 2 with one
     ``error: ...`` line for user errors, the traceback too with ``--debug``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
         check_device(_flag_value(argv, "--device"))
         code = main(argv)
-    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line printed); or SystemExit("error: ...")
-        return _report(e, debug) if isinstance(e.code, str) else int(e.code or 0)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line already printed)
+        return int(e.code or 0) if not isinstance(e.code, str) else _report(e, debug)
     except USER_ERRORS as e:
         return _report(e, debug)
-    return code if isinstance(code, int) and not isinstance(code, bool) else 0
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise TypeError(f"{getattr(main, '__module__', '?')}.main returned {code!r}, not an exit code")
+    return code
 
 
 def cli_main(main: Callable[[list[str]], Any]) -> NoReturn:

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from distill.core.cache import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
-from distill.core.registry import load_plugins
 from distill.pipeline.train.config import Setting, check_args
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
@@ -147,7 +146,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="JSON result path (default: print only)")
-    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
     args = p.parse_args(argv)
     check_args(args, ARG_RULES)
     return args
@@ -226,7 +224,6 @@ def evaluate(model: str, data: str | None = None, split: str | None = None, imag
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m distill.evaluate``: print the metrics table (and write ``--out``); returns the exit code."""
     args = parse_args(argv)
-    load_plugins(args.plugin)
     result = evaluate(args.model, args.data, args.split, args.images_root, max_captions=args.max_captions,
                       on_bad_sample=args.on_bad_sample, batch_size=args.batch_size, num_workers=args.num_workers,
                       device=args.device)

@@ -46,24 +46,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _run_teacher(args: argparse.Namespace, out: Path) -> str:
-    from distill.pipeline.lit import train as train_lit
+    from distill.pipeline.lit.train import train_lit
 
     folder = out / "teacher"
     if not (folder / "lit.json").is_file():
-        train_lit.main(["--data", args.data, "--split", args.train_split, "--out", str(folder),
-                        "--epochs", str(args.teacher_epochs), "--image-size", str(args.teacher_image_size),
-                        "--device", args.device, "--workers", str(args.workers)])
+        result = train_lit(args.data, str(folder), split=args.train_split, epochs=args.teacher_epochs,
+                           image_size=args.teacher_image_size, device=args.device, workers=args.workers)
+        print(json.dumps(result.summary(), indent=2), flush=True)
     else:
         print(f"reusing the LiT teacher trained earlier in {folder} (delete it to retrain)", flush=True)
     return f"lit:{folder}"
 
 
 def _run_cache(args: argparse.Namespace, teacher: str, out: Path) -> Path:
-    from distill.pipeline.cache import main as cache_teacher
+    from distill.core.cache.encode import parse_token_mode
+    from distill.pipeline.cache.run import run_cache
+    from distill.pipeline.cache.settings import CacheJob, CacheSettings
 
     cache = out / "cache"
-    cache_teacher.main(["--teacher", teacher, "--data", args.data, "--split", args.train_split, "--out", str(cache),
-                        "--image-tokens", "grid:5", "--device", args.device, "--num-workers", str(args.workers)])
+    result = run_cache(CacheSettings(image_tokens=parse_token_mode("grid:5")),
+                       CacheJob(teacher, args.data, cache, split=args.train_split, device=args.device,
+                                num_workers=args.workers))
+    print(result.summary(), flush=True)
     return cache
 
 
@@ -104,8 +108,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = parse_args(argv)
+def run_quickstart(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The four steps (teacher, cache, student, evaluation); returns the table's rows."""
     from distill.core.data.factory import load_dataset
     from distill.pipeline.evaluate import evaluate_model
     from students import load_student
@@ -131,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                                      "rows": rows}, indent=2))
     print(f"\nresults: {out / 'quickstart.json'}")
     return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 on success (typed errors propagate to :func:`distill.pipeline.cli.run_cli`)."""
+    run_quickstart(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute N (default 8) random samples and compare (cosine >= 0.999)")
     p.add_argument("--verify-existing", action="store_true",
                    help="re-hash (sha256) shards kept from an earlier run instead of checking sizes only")
-    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache of another teacher/dataset/settings")
     p.add_argument("--nonfinite", choices=NONFINITE_MODES, default="error",
                    help="teacher outputs with NaN/Inf: refuse the shard (error) or store them and record the counts "

@@ -23,7 +23,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from distill.core.errors import ConfigError, ExportError
-from distill.core.registry import load_plugins
 from distill.pipeline.cli import ArgumentParser, cli_main
 from students.base import Student
 from students.io import load_student, save_student
@@ -81,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="open_clip: loadable with open_clip 'local-dir:' (vit only); onnx: image + text encoder "
                          "ONNX files (any student); hf: transformers CLIPModel folder (vit only); "
                          "safetensors: students.load_student")
-    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                    help="module to import first (e.g. one that registers a teacher); repeatable")
     args = ap.parse_args(argv)
-    load_plugins(args.plugin)
     result = export_student(args.checkpoint, args.out, args.format)
     print(f"wrote {result.format} export of the {result.student!r} student ({result.num_params:,} params) to {result.folder}")
     if result.parity:

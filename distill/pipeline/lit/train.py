@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.pipeline.cli import ArgumentParser, cli_main
-from distill.core.registry import load_plugins
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
 from distill.core.contrastive import clip_info_nce
@@ -308,14 +307,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feature-batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="image decoding workers")
     p.add_argument("--max-images", type=int, default=None, help="use only the first N images of each split")
-    p.add_argument("--plugin", action="append", default=[], help="module to import first (repeatable)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m teachers.train_lit``: train, print the summary as JSON; returns the exit code."""
     args = parse_args(argv)
-    load_plugins(args.plugin)
     try:
         result = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,
                            args.embed_dim, args.image_size, args.backbone, args.backbone_weights, args.text_model,

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from the newest intact checkpoint of OUT/checkpoints (auto) or a checkpoint file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (without --resume or --overwrite such a folder is refused)")
-    p.add_argument("--plugin", action="append", default=[], help="module to import first (registers teachers/students/losses)")
     return p
 
 
