@@ -1,52 +1,30 @@
-"""Shared fixtures: tiny on-disk datasets and the shared Flickr8k folder."""
+"""Shared fixtures, the toy teachers for every test, and the guard that a test starting a subprocess
+is marked ``slow`` (helpers shared by the test modules are in ``tests/helpers/``).
+
+Fixtures: ``tiny_tsv`` (a tiny TSV dataset), ``flickr8k`` (the shared Flickr8k folder, or skip),
+``toy_teacher`` (``toy:0``), ``tiny`` (tsv + toy-teacher cache with 2 views, per module),
+``tiny_openclip`` (spec of a tiny random-init open_clip teacher, per module), ``bench_teacher_spec``
+(the benchmarks' 1-layer open_clip teacher, per module) and ``subprocess_log`` (the guard's log).
+"""
 from __future__ import annotations
 
-import os
+import json
+import platform
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import tests.helpers.toy_teachers  # noqa: F401  (registers toy, slowtoy, widetoy and prunetoy)
+from tests.helpers.benchmarks import TINY_TEACHER
+from tests.helpers.caches import build_cache
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.paths import FLICKR8K
+from tests.helpers.procs import SubprocessLog
+from tests.helpers.teachers import TINY_OPENCLIP
+
+pytest_plugins = ["pytester"]
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
-FLICKR8K = Path(os.environ.get("FLICKR8K_DIR", REPO.parent / "shared" / "data" / "flickr8k"))
-WORDS = ["red", "green", "blue", "dog", "cat", "runs", "sits", "on", "grass", "beach", "a", "the"]
-
-
-def tiny_openclip_spec(root: Path, vision_layers: int = 2) -> str:
-    """``openclip:<config.json>`` of a random-init 32 px ViT (patch 8, width 32) with a 2-layer text
-    tower; skips the test when the open_clip backend is unavailable."""
-    import json
-
-    from teachers import TEACHERS
-
-    if "openclip" not in TEACHERS:
-        pytest.skip("openclip teacher backend not available")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": vision_layers, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    path = root / f"tiny_vit_{vision_layers}.json"
-    path.write_text(json.dumps(cfg))
-    return f"openclip:{path}"
-
-
-def make_tiny_dataset(root: Path, n_images: int = 12, caps_per_image: int = 2, size: int = 40, seed: int = 0) -> Path:
-    """Write ``n_images`` random JPEGs and a ``captions.tsv`` (image, caption); returns the TSV path."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = ["image\tcaption"]
-    for i in range(n_images):
-        arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-        arr[: size // 2] = arr[: size // 2] // 4 + (i * 20) % 200
-        Image.fromarray(arr).save(root / "images" / f"img{i:03d}.jpg", quality=90)
-        for k in range(caps_per_image):
-            words = rng.choice(WORDS, size=4)
-            lines.append(f"images/img{i:03d}.jpg\t{' '.join(words)} {i} {k}")
-    tsv = root / "captions.tsv"
-    tsv.write_text("\n".join(lines) + "\n")
-    return tsv
 
 
 @pytest.fixture
@@ -63,7 +41,65 @@ def flickr8k() -> Path:
 
 @pytest.fixture
 def toy_teacher():
-    import tests.toy_teacher  # noqa: F401  (registers "toy")
     from teachers import create_teacher
 
     return create_teacher("toy:0")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tsv, cache dir) shared by the tests of a module: 12 images x 2 captions, 2 cached views."""
+    root = tmp_path_factory.mktemp("train")
+    tsv = make_tiny_dataset(root / "data")
+    return tsv, build_cache(tsv, root / "cache", views=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_openclip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``openclip:<config.json>`` of ``TINY_OPENCLIP`` (random init)."""
+    path = tmp_path_factory.mktemp("teacher") / "tinyclip.json"
+    path.write_text(json.dumps(TINY_OPENCLIP))
+    return f"openclip:{path}"
+
+
+@pytest.fixture(scope="module")
+def bench_teacher_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``openclip:<config.json>`` of the benchmarks' ``TINY_TEACHER`` (random init)."""
+    path = tmp_path_factory.mktemp("bench_teacher") / "benchtiny.json"
+    path.write_text(json.dumps(TINY_TEACHER))
+    return f"openclip:{path}"
+
+
+# -------------------------------------------------------------- tests starting subprocesses are slow
+_SUBPROCESSES = SubprocessLog()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the stdlib runs `uname -p` once per process for this: asked here, library code asking later
+    # (the benchmarks' environment record) starts no subprocess inside a test
+    platform.processor()
+    _SUBPROCESSES.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SUBPROCESSES.uninstall()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _SUBPROCESSES.started.clear()  # before the test's fixtures, module-scoped ones included, are set up
+
+
+@pytest.fixture
+def subprocess_log() -> SubprocessLog:
+    """The log of the subprocesses the running test has started (setup included)."""
+    return _SUBPROCESSES
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_need_the_slow_mark(request: pytest.FixtureRequest):
+    """Fail a test that is not marked ``slow`` but started a subprocess (``.ci/run`` runs the fast set
+    first: it must stay fast)."""
+    yield
+    if _SUBPROCESSES.started and request.node.get_closest_marker("slow") is None:
+        pytest.fail(_SUBPROCESSES.report(), pytrace=False)

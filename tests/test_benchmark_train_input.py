@@ -7,16 +7,16 @@ import json
 import pytest
 
 from benchmarks import train_input_speed
-from tests.test_benchmarks_smoke import TINY_STUDENT, run, teacher_spec  # noqa: F401  (fixture)
+from tests.helpers.benchmarks import TINY_STUDENT, run_benchmark
 
 
 @pytest.mark.slow
-def test_train_input_speed(tmp_path, capsys, teacher_spec):  # noqa: F811
-    rec = run(train_input_speed, tmp_path, capsys, "--data", "synthetic", "--images", "16", "--sizes", "48,32",
-              "--batch-size", "8", "--views", "2", "--warmup", "0", "--repeats", "1", "--teacher", teacher_spec,
-              "--train-teacher", teacher_spec, "--train-steps", "2", "--train-students", "vit-gpu,pruned",
-              "--pruned-text-layers", "1", "--train-batch-size", "4", "--train-workers", "0",
-              "--train-precision", "fp32", "--student-cfg", json.dumps(TINY_STUDENT))
+def test_train_input_speed(tmp_path, capsys, bench_teacher_spec):
+    rec = run_benchmark(train_input_speed, tmp_path, capsys, "--data", "synthetic", "--images", "16", "--sizes",
+                        "48,32", "--batch-size", "8", "--views", "2", "--warmup", "0", "--repeats", "1", "--teacher",
+                        bench_teacher_spec, "--train-teacher", bench_teacher_spec, "--train-steps", "2",
+                        "--train-students", "vit-gpu,pruned", "--pruned-text-layers", "1", "--train-batch-size", "4",
+                        "--train-workers", "0", "--train-precision", "fp32", "--student-cfg", json.dumps(TINY_STUDENT))
     res = rec["results"]
     assert set(res["input_path"]) == {"48", "32"}
     for size, r in res["input_path"].items():

@@ -12,32 +12,7 @@ import torch
 from benchmarks import (cache_loader_speed, cache_verify_cost, common, eval_speed, inference_speed, peak_memory,
                         token_storage_bytes, train_step_speed)
 from distill.core.metrics import retrieval_metrics
-
-TINY_TEACHER = {"embed_dim": 16,
-                "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-TINY_STUDENT = {"embed_dim": 32, "vision_width": 32, "vision_layers": 1, "vision_heads": 2, "image_size": 32,
-                "patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
-
-
-@pytest.fixture(scope="module")
-def teacher_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("bench_teacher") / "benchtiny.json"
-    path.write_text(json.dumps(TINY_TEACHER))
-    return f"openclip:{path}"
-
-
-def run(module, tmp_path: Path, capsys, *argv: str) -> dict:
-    """Run ``module.main`` and return its result record; checks the single summary line."""
-    out = tmp_path / "result.json"
-    returned = module.main([*argv, "--out", str(out)])
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{module.NAME}: ") and lines[0].endswith(f"[{out}]")
-    record = json.loads(out.read_text())
-    assert record["benchmark"] == module.NAME and record["results"] == json.loads(json.dumps(returned))
-    env = record["environment"]
-    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["cpu_count"] >= 1
-    return record
+from tests.helpers.benchmarks import TINY_STUDENT, run_benchmark
 
 
 def test_time_interleaved_records_both_clocks():
@@ -58,9 +33,10 @@ def test_peak_rss_sees_an_allocation():
     assert mem.delta_mb > 32 and mem.peak_mb >= mem.baseline_mb
 
 
-def test_train_step_speed(teacher_spec, tmp_path, capsys):
-    rec = run(train_step_speed, tmp_path, capsys, "--teacher", teacher_spec, "--student-cfg", json.dumps(TINY_STUDENT),
-              "--data", "synthetic", "--images", "8", "--batch-size", "4", "--repeats", "1")
+def test_train_step_speed(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(train_step_speed, tmp_path, capsys, "--teacher", bench_teacher_spec, "--student-cfg",
+                        json.dumps(TINY_STUDENT), "--data", "synthetic", "--images", "8", "--batch-size", "4",
+                        "--repeats", "1")
     r = rec["results"]
     med = {k: v["median_s"] for k, v in r["seconds_per_step"].items()}
     assert set(med) == {"teacher", "student", "loader", "cache", "online"} and all(v > 0 for v in med.values())
@@ -72,9 +48,9 @@ def test_train_step_speed(teacher_spec, tmp_path, capsys):
     assert rec["settings"]["clock"] == "cpu" and rec["settings"]["cache_dims"]["image_tokens"] == [16, 32]
 
 
-def test_cache_loader_speed(teacher_spec, tmp_path, capsys):
-    rec = run(cache_loader_speed, tmp_path, capsys, "--teacher", teacher_spec, "--data", "synthetic", "--images", "12",
-              "--batch-size", "4", "--repeats", "1")
+def test_cache_loader_speed(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(cache_loader_speed, tmp_path, capsys, "--teacher", bench_teacher_spec, "--data", "synthetic",
+                        "--images", "12", "--batch-size", "4", "--repeats", "1")
     r = rec["results"]
     # fp16: image embed 16 + tokens 16x32, caption embed 16 + tokens L x 32 (+ L mask bytes), L = 16 here
     assert r["stored_bytes_per_sample"] == 2 * (16 + 16 * 32) + 2 * (16 + 16 * 32) + 16
@@ -86,9 +62,9 @@ def test_cache_loader_speed(teacher_spec, tmp_path, capsys):
         cache_loader_speed.main(["--num-workers", "1", "--out", str(tmp_path / "x.json")])
 
 
-def test_cache_verify_cost(teacher_spec, tmp_path, capsys):
-    rec = run(cache_verify_cost, tmp_path, capsys, "--teacher", teacher_spec, "--data", "synthetic", "--images", "12",
-              "--batch-size", "4", "--repeats", "1", "--warmup", "0")
+def test_cache_verify_cost(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(cache_verify_cost, tmp_path, capsys, "--teacher", bench_teacher_spec, "--data", "synthetic",
+                        "--images", "12", "--batch-size", "4", "--repeats", "1", "--warmup", "0")
     r = rec["results"]
     assert r["num_images"] == 12 and r["stored_bytes_per_image"] == pytest.approx(r["cache_bytes"] / 12)
     assert r["default_verify_picks"] == "lazy"  # a few kB per image: below the 64 kB threshold
@@ -98,9 +74,9 @@ def test_cache_verify_cost(teacher_spec, tmp_path, capsys):
     assert rec["targets"] == t  # also at the top level of the JSON
 
 
-def test_token_storage_bytes(teacher_spec, tmp_path, capsys):
-    rec = run(token_storage_bytes, tmp_path, capsys, "--teacher", teacher_spec, "--data", "synthetic", "--images", "6",
-              "--grid", "2")
+def test_token_storage_bytes(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(token_storage_bytes, tmp_path, capsys, "--teacher", bench_teacher_spec, "--data", "synthetic",
+                        "--images", "6", "--grid", "2")
     modes = rec["results"]["modes"]
     assert list(modes) == ["full_fp32", "full_fp16", "grid2_fp16", "full_int8"]
     tok = {m: modes[m]["arrays"]["image_tokens"] for m in modes}
@@ -115,8 +91,8 @@ def test_token_storage_bytes(teacher_spec, tmp_path, capsys):
 
 
 def test_eval_speed(tmp_path, capsys):
-    rec = run(eval_speed, tmp_path, capsys, "--images", "300", "--captions", "1500", "--dim", "32", "--chunk-size", "128",
-              "--scale", "600x3000", "--repeats", "1")
+    rec = run_benchmark(eval_speed, tmp_path, capsys, "--images", "300", "--captions", "1500", "--dim", "32",
+                        "--chunk-size", "128", "--scale", "600x3000", "--repeats", "1")
     r = rec["results"]
     img, txt, cap = eval_speed.embeddings(300, 1500, 32, 1.0, 0, torch.device("cpu"))
     assert r["base"]["metrics"] == retrieval_metrics(img, txt, cap, chunk_size=128)  # exact, same ranks
@@ -129,9 +105,9 @@ def test_eval_speed(tmp_path, capsys):
     assert eval_speed.size("10000x50000") == (10000, 50000)
 
 
-def test_inference_speed(teacher_spec, tmp_path, capsys):
-    rec = run(inference_speed, tmp_path, capsys, "--teacher", teacher_spec, "--student-cfg", json.dumps(TINY_STUDENT),
-              "--image-batch", "2", "--text-batch", "4", "--repeats", "1")
+def test_inference_speed(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(inference_speed, tmp_path, capsys, "--teacher", bench_teacher_spec, "--student-cfg",
+                        json.dumps(TINY_STUDENT), "--image-batch", "2", "--text-batch", "4", "--repeats", "1")
     r = rec["results"]
     sec = {k: v["median_s"] for k, v in r["seconds_per_batch"].items()}
     assert r["images_per_s"]["student"] == pytest.approx(2 / sec["student_image"])
@@ -142,9 +118,10 @@ def test_inference_speed(teacher_spec, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_peak_memory(teacher_spec, tmp_path, capsys):
-    rec = run(peak_memory, tmp_path, capsys, "--teacher", teacher_spec, "--student-cfg", json.dumps(TINY_STUDENT),
-              "--data", "synthetic", "--images", "4", "--batch-size", "2", "--steps", "1")
+def test_peak_memory(bench_teacher_spec, tmp_path, capsys):
+    rec = run_benchmark(peak_memory, tmp_path, capsys, "--teacher", bench_teacher_spec, "--student-cfg",
+                        json.dumps(TINY_STUDENT), "--data", "synthetic", "--images", "4", "--batch-size", "2",
+                        "--steps", "1")
     r = rec["results"]
     assert set(r["phases"]) == {"baseline", "caching", "training"}
     for phase in ("caching", "training"):

@@ -2,53 +2,26 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-import tests.toy_teacher  # noqa: F401  (registers "toy")
-from distill.core.data.augment import IDENTITY, apply_view
-from distill.core.cache.reader import TeacherCache, bytes_per_sample
-from distill.pipeline.cache.main import main
+from distill.core.data.augment import IDENTITY
+from distill.core.cache.reader import bytes_per_sample
 from distill.pipeline.cache.settings import CacheSettings
 from distill.pipeline.cache.views import image_view_params
 from distill.core.data.factory import load_dataset
-from tests.conftest import REPO
-
-BASE = ["--plugin", "tests.toy_teacher", "--teacher", "toy:0", "--num-workers", "0", "--batch-size", "3",
-        "--shard-size", "5"]
-
-
-def build(data: Path, out: Path, *extra: str) -> TeacherCache:
-    assert main([*BASE, "--data", str(data), "--out", str(out), *extra]) == 0
-    return TeacherCache(out)
-
-
-def teacher_images(teacher, ds, ids, params=None):
-    tf = teacher.image_transform()
-    imgs = [ds.load_image(i) for i in ids]
-    if params is not None:
-        imgs = [apply_view(im, p) for im, p in zip(imgs, params)]
-    with torch.no_grad():
-        return teacher.encode_image(torch.stack([tf(im) for im in imgs]), layers=[1])
-
-
-def teacher_texts(teacher, captions):
-    with torch.no_grad():
-        return teacher.encode_text(teacher.tokenize(captions), layers=[2])
+from tests.helpers.caches import BASE, build, teacher_images, teacher_texts, tree_bytes
+from tests.helpers.paths import REPO
+from tests.helpers.procs import free_port
 
 
 def feature_tensors(f) -> dict[str, torch.Tensor]:
     """Every tensor of image/text features by field (intermediates by layer name)."""
     return {**{k: v for k, v in vars(f).items() if isinstance(v, torch.Tensor)}, **f.intermediates}
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_full_fp16(tiny_tsv, tmp_path, toy_teacher):
@@ -85,7 +58,7 @@ def test_round_trip_full_fp16(tiny_tsv, tmp_path, toy_teacher):
 
 
 def test_multi_caption_offsets(tmp_path, toy_teacher):
-    from tests.conftest import make_tiny_dataset
+    from tests.helpers.data import make_tiny_dataset
 
     tsv = make_tiny_dataset(tmp_path / "d", n_images=7, caps_per_image=1)
     rows = tsv.read_text().splitlines()
@@ -178,12 +151,7 @@ def test_rerun_reuses_shards_and_removes_stale_tmp(tiny_tsv, tmp_path, capsys):
     assert tree_bytes(out) == before
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_torchrun_two_processes_match_single(tiny_tsv, tmp_path):
     single = tmp_path / "single"
     build(tiny_tsv, single, "--views", "2")

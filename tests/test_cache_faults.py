@@ -22,23 +22,17 @@ from distill.pipeline.cache.main import main
 from distill.pipeline.cache.teacher import verify_cache
 from distill.core.data.factory import load_dataset
 from teachers import TEACHERS, create_teacher
-from tests.conftest import REPO, make_tiny_dataset
-from tests.test_cache import BASE, build, tree_bytes
-from tests.toy_teacher import ToyTeacher
+from tests.helpers.caches import BASE, build, tree_bytes
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.paths import REPO
+from tests.helpers.procs import unused_pid
+from tests.helpers.toy_teachers import ToyTeacher
 
 
-class SlowToyTeacher(ToyTeacher):
-    def encode_image(self, pixels, layers=()):
-        time.sleep(0.25)
-        return super().encode_image(pixels, layers)
-
-
-TEACHERS.register("slowtoy")(SlowToyTeacher)
-
-
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tiny_tsv, tmp_path, capsys):
     out = tmp_path / "killed"
-    args = ["--plugin", "tests.test_cache_faults", "--teacher", "slowtoy:0", "--data", str(tiny_tsv), "--batch-size", "2",
+    args = ["--plugin", "tests.helpers.toy_teachers", "--teacher", "slowtoy:0", "--data", str(tiny_tsv), "--batch-size", "2",
             "--shard-size", "4", "--num-workers", "1", "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, "-m", "distill.cache_teacher", *args, "--out", str(out)], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -251,7 +245,7 @@ def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
     import torch
 
     from distill.core.errors import FP16OverflowError
-    from tests.test_cache import teacher_images
+    from tests.helpers.caches import teacher_images
 
     with pytest.raises(FP16OverflowError, match=r"shards/00000: .*fp16 range .*image_tokens: \d+"):
         main([*_with_teacher("bigtoy:0"), "--data", str(tiny_tsv), "--out", str(tmp_path / "e")])
@@ -261,7 +255,7 @@ def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
     for mode, tol in (("fp32", 0.0), ("bf16", 2 ** -8)):
         out = tmp_path / mode
         assert main([*_with_teacher("bigtoy:0"), "--data", str(tiny_tsv), "--out", str(out), "--overflow", mode]) == 0
-        assert f"fp16 overflow, stored wider: image_tokens" in capsys.readouterr().err
+        assert "fp16 overflow, stored wider: image_tokens" in capsys.readouterr().err
         cache = TeacherCache(out, verify="full")
         check = cache.manifest["shards"][0]["output_check"]["image_tokens"]
         assert check["stored_as"] == mode and check["overflow"] > 0
@@ -337,27 +331,12 @@ def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
     assert not (out / LOCK_NAME).exists()  # released after a run
 
 
-def _unused_pid() -> int:
-    """A pid no process has right now (counting down from the kernel's maximum)."""
-    from pathlib import Path
-
-    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
-        pid -= 1
-
-
 def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     import socket
 
     from distill.core.cache.lock import LOCK_NAME
 
-    dead = _unused_pid()
+    dead = unused_pid()
     out = tmp_path / "c"
     out.mkdir()
     (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
@@ -424,7 +403,8 @@ def test_stat_cost_over_flickr8k_is_small(flickr8k):
 def test_train_student_refuses_a_cache_older_than_its_images(tiny_tsv, tmp_path):
     from distill.pipeline.train import main as ts
     from distill.core.errors import StaleCacheError
-    from tests.test_train import build_cache as train_cache, train_args
+    from tests.helpers.caches import build_cache as train_cache
+    from tests.helpers.training import train_args
 
     cache = train_cache(tiny_tsv, tmp_path / "c")
     img = tiny_tsv.parent / "images" / "img002.jpg"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from distill.pipeline.train import main as ts
 from distill.pipeline.cli import NO_GPU, run_cli
 from distill.pipeline.export import main as export
 from distill.pipeline.lit import train as train_lit
-from tests.conftest import REPO
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
+from tests.helpers.paths import REPO
+from tests.helpers.training import train_args
 
 
 def _one_line(capsys) -> str:
@@ -31,7 +30,7 @@ def _one_line(capsys) -> str:
     return err[0]
 
 
-def test_train_student_main_returns_the_summary_and_the_cli_exit_code_is_0(tiny, tmp_path, capsys):  # noqa: F811
+def test_train_student_main_returns_the_summary_and_the_cli_exit_code_is_0(tiny, tmp_path, capsys):
     tsv, cache = tiny
     summary = ts.train_from_argv(train_args(cache, tsv, tmp_path / "a", 2))
     assert isinstance(summary, ts.TrainResult) and summary.steps == 2
@@ -50,7 +49,7 @@ def test_train_student_main_returns_the_summary_and_the_cli_exit_code_is_0(tiny,
     (evaluate.main, ["--model", "nope:1", "--data", "x"], "error: --model 'nope:1' is neither"),
     (cache_teacher.main, ["--teacher", "nope:0", "--data", "{tmp}", "--out", "{tmp}/c", "--device", "cpu"],
      "error: unknown teacher 'nope'; known:"),
-    (cache_teacher.main, ["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", "{tmp}/none.tsv",
+    (cache_teacher.main, ["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", "{tmp}/none.tsv",
                           "--out", "{tmp}/c", "--device", "cpu"], "error: dataset not found: {tmp}/none.tsv"),
     (export.main, ["--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/e"], "error: no student folder or checkpoint at {tmp}/none.pt"),
     (train_lit.main, ["--out", "{tmp}/t"], "error: the following arguments are required: --data"),
@@ -69,8 +68,8 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert err.rstrip().splitlines()[-1].startswith(f"error: {tmp_path}/manifest.json not found")
 
 
-def test_run_folder_refusal_and_nonfinite_targets_are_one_line(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from tests.test_faults_train import _poison_targets
+def test_run_folder_refusal_and_nonfinite_targets_are_one_line(tiny, tmp_path, capsys, monkeypatch):
+    from tests.helpers.training import poison_targets
 
     tsv, cache = tiny
     out = tmp_path / "run"
@@ -80,7 +79,7 @@ def test_run_folder_refusal_and_nonfinite_targets_are_one_line(tiny, tmp_path, c
     assert _one_line(capsys) == (f"error: {out} already holds a training run (checkpoints, student, plots, tb, "
                                  "train_log.jsonl, config.yaml); pass --resume auto to continue it or --overwrite "
                                  "to replace it")
-    _poison_targets(monkeypatch)
+    poison_targets(monkeypatch)
     assert run_cli(ts.main, train_args(cache, tsv, out, 4, "--overwrite")) == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and f"teacher cache {cache}: non-finite (NaN/Inf) teacher targets" in line[0]
@@ -111,7 +110,7 @@ def test_cuda_from_a_config_file_without_a_gpu_is_one_line(tmp_path, capsys, mon
 @pytest.mark.parametrize("module,argv,expected", [
     ("distill.train_student", ["--cache", "{tmp}/nocache", "--data", "x", "--device", "cpu"], "manifest.json not found"),
     ("distill.train_student", ["--steps", "-5", "--cache", "c", "--data", "d", "--device", "cpu"], "train.steps (--steps)"),
-    ("distill.cache_teacher", ["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", "{tmp}/x.tsv",
+    ("distill.cache_teacher", ["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", "{tmp}/x.tsv",
                                "--out", "{tmp}/c", "--verify", "-3"], "--verify must be"),
     ("distill.evaluate", ["--model", "{tmp}/missing"], "is neither an existing"),
     ("students.export", ["--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/e"], "no student folder or checkpoint"),

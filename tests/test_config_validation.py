@@ -111,7 +111,7 @@ def test_evaluate_max_captions_zero_is_refused(tmp_path, capsys):
 ])
 def test_cache_teacher_flags_fail_before_the_cache_is_written(tmp_path, capsys, argv, line):
     out = tmp_path / "cache"
-    args = ["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tmp_path / "x.tsv"),
+    args = ["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tmp_path / "x.tsv"),
             "--out", str(out), "--device", "cpu", *argv]
     assert run_cli(cache_teacher.main, args) == 2
     assert _one_line(capsys) == line

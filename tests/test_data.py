@@ -9,7 +9,7 @@ import pytest
 
 from distill.core.data.factory import load_dataset
 from distill.core.errors import BadSampleError
-from tests.conftest import make_tiny_dataset
+from tests.helpers.data import make_tiny_dataset
 
 
 def write_tsv(path: Path, rows: list[str]) -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from distill.core.errors import BadSampleError, ConfigError, NoSplitsError, SplitError
 from distill.core.data.factory import load_dataset
-from tests.conftest import make_tiny_dataset
+from tests.helpers.data import make_tiny_dataset
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
 
@@ -64,8 +64,6 @@ def test_unknown_split_lists_the_known_ones(data: Path):
 
 def test_evaluate_default_split_on_a_file_without_splits(data: Path, capsys):
     from distill.pipeline.evaluate import evaluate, main
-
-    import tests.toy_teacher  # noqa: F401
 
     path = coco_json(data / "captions.json", [f"images/img00{i}.jpg" for i in range(4)])
     out = data / "eval.json"

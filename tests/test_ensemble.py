@@ -1,4 +1,4 @@
-"""ensemble: teacher spec on tiny random-init members (tests/toy_teacher.py)."""
+"""ensemble: teacher spec on tiny random-init members (tests/helpers/toy_teachers.py)."""
 from __future__ import annotations
 
 import json
@@ -8,37 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms as T
 
-import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.cache.reader import TeacherCache
 from distill.pipeline.cache.main import main as cache_main
 from distill.core.errors import ConfigError
 from distill.core.data.factory import load_dataset
-from teachers import TEACHERS, create_teacher
+from teachers import create_teacher
 from teachers.ensemble import EnsembleTeacher, parse_members
-from tests.test_teachers import CAPTIONS, random_pixels
-from tests.toy_teacher import ToyTeacher
-
-
-class WideToy(ToyTeacher):
-    """A toy member with other preprocessing: 48 px, normalised with mean/std 0.5, 8-dim embeddings."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed=seed, dim=8)
-        self.image_size = 48
-
-    def image_transform(self):
-        return T.Compose([T.Resize(48), T.CenterCrop(48), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-
-    def encode_image(self, pixels, layers=()):
-        return super().encode_image(F.interpolate(pixels, size=(32, 32), mode="nearest"), layers)  # toy: 4x4 grid
-
-    def preprocess_info(self):
-        return {"size": 48, "resize": "bilinear", "crop": "center", "mean": [0.5] * 3, "std": [0.5] * 3}
-
-
-TEACHERS.register("widetoy")(WideToy)
+from tests.helpers.teachers import CAPTIONS, random_pixels
 
 
 def check_basic(t, layers_img, layers_txt) -> None:
@@ -129,7 +106,7 @@ def test_ensemble_spec_errors(tmp_path):
 
 def test_cache_teacher_with_ensemble(tiny_tsv, tmp_path):
     spec = "ensemble:toy:0+widetoy:1"
-    assert cache_main(["--plugin", "tests.test_ensemble", "--teacher", spec, "--data", str(tiny_tsv), "--out",
+    assert cache_main(["--plugin", "tests.helpers.toy_teachers", "--teacher", spec, "--data", str(tiny_tsv), "--out",
                        str(tmp_path / "c"), "--num-workers", "0", "--batch-size", "5", "--layers", "image.1"]) == 0
     cache = TeacherCache(tmp_path / "c")
     ens, ds = create_teacher(spec), load_dataset(tiny_tsv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from distill.core import dist as D
 from distill.core.metrics import full_precision_matmul, retrieval_ranks
+from tests.helpers.procs import free_port
 
 
 def _settable(backend, value: str) -> bool:
@@ -59,12 +59,6 @@ def test_full_precision_matmul_restores_the_settings():
         cuda.fp32_precision, onednn.fp32_precision = saved
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, use_wait_group: bool, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
@@ -85,7 +79,7 @@ def _worker(rank: int, port: int, use_wait_group: bool, results) -> None:
 @pytest.mark.parametrize("use_wait_group", [False, True])
 def test_waiting_ranks_outlast_the_collective_timeout(use_wait_group):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), use_wait_group, results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), use_wait_group, results), nprocs=2, join=True)
     if use_wait_group:
         assert dict(results) == {0: "ok", 1: "ok"}
     else:  # the plain barrier on the default group times out on the waiting rank

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline import evaluate as ev
 from distill.core.errors import CacheMismatchError, ConfigError
 from distill.core.data.factory import load_dataset
 from students import create_student, save_student
 from teachers import create_teacher
-from tests.conftest import make_tiny_dataset
-from tests.test_train import TINY_STUDENT, build_cache
+from tests.helpers.caches import build_cache
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.training import TINY_STUDENT
 
 
 def test_teacher_cache_and_model_agree(tiny_tsv, tmp_path):

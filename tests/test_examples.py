@@ -7,37 +7,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
-import torch
-from PIL import Image
 
-from distill.core.cache.reader import TeacherCache
 from distill.pipeline.evaluate import METRIC_ORDER
-from students import load_student
-from tests.conftest import REPO, WORDS
-from tests.test_teachers import TINY_OPENCLIP
-from tests.test_train import TINY_STUDENT
+from tests.helpers.data import WORDS, write_jpeg
+from tests.helpers.examples import check_outputs, run_script
+from tests.helpers.paths import REPO
 
 SPLITS = ["train"] * 6 + ["val"] * 2 + ["test"] * 4  # 12 images, 5 captions each
-TRAIN_ARGS = " ".join([*(f"--set student.{k}={v}" for k, v in TINY_STUDENT.items()),
-                       "--set train.warmup_steps=1", "--set eval.batch_size=8", "--set 'train.checkpoint_every=2'",
-                       "--batch-size 4 --num-workers 0 --device cpu --seed 0"])
-
-
-def write_jpeg(path: Path, seed: int) -> None:
-    """A 40x40 random JPEG with a seed-dependent colour band (so images are distinguishable)."""
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
-    arr[:20] = arr[:20] // 4 + (seed * 20) % 200
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, quality=90)
 
 
 def karpathy_entry(i: int, split: str, filename: str, filepath: str | None) -> dict:
@@ -80,79 +61,22 @@ def mini_coco(root: Path) -> tuple[Path, Path]:
     return data, images
 
 
-def run_script(script: str, args: list[str], cwd: Path, teacher: str, steps: int = 3) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "TEACHER": teacher, "PRESET": "cpu", "STEPS": str(steps),
-           "EVAL_EVERY": "2", "CACHE_ARGS": "--batch-size 8 --num-workers 0 --device cpu",
-           "EXTRA_TRAIN_ARGS": TRAIN_ARGS, "EVAL_ARGS": "--batch-size 16 --num-workers 0 --device cpu",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    return subprocess.run(["bash", str(REPO / "examples" / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("teacher") / "tinyclip.json"
-    path.write_text(json.dumps(TINY_OPENCLIP))
-    return f"openclip:{path}"
-
-
-def check_outputs(out: Path, images: Path, n_train: int, n_test: int, stdout: str) -> None:
-    """Cache, student, open_clip export (checked against the student on an image of ``images``)
-    and result JSONs of a finished run."""
-    cache = TeacherCache(out / "cache_train")
-    assert (cache.num_images, cache.num_captions) == (n_train, 5 * n_train)
-    manifest = json.loads((out / "cache_train" / "manifest.json").read_text())
-    assert manifest["dataset"]["split"] == "train" and manifest["storage"]["dtype"] == "fp16"
-
-    log = [json.loads(line) for line in (out / "train" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r.get("kind") == "eval"] == [2, 3]  # EVAL_EVERY=2 on the val split
-    student = load_student(out / "train" / "student")
-    assert student.config()["vision_width"] == TINY_STUDENT["vision_width"]
-
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'open_clip'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out / 'open_clip'}")
-    model.eval()
-    ids = tokenizer(["a red dog"])
-    image = Image.open(next(images.rglob("*.jpg"))).convert("RGB")
-    pixels = preprocess(image)[None]
-    assert torch.equal(pixels, student.image_transform()(image)[None])
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(ids, normalize=True), student.encode_text({"input_ids": ids}).embed)
-        torch.testing.assert_close(model.encode_image(pixels, normalize=True), student.encode_image(pixels).embed)
-
-    results = {k: json.loads((out / "results" / f"{k}.json").read_text())
-               for k in ("teacher", "student", "student_open_clip")}
-    for r in results.values():
-        assert (r["split"], r["num_images"], r["num_captions"]) == ("test", n_test, 5 * n_test)
-        assert list(r["metrics"]) == list(METRIC_ORDER)
-        assert r["metrics"]["rsum"] == pytest.approx(sum(r["metrics"][k] for k in METRIC_ORDER[:-1]))
-        assert all(0 <= r["metrics"][k] <= 100 for k in METRIC_ORDER[:-1])
-    assert results["teacher"]["kind"] == "teacher" and results["student"]["kind"] == "student"
-    # the exported folder scores exactly like the trained student
-    assert results["student_open_clip"]["metrics"] == pytest.approx(results["student"]["metrics"])
-
-    table = (out / "results" / "comparison.txt").read_text().splitlines()
-    assert table[0].split() == ["model", *METRIC_ORDER, "rsum", "%", "images"]
-    assert [line.split()[0] for line in table[2:]] == ["teacher", "student", "student_open_clip"]
-    assert table[2].split()[-2:] == ["100.0", str(n_test)]
-    assert "\n".join(table) in stdout
-
-
-def test_flickr30k_end_to_end(tmp_path: Path, teacher: str):
+@pytest.mark.slow
+def test_flickr30k_end_to_end(tmp_path: Path, tiny_openclip: str):
     _, images = mini_flickr30k(tmp_path / "data")
     (tmp_path / "elsewhere").mkdir()
     # relative paths from an unrelated working directory: the script must not depend on its location
     proc = run_script("flickr30k.sh", ["../data/dataset_flickr30k.json", "../data/flickr30k-images", "../runs/f30k"],
-                      tmp_path / "elsewhere", teacher)
+                      tmp_path / "elsewhere", tiny_openclip)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: train 6 images / 30 captions, val 2 images / 10 captions, test 4 images / 20 captions" in proc.stdout
     check_outputs(tmp_path / "runs" / "f30k", images, 6, 4, proc.stdout)
 
 
-def test_coco_end_to_end(tmp_path: Path, teacher: str):
+@pytest.mark.slow
+def test_coco_end_to_end(tmp_path: Path, tiny_openclip: str):
     data, images = mini_coco(tmp_path)
-    proc = run_script("coco.sh", [str(data), str(images), str(tmp_path / "out")], REPO.parent, teacher)
+    proc = run_script("coco.sh", [str(data), str(images), str(tmp_path / "out")], REPO.parent, tiny_openclip)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train 6 images / 30 captions" in proc.stdout  # train + restval
     check_outputs(tmp_path / "out", images, 6, 4, proc.stdout)
@@ -160,7 +84,8 @@ def test_coco_end_to_end(tmp_path: Path, teacher: str):
     assert cached["num_images"] == 6 and cached["root"] == str(images)
 
 
-def test_wrong_paths_fail_fast_with_clear_errors(tmp_path: Path, teacher: str):
+@pytest.mark.slow
+def test_wrong_paths_fail_fast_with_clear_errors(tmp_path: Path, tiny_openclip: str):
     data, images = mini_flickr30k(tmp_path / "data")
     out = tmp_path / "out"
     cases = [
@@ -172,12 +97,13 @@ def test_wrong_paths_fail_fast_with_clear_errors(tmp_path: Path, teacher: str):
         ("flickr30k.sh", [str(data), str(images)], "usage: flickr30k.sh DATASET_JSON IMAGES_ROOT OUT_DIR"),
     ]
     for script, args, message in cases:
-        proc = run_script(script, args, tmp_path, teacher)
+        proc = run_script(script, args, tmp_path, tiny_openclip)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was written before the checks
 
 
+@pytest.mark.slow
 def test_teacher_needing_a_download_fails_with_its_error(tmp_path: Path):
     from teachers.openclip import _cached_weights
 

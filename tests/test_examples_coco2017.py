@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from distill.core.data.factory import load_dataset
-from tests.conftest import REPO
-from tests.test_examples import check_outputs, run_script, teacher, write_jpeg  # noqa: F401  (fixture)
+from tests.helpers.data import write_jpeg
+from tests.helpers.examples import check_outputs, run_script
+from tests.helpers.paths import REPO
 
 
 def mini_coco2017(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
@@ -28,6 +29,7 @@ def mini_coco2017(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
     return root / "annotations" / "captions_train2017.json"
 
 
+@pytest.mark.slow
 def test_converter_splits(tmp_path: Path):
     train = mini_coco2017(tmp_path)
     out = tmp_path / "k.json"
@@ -47,21 +49,22 @@ def test_converter_splits(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_coco2017_end_to_end(tmp_path: Path, teacher: str, monkeypatch):
+def test_coco2017_end_to_end(tmp_path: Path, tiny_openclip: str, monkeypatch):
     train = mini_coco2017(tmp_path / "coco")
     monkeypatch.setenv("COCO2017_VAL_IMAGES", "2")
-    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, teacher)
+    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, tiny_openclip)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "data: train 6 images / 30 captions, val 2 images / 10 captions, test 4 images / 20 captions" in proc.stdout
     check_outputs(tmp_path / "out", tmp_path / "coco", 6, 4, proc.stdout)
 
 
-def test_coco2017_needs_its_folders(tmp_path: Path, teacher: str):
+@pytest.mark.slow
+def test_coco2017_needs_its_folders(tmp_path: Path, tiny_openclip: str):
     train = mini_coco2017(tmp_path / "coco")
     (tmp_path / "coco" / "val2017").rename(tmp_path / "coco" / "v")
-    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, teacher)
+    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, tiny_openclip)
     assert proc.returncode == 2 and "has no val2017/ folder" in proc.stderr
     train.with_name("captions_val2017.json").unlink()
-    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, teacher)
+    proc = run_script("coco.sh", [str(train), str(tmp_path / "coco"), str(tmp_path / "out")], tmp_path, tiny_openclip)
     assert proc.returncode == 2 and "captions_val2017.json not found beside" in proc.stderr
     assert not (tmp_path / "out").exists()

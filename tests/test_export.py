@@ -16,13 +16,13 @@ from students import create_student, load_student
 from distill.core.errors import ExportError
 from distill.pipeline.cli import run_cli
 from distill.pipeline.export.main import ExportResult, export_open_clip, export_student, main
-from tests.test_students import CAPTIONS, TINY  # importing it registers the "prunetoy" teacher
+from tests.helpers.students import CAPTIONS, TINY_VIT
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    s = create_student("vit", **{**TINY, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}).eval()
+    s = create_student("vit", **{**TINY_VIT, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}).eval()
     with torch.no_grad():
         s.logit_scale.fill_(2.5)
     return s
@@ -80,7 +80,7 @@ def test_cli_plugin_and_pruned_safetensors(tmp_path: Path, capsys):
     ckpt = tmp_path / "p.pt"
     torch.save({"student_config": pruned.config(), "student": pruned.state_dict()}, ckpt)
     main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "p"), "--format", "safetensors",
-          "--plugin", "tests.test_students"])
+          "--plugin", "tests.helpers.toy_teachers"])
     assert load_student(tmp_path / "p").config() == pruned.config()
     # the default format (open_clip) on a pruned student: a typed error, one clear line, nothing written
     with pytest.raises(ExportError, match=r"^the 'pruned' student is not an open_clip architecture.*--format onnx"):
@@ -168,7 +168,7 @@ def test_hf_refuses_a_non_causal_text_tower(tmp_path: Path):
     from distill.pipeline.export.hf import export_hf
     from distill.core.errors import HFExportError
 
-    student = create_student("vit", **{**TINY, "causal_text": False})
+    student = create_student("vit", **{**TINY_VIT, "causal_text": False})
     with pytest.raises(HFExportError, match="not causal.*--format onnx"):
         export_hf(student, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

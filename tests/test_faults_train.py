@@ -4,9 +4,8 @@ checkpoints (checksums, fallback to the newest intact one), rerunning into a fin
 another teacher on resume, stray temporary files, non-finite teacher targets (error / skip) and
 non-finite loss terms, and a corrupted cache shard at start-up.
 
-Importing this module with ``MMDISTILL_TEST_STEP_SLEEP=<s>`` set slows every training step by
-``s`` seconds, so that a subprocess run (``--plugin tests.test_faults_train``) can be killed
-between two checkpoints.
+Subprocess runs load ``--plugin tests.helpers.train_hooks`` to be slowed down (killed between two
+checkpoints) or to get poisoned teacher targets.
 """
 from __future__ import annotations
 
@@ -26,28 +25,18 @@ import pytest
 import torch
 
 from distill.core import checkpoint as ck
-from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.errors import CacheCorruptError, CheckpointCorruptError, CheckpointError, ManifestError, NonFiniteTargetError, ResumeMismatchError, RunFolderError
 from distill.core.checkpoint import load_checkpoint
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
 from distill.pipeline.train.data import GlobalBatchSampler
 from distill.pipeline.train.log import LOG_NAME, read_log
-from tests.conftest import REPO
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
-from tests.test_train_resume import die_at
+from tests.helpers.paths import REPO
+from tests.helpers.procs import unused_pid
+from tests.helpers.training import BAD_IMAGES, die_at, poison_targets, train_args
 
 STEPS = 7
 EXTRA = ("--set", "train.checkpoint_every=3")  # checkpoints after steps 3 and 6 (and 7, the last)
-
-if os.environ.get("MMDISTILL_TEST_STEP_SLEEP"):
-    _real_step, _delay = tl.train_step, float(os.environ["MMDISTILL_TEST_STEP_SLEEP"])
-
-    def _slow_step(run, batches, step):
-        time.sleep(_delay)
-        return _real_step(run, batches, step)
-
-    tl.train_step = _slow_step
 
 
 def _trajectory(out: Path) -> list[dict]:
@@ -59,7 +48,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory) -> Path:  # noqa: F811
+def reference(tiny, tmp_path_factory) -> Path:
     """An uninterrupted run of STEPS steps."""
     tsv, cache = tiny
     out = tmp_path_factory.mktemp("reference") / "run"
@@ -75,11 +64,12 @@ def _assert_same_run(out: Path, reference: Path) -> None:
         assert torch.equal(v, ref[k]), k
 
 
-def test_kill9_of_training_process_then_resume_is_identical(tiny, reference, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_kill9_of_training_process_then_resume_is_identical(tiny, reference, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distill.train_student", *train_args(cache, tsv, out, STEPS, *EXTRA),
-           "--plugin", "tests.test_faults_train"]
+           "--plugin", "tests.helpers.train_hooks"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MMDISTILL_TEST_STEP_SLEEP": "0.5"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out / "checkpoints" / "latest.pt"  # written (a copy of step_000003.pt) right after the step file
@@ -99,7 +89,7 @@ def test_kill9_of_training_process_then_resume_is_identical(tiny, reference, tmp
     _assert_same_run(out, reference)
 
 
-def test_torn_last_log_line_after_kill_is_dropped_on_resume(tiny, reference, tmp_path, monkeypatch):  # noqa: F811
+def test_torn_last_log_line_after_kill_is_dropped_on_resume(tiny, reference, tmp_path, monkeypatch):
     tsv, cache = tiny
     out = tmp_path / "torn"
     die_at(monkeypatch, 4)
@@ -112,7 +102,7 @@ def test_torn_last_log_line_after_kill_is_dropped_on_resume(tiny, reference, tmp
     _assert_same_run(out, reference)
 
 
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, reference, tmp_path, monkeypatch):  # noqa: F811
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, reference, tmp_path, monkeypatch):
     tsv, cache = tiny
     out = tmp_path / "full_disk"
     real_save = torch.save
@@ -133,7 +123,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, refer
     _assert_same_run(out, reference)
 
 
-def test_truncated_latest_falls_back_to_the_step_file_and_an_explicit_path_is_named(tiny, tmp_path, capsys):  # noqa: F811
+def test_truncated_latest_falls_back_to_the_step_file_and_an_explicit_path_is_named(tiny, tmp_path, capsys):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
@@ -152,7 +142,7 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_byte_flips_in_a_checkpoint_are_detected(tiny, tmp_path):  # noqa: F811
+def test_byte_flips_in_a_checkpoint_are_detected(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
@@ -178,7 +168,7 @@ def test_byte_flips_in_a_checkpoint_are_detected(tiny, tmp_path):  # noqa: F811
     assert load_checkpoint(step)["step"] == 3  # damage to latest.pt never reaches the step file
 
 
-def test_corrupt_newest_checkpoint_resumes_from_the_newest_intact_one(tiny, reference, tmp_path, monkeypatch,  # noqa: F811
+def test_corrupt_newest_checkpoint_resumes_from_the_newest_intact_one(tiny, reference, tmp_path, monkeypatch,
                                                                       capsys):
     tsv, cache = tiny
     out = tmp_path / "flipped"
@@ -197,7 +187,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_newest_intact_one(tiny, refe
     _assert_same_run(out, reference)
 
 
-def test_missing_latest_resumes_from_the_newest_step_file(tiny, reference, tmp_path, monkeypatch):  # noqa: F811
+def test_missing_latest_resumes_from_the_newest_step_file(tiny, reference, tmp_path, monkeypatch):
     tsv, cache = tiny
     out = tmp_path / "nolatest"
     die_at(monkeypatch, 5)
@@ -209,7 +199,7 @@ def test_missing_latest_resumes_from_the_newest_step_file(tiny, reference, tmp_p
     _assert_same_run(out, reference)  # resumed at step 3, not restarted at step 1
 
 
-def test_every_checkpoint_corrupt_is_refused_naming_them(tiny, tmp_path):  # noqa: F811
+def test_every_checkpoint_corrupt_is_refused_naming_them(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
@@ -220,7 +210,7 @@ def test_every_checkpoint_corrupt_is_refused_naming_them(tiny, tmp_path):  # noq
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]  # the log is untouched
 
 
-def test_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(tiny, tmp_path):  # noqa: F811
+def test_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 7, *EXTRA))
@@ -238,9 +228,7 @@ def test_rerun_into_a_finished_run_is_refused_unless_resume_or_overwrite(tiny, t
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.pt", "step_000002.pt"]
 
 
-def test_resume_on_a_cache_of_another_teacher_is_refused(tiny, tmp_path):  # noqa: F811
-    from tests.test_train import build_cache
-
+def test_resume_on_a_cache_of_another_teacher_is_refused(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
@@ -254,13 +242,12 @@ def test_resume_on_a_cache_of_another_teacher_is_refused(tiny, tmp_path):  # noq
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
 
 
-def test_stray_tmp_checkpoint_files_are_cleaned_at_start(tiny, tmp_path):  # noqa: F811
+def test_stray_tmp_checkpoint_files_are_cleaned_at_start(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stray = [out / "checkpoints" / f".step_000006.pt.tmp-{dead.stdout.strip()}",
-             out / "checkpoints" / f".latest.pt.tmp-{dead.stdout.strip()}"]
+    dead = unused_pid()  # the writer of the leftovers is gone
+    stray = [out / "checkpoints" / f".step_000006.pt.tmp-{dead}", out / "checkpoints" / f".latest.pt.tmp-{dead}"]
     for p in stray:
         p.write_bytes(b"partial")
     ts.main(train_args(cache, tsv, out, 4, *EXTRA, "--resume", "auto"))
@@ -269,40 +256,11 @@ def test_stray_tmp_checkpoint_files_are_cleaned_at_start(tiny, tmp_path):  # noq
 
 
 # ------------------------------------------------------------------------ non-finite teacher targets
-BAD_IMAGES = (1, 5)
-
-
-def _poisoned(real, field: str = "image.embed"):
-    """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``image.embed``) or +Inf (``text.tokens``),
-    as a cache written with NaN/overflowing teacher outputs would deliver them."""
-
-    def poisoned(cache, image_index, *args, **kwargs):
-        t = real(cache, image_index, *args, **kwargs)
-        rows = torch.from_numpy(np.isin(image_index, BAD_IMAGES))
-        tower, name = field.split(".")
-        getattr(getattr(t, tower), name)[rows] = float("nan") if field == "image.embed" else float("inf")
-        return t
-
-    return poisoned
-
-
-def _poison_targets(monkeypatch: pytest.MonkeyPatch, field: str = "image.embed") -> None:
-    import distill.pipeline.train.data as td
-
-    monkeypatch.setattr(td, "fetch_teacher", _poisoned(td.fetch_teacher, field))
-
-
-if os.environ.get("MMDISTILL_TEST_POISON"):  # a torchrun child importing this module as --plugin
-    import distill.pipeline.train.data as _td
-
-    _td.fetch_teacher = _poisoned(_td.fetch_teacher)
-
-
 @pytest.mark.parametrize("field,array", [("image.embed", "image_embed"), ("text.tokens", "text_tokens")])
-def test_nonfinite_teacher_target_stops_training_naming_cache_shard_and_sample(tiny, tmp_path, monkeypatch,  # noqa: F811
+def test_nonfinite_teacher_target_stops_training_naming_cache_shard_and_sample(tiny, tmp_path, monkeypatch,
                                                                                field, array):
     tsv, cache = tiny
-    _poison_targets(monkeypatch, field)
+    poison_targets(monkeypatch, field)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteTargetError) as e:
         ts.main(train_args(cache, tsv, out, STEPS, *EXTRA))
@@ -314,9 +272,9 @@ def test_nonfinite_teacher_target_stops_training_naming_cache_shard_and_sample(t
     assert not (out / "checkpoints").exists()  # stopped at the first poisoned batch (step 1 or 2)
 
 
-def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_path, monkeypatch):
     tsv, cache = tiny
-    _poison_targets(monkeypatch)
+    poison_targets(monkeypatch)
     out = tmp_path / "run"
     summary = ts.train_from_argv(train_args(cache, tsv, out, STEPS, *EXTRA, "--set", "data.on_nonfinite=skip"))
     sampler = GlobalBatchSampler(12, 4, seed=0)  # 3 batches per epoch: 7 steps = 2 epochs + 1 batch
@@ -330,16 +288,16 @@ def test_nonfinite_teacher_targets_are_skipped_and_counted_when_asked(tiny, tmp_
 
 
 @pytest.mark.slow
-def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error_stops(tiny, tmp_path):  # noqa: F811
-    from tests.test_train_ddp import _free_port
+def test_nonfinite_targets_under_torchrun_skip_counts_like_one_process_and_error_stops(tiny, tmp_path):
+    from tests.helpers.procs import free_port
 
     tsv, cache = tiny
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MMDISTILL_TEST_POISON": "1"}
 
     def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "distill.train_student",
-               *train_args(cache, tsv, out, 4, *extra), "--plugin", "tests.test_faults_train"]
+               "--master_port", str(free_port()), "-m", "distill.train_student",
+               *train_args(cache, tsv, out, 4, *extra), "--plugin", "tests.helpers.train_hooks"]
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     proc = torchrun(tmp_path / "skip", "--set", "data.on_nonfinite=skip")
@@ -372,7 +330,7 @@ class NanValueLoss(DistillLoss):
 LOSSES.register("test_nan_value")(NanValueLoss)
 
 
-def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tmp_path):  # noqa: F811
+def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
     losses = "[{name: contrastive_distill, cfg: {queue_size: 16}}, {name: feature_l1}, {name: test_nan_value, cfg: {bad_steps: [1]}}]"
@@ -389,8 +347,8 @@ def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tm
 
 
 def test_truncated_cache_shard_is_named_before_training(tmp_path):
-    from tests.conftest import make_tiny_dataset
-    from tests.test_train import build_cache
+    from tests.helpers.caches import build_cache
+    from tests.helpers.data import make_tiny_dataset
 
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)
     cache = build_cache(tsv, tmp_path / "cache")
@@ -401,7 +359,7 @@ def test_truncated_cache_shard_is_named_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):  # noqa: F811
+def test_export_refuses_a_corrupt_training_checkpoint(tiny, tmp_path, capsys):
     from distill.pipeline.cli import run_cli
     from distill.pipeline.export import main as export
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from distill.pipeline.train.log import read_log
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"
 BENCHMARKS = ["eval_speed", "inference_speed", "train_step_speed", "cache_loader_speed", "token_storage_bytes",

@@ -15,7 +15,7 @@ from distill.pipeline.lit.finetune import pick_captions, trainable_prefixes
 from distill.core.contrastive import clip_info_nce
 from distill.pipeline.cli import run_cli
 from distill.pipeline.lit.train import LiTResult, contrastive_loss, recall_at_1, train_lit, train_projections
-from tests.conftest import FLICKR8K, REPO
+from tests.helpers.paths import FLICKR8K, REPO
 
 SAMPLE = REPO / "examples" / "sample_flickr8k"
 

@@ -12,7 +12,6 @@ from distill.core.features import TeacherTargets
 from distill.losses import LOSSES, DistillBatch, Dims, create_loss
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
-from tests.test_train import tiny  # noqa: F401  (module fixture)
 
 RNG = np.random.default_rng(0)
 

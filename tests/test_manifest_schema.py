@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.cache.reader import TeacherCache
 from distill.core.errors import ManifestError
 from distill.pipeline.cache.main import main
-from tests.conftest import make_tiny_dataset
-from tests.test_cache import BASE
+from tests.helpers.caches import BASE
+from tests.helpers.data import make_tiny_dataset
 
 
 @pytest.fixture(scope="module")

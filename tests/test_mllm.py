@@ -10,8 +10,8 @@ import torch
 
 from distill.core.features import l2_normalize, masked_mean
 from teachers import create_teacher
-from tests.conftest import WORDS
-from tests.test_teachers import check_contract, random_pixels, save_word_tokenizer
+from tests.helpers.data import WORDS
+from tests.helpers.teachers import check_contract, random_pixels, save_word_tokenizer
 
 PROMPT_WORDS = "summarize above image sentence in one word : two children play football park man".split()
 

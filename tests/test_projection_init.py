@@ -15,8 +15,8 @@ from distill.pipeline.train.projection_init import init_projections
 from distill.core.errors import ProjectionInitError
 from distill.pipeline.train.data import TrainBatch
 from students import create_student
-from tests.test_students import CAPTIONS  # noqa: F401  (also registers the "prunetoy" teacher)
-from tests.test_train import tiny, train_args  # noqa: F401  (fixture)
+from tests.helpers.students import CAPTIONS
+from tests.helpers.training import train_args
 
 
 def _student(embed_dim: int):
@@ -92,7 +92,7 @@ def test_wider_student_and_headless_student_are_refused():
 
 def test_train_student_starts_from_fitted_projections(tiny, tmp_path, capsys):
     tsv, cache = tiny
-    pruned = ["--student", "pruned", "--plugin", "tests.test_students", "--set", "student.teacher=prunetoy:0",
+    pruned = ["--student", "pruned", "--plugin", "tests.helpers.toy_teachers", "--set", "student.teacher=prunetoy:0",
               "--set", "student.image_layers=2", "--set", "student.text_layers=1", "--set", "student.embed_dim=16"]
     base = train_args(cache, tsv, tmp_path / "plain", 2)
     keep = [a for i, a in enumerate(base) if not (a.startswith("student.") or (a == "--set" and base[i + 1].startswith("student.")))]

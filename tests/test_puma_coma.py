@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
@@ -22,7 +21,7 @@ from distill.losses import DistillBatch, Dims, create_loss
 from distill.losses.coma_reconstruct import reconstruction_error
 from distill.losses.mac import MACLoss
 from distill.pipeline.train.log import read_log
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
+from tests.helpers.training import train_args
 
 PUMA_YAML = Path(__file__).resolve().parents[1] / "distill" / "configs" / "puma.yaml"
 COMA = "{name: coma_reconstruct, cfg: {width: 16, heads: 2, num_summary: 4}}"
@@ -57,7 +56,8 @@ def test_deep_mse_is_mse_to_the_cached_final_embeddings():
 def test_tiny_puma_run(tmp_path, monkeypatch, capsys):
     """A 2-layer open_clip teacher: cache it, prune it to 1 layer per tower, train 5 PUMA steps."""
     from distill.pipeline.cache.main import main as cache_main
-    from tests.conftest import make_tiny_dataset, tiny_openclip_spec
+    from tests.helpers.data import make_tiny_dataset
+    from tests.helpers.teachers import tiny_openclip_spec
 
     spec = tiny_openclip_spec(tmp_path)
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)

@@ -8,8 +8,7 @@ from torch import nn
 from distill.pipeline.train import loop as tl
 from distill.balance import create_balancer
 from distill.distiller import Distiller, Stage
-from tests.test_student_runtime import _first_step, bn_net
-from tests.test_train import tiny  # noqa: F401  (module fixture)
+from tests.helpers.training import bn_net, first_step
 
 
 class QueueLoss(nn.Module):
@@ -50,7 +49,7 @@ def test_host_fields_converts_tensors_once():
 
 
 def test_train_step_leaves_log_values_on_the_device(tiny, tmp_path):
-    run, fields = _first_step(tiny, tmp_path)
+    run, fields = first_step(tiny, tmp_path)
     assert isinstance(fields["total"], torch.Tensor) and isinstance(fields["grad_norm"], torch.Tensor)
     assert all(isinstance(v, torch.Tensor) for k, v in fields.items() if k.startswith("loss/"))
     host = tl.host_fields(fields)

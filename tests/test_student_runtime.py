@@ -12,20 +12,7 @@ from torch import nn
 from distill.pipeline.train import student_runtime as SR
 from distill.pipeline.train.config import resolve_config
 from distill.core.errors import ConfigError
-from tests.test_train import TINY_STUDENT, tiny, train_args  # noqa: F401  (module fixture)
-
-
-def bn_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),  # 0-1: frozen prefix (eval)
-                        nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),  # 2: trainable
-                        nn.BatchNorm2d(4, affine=False),  # 3: trainable, no affine parameters
-                        nn.BatchNorm2d(4))  # 4: parameters frozen, left in train mode
-    net[1].eval()
-    net[0].requires_grad_(False)
-    net[1].requires_grad_(False)
-    net[4].requires_grad_(False)
-    return net
+from tests.helpers.training import bn_net, first_step
 
 
 def test_convert_sync_bn_keeps_frozen_layers():
@@ -64,21 +51,9 @@ def test_new_train_keys_are_validated():
         resolve_config(None, [], {}, ["train.compile=1"])
 
 
-def _first_step(tiny, tmp_path, *sets: str):
-    from distill.pipeline.train import loop as tl
-    from distill.pipeline.train import main as ts
-    from distill.core.dist import DistInfo
-
-    tsv, cache = tiny
-    args = ts.build_parser().parse_args(train_args(cache, tsv, tmp_path, 3, *[a for s in sets for a in ("--set", s)]))
-    run = ts.setup(ts.config_from_args(args), DistInfo(0, 1, 0, torch.device("cpu")))
-    fields, *_ = tl.train_step(run, tl.epoch_batches(run, 0, 0), 0)
-    return run, fields
-
-
 def test_channels_last_trains_like_the_default(tiny, tmp_path):
-    ref_run, ref = _first_step(tiny, tmp_path / "a")
-    run, got = _first_step(tiny, tmp_path / "b", "train.channels_last=true")
+    ref_run, ref = first_step(tiny, tmp_path / "a")
+    run, got = first_step(tiny, tmp_path / "b", "train.channels_last=true")
     conv = [m for m in run.student.modules() if isinstance(m, nn.Conv2d)]
     assert conv and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in conv)
     assert float(got["total"]) == pytest.approx(float(ref["total"]), rel=1e-5)
@@ -88,8 +63,8 @@ def test_channels_last_trains_like_the_default(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_compile_trains_like_eager(tiny, tmp_path):
-    ref_run, ref = _first_step(tiny, tmp_path / "a")
-    run, got = _first_step(tiny, tmp_path / "b", "train.compile=true")
+    ref_run, ref = first_step(tiny, tmp_path / "a")
+    run, got = first_step(tiny, tmp_path / "b", "train.compile=true")
     assert hasattr(run.student.encode_image, "_torchdynamo_orig_callable") or "compile" in repr(run.student.encode_image).lower()
     assert float(got["total"]) == pytest.approx(float(ref["total"]), rel=1e-4)
     assert set(run.student.state_dict()) == set(ref_run.student.state_dict())

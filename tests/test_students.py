@@ -7,29 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import tests.toy_teacher  # noqa: F401  (registers "toy")
 from distill.core.errors import ConfigError
-from distill.core.features import masked_mean
 from distill.core.profile import count_flops
 from students import create_student, load_student, save_student
 from students.pruned import half_compute_layers
 from students.vit_dual import VIT_PRESETS
 from teachers import TEACHERS, create_teacher
-from teachers.base import PrunedTowers
-from tests.conftest import tiny_openclip_spec
-from tests.toy_teacher import ToyTeacher
-
-TINY = dict(embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
-            text_width=32, text_layers=2, text_heads=2, context_length=16)
-CAPTIONS = ["a dog runs on the grass", "cat", "the red cat sits on a blue beach towel"]
+from tests.helpers.students import CAPTIONS, TINY_VIT
+from tests.helpers.teachers import tiny_openclip_spec
 
 
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return create_student("vit", **TINY).eval()
+    return create_student("vit", **TINY_VIT).eval()
 
 
 def _pixels(n: int = 3, size: int = 32) -> torch.Tensor:
@@ -99,7 +91,7 @@ def test_vit_presets_and_option_errors():
     with pytest.raises(ConfigError, match=r"unknown vit student option\(s\) \['widht'\]"):
         create_student("vit", widht=3)
     with pytest.raises(ValueError, match="vision_width=30 is not divisible by vision_heads=4"):
-        create_student("vit", **{**TINY, "vision_width": 30, "vision_heads": 4})
+        create_student("vit", **{**TINY_VIT, "vision_width": 30, "vision_heads": 4})
     assert set(VIT_PRESETS) >= {"vit-s16", "vit-ti16", "vit-ti16-128"}
 
 
@@ -113,8 +105,8 @@ def test_vit_s16_default_param_count():
 
 def test_vit_grad_checkpointing_same_outputs_and_grads():
     torch.manual_seed(0)
-    plain = create_student("vit", **TINY)
-    ckpt = create_student("vit", **{**TINY, "grad_checkpointing": True})
+    plain = create_student("vit", **TINY_VIT)
+    ckpt = create_student("vit", **{**TINY_VIT, "grad_checkpointing": True})
     ckpt.load_state_dict(plain.state_dict())
     assert ckpt.clip.visual.transformer.grad_checkpointing
     x, batch = _pixels(2), plain.tokenize(CAPTIONS[:2])
@@ -186,65 +178,6 @@ def test_load_errors_name_the_file(vit, tmp_path: Path):
 
 
 # ---------------------------------------------------------------- pruned student
-class _ImageTower(nn.Module):
-    def __init__(self, patch: nn.Conv2d, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.patch, self.blocks = patch, nn.ModuleList(blocks)
-
-    def forward(self, pixels: torch.Tensor):
-        x = self.patch(pixels).flatten(2).transpose(1, 2)
-        for b in self.blocks:
-            x = x + b(x)
-        return x.mean(1), x, (4, 4)
-
-
-class _TextTower(nn.Module):
-    def __init__(self, tok: nn.Embedding, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.tok, self.layers = tok, nn.ModuleList(layers)
-
-    def forward(self, batch):
-        mask = batch["attention_mask"].bool()
-        x = self.tok(batch["input_ids"])
-        for layer in self.layers:
-            x = x + layer(x)
-        return masked_mean(x, mask), x, mask
-
-
-class PrunableToyTeacher(ToyTeacher):
-    """The toy teacher plus residual MLP blocks, so it can be layer-pruned."""
-
-    @classmethod
-    def from_spec(cls, rest: str) -> "PrunableToyTeacher":
-        return cls(int(rest.split(":")[0] or 0), share=rest.endswith(":shared"))
-
-    def __init__(self, seed: int, depth: int = 10, share: bool = False) -> None:
-        super().__init__(seed)
-        self.share = share
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(24, 96), nn.GELU(), nn.Linear(96, 24))
-                                    for _ in range(depth))
-        self.text_layers = nn.ModuleList(nn.Linear(20, 20) for _ in range(depth))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in [*self.blocks.parameters(), *self.text_layers.parameters()]:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-    def encode_image(self, pixels, layers=()):
-        f = super().encode_image(pixels)
-        _, tokens, _ = _ImageTower(self.patch, list(self.blocks))(pixels)
-        f.embed, f.tokens = nn.functional.normalize(self.img_proj(tokens.mean(1)), dim=-1), tokens
-        return f
-
-    def pruned_towers(self, image_layers: int, text_layers: int) -> PrunedTowers:
-        cp = (lambda m: m) if self.share else copy.deepcopy
-        image = _ImageTower(cp(self.patch), [cp(b) for b in self.blocks[:image_layers]])
-        text = _TextTower(cp(self.tok), [cp(x) for x in self.text_layers[:text_layers]])
-        return PrunedTowers(image, text, 24, 20, {"image_layers": image_layers, "text_layers": text_layers})
-
-
-TEACHERS.register("prunetoy")(PrunableToyTeacher)
-
-
 @pytest.fixture(scope="module")
 def pruned():
     torch.manual_seed(0)

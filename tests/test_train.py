@@ -1,8 +1,8 @@
 """``python -m distill.train_student``: a short run, data/teacher alignment after shuffling, the
 non-finite guard, checkpoint safety, config parsing and the dataset-fingerprint check.
 
-Every test builds the toy-teacher cache in-process on a tiny TSV and trains a tiny ``vit`` student
-(width 32, 2 blocks, 32 px / patch 8, 1 text layer, context 16) with batch 4 for a few steps.
+Most tests train a tiny ``vit`` student (width 32, 2 blocks, 32 px / patch 8, 1 text layer, context 16)
+with batch 4 for a few steps on the toy-teacher cache of a tiny TSV (the ``tiny`` fixture).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.data.augment import apply_view
@@ -30,35 +29,8 @@ from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
 from distill.pipeline.train.data import GlobalBatchSampler
 from distill.pipeline.train.log import read_log
 from teachers import create_teacher
-from tests.conftest import make_tiny_dataset
-
-TINY_STUDENT = {"embed_dim": 32, "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "image_size": 32,
-                "patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 2, "context_length": 16}
-
-
-def build_cache(tsv: Path, out: Path, views: int = 1) -> Path:
-    """Toy-teacher cache of ``tsv`` written in-process."""
-    from distill.pipeline.cache.main import main as cache_main
-
-    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
-                "--num-workers", "0", "--batch-size", "8", "--views", str(views), "--device", "cpu"])
-    return out
-
-
-def train_args(cache: Path, tsv: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    """CLI arguments of a tiny CPU run."""
-    sets = [f"student.{k}={v}" for k, v in TINY_STUDENT.items()] + ["train.warmup_steps=2", "train.checkpoint_every=4"]
-    return ["--cache", str(cache), "--data", str(tsv), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
-            "--lr", "1e-3", "--num-workers", "0", "--device", "cpu", "--seed", "0",
-            *[a for s in sets for a in ("--set", s)], *extra]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(tsv, cache dir) shared by the tests of a module: 12 images x 2 captions, 2 cached views."""
-    root = tmp_path_factory.mktemp("train")
-    tsv = make_tiny_dataset(root / "data")
-    return tsv, build_cache(tsv, root / "cache", views=2)
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.training import TINY_STUDENT, train_args
 
 
 # ------------------------------------------------------------------------------------ short run

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,14 +9,9 @@ import pytest
 
 from distill.pipeline.train import main as ts
 from distill.pipeline.train.log import read_log
-from tests.conftest import REPO
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.paths import REPO
+from tests.helpers.procs import free_port
+from tests.helpers.training import train_args
 
 
 @pytest.mark.slow
@@ -26,7 +20,7 @@ def test_two_process_gloo_matches_single_process(tiny, tmp_path):
     extra = ("--set", "train.accum_steps=2")  # also exercises DDP no_sync during accumulation
     ts.main(train_args(cache, tsv, tmp_path / "single", 3, *extra))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "distill.train_student",
+           "--master_port", str(free_port()), "-m", "distill.train_student",
            *train_args(cache, tsv, tmp_path / "ddp", 3, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

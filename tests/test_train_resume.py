@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
 from distill.core.errors import ResumeMismatchError
 from distill.pipeline.train.log import read_log
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
+from tests.helpers.training import die_at, train_args
 
 STEPS, KILL_AT = 7, 5  # checkpoints every 3 steps: the killed run resumes from step 3 and redoes 4..5
-
-
-def die_at(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
-    """Make the training loop raise (like an interrupt) when it starts step index ``kill_at``."""
-    real = tl.train_step
-
-    def dying(run, batches, step):
-        if step == kill_at:
-            raise KeyboardInterrupt("simulated kill")
-        return real(run, batches, step)
-
-    monkeypatch.setattr(tl, "train_step", dying)
 
 
 def _trajectory(out):

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.core.checkpoint import checksum, load_checkpoint
 from distill.core.dist import init_distributed
 from distill.core.errors import CheckpointError, ConfigError
@@ -21,7 +20,7 @@ from distill.pipeline.train import main as ts
 from distill.pipeline.train.config import (BalancerSpec, LossSpec, StageConfig, TrainRunConfig, resolve_config,
                                            save_config)
 from distill.pipeline.train.log import read_log
-from tests.test_train import tiny, train_args  # noqa: F401  (module fixture)
+from tests.helpers.training import train_args
 
 TWO_STAGES = ("stages=[{name: align, steps: 3, losses: [cosine, feature_l1], balancer: {name: fixed, cfg: {weights: "
               "{cosine: 2}}}}, {losses: [cosine, {name: contrastive_distill, cfg: {queue_size: 8}}, token], "
@@ -80,7 +79,7 @@ def test_bad_stage_is_one_line_before_anything_loads_and_old_and_new_keys_exclud
         resolve_config(overrides=["train.warmup_stage.steps=2", "stages=[{steps: 2}, {}]"])
 
 
-def test_stages_must_end_before_training_does(tiny, tmp_path):  # noqa: F811
+def test_stages_must_end_before_training_does(tiny, tmp_path):
     tsv, cache = tiny
     with pytest.raises(ConfigError, match=r"stages: the stages before the last take 3 optimizer steps, which must be "
                                           r"fewer than the number of optimizer steps \(3\)"):
@@ -89,7 +88,7 @@ def test_stages_must_end_before_training_does(tiny, tmp_path):  # noqa: F811
 
 
 # ------------------------------------------------------------------------------ staged training
-def test_two_stage_run_switches_at_the_boundary(tiny, tmp_path, capsys):  # noqa: F811
+def test_two_stage_run_switches_at_the_boundary(tiny, tmp_path, capsys):
     tsv, cache = tiny
     out = tmp_path / "run"
     ts.main(train_args(cache, tsv, out, 6, "--set", TWO_STAGES, "--set", "train.checkpoint_every=1",
@@ -111,7 +110,7 @@ def test_two_stage_run_switches_at_the_boundary(tiny, tmp_path, capsys):  # noqa
     assert not torch.equal(ck[3]["shared"]["queue"]["ptr"], ck[6]["shared"]["queue"]["ptr"])  # stage 2 queues
 
 
-def test_resume_across_the_stage_boundary_is_exact(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_across_the_stage_boundary_is_exact(tiny, tmp_path, monkeypatch):
     tsv, cache = tiny
     extra = ("--set", TWO_STAGES, "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=0")
     ts.main(train_args(cache, tsv, tmp_path / "full", 6, *extra))
@@ -144,7 +143,7 @@ def test_resume_across_the_stage_boundary_is_exact(tiny, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the Python API
-def test_train_returns_the_typed_result(tiny, tmp_path):  # noqa: F811
+def test_train_returns_the_typed_result(tiny, tmp_path):
     tsv, cache = tiny
     cfg = ts.config_from_args(ts.build_parser().parse_args(train_args(cache, tsv, tmp_path / "a", 2)))
     config = TrainRunConfig.from_dict(cfg)
@@ -159,7 +158,7 @@ def test_train_returns_the_typed_result(tiny, tmp_path):  # noqa: F811
 
 
 # ------------------------------------------------------------------------------ checkpoints, loader, recipe
-def test_a_checkpoint_of_the_previous_layout_loads_as_stages(tiny, tmp_path):  # noqa: F811
+def test_a_checkpoint_of_the_previous_layout_loads_as_stages(tiny, tmp_path):
     tsv, cache = tiny
     ts.main(train_args(cache, tsv, tmp_path / "run", 2, "--set", "train.warmup_stage.steps=1"))
     new = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
@@ -188,7 +187,7 @@ def test_a_checkpoint_of_the_previous_layout_loads_as_stages(tiny, tmp_path):  #
     assert [r["step"] for r in read_log(tmp_path / "resumed")] == [3]
 
 
-def test_the_loader_tokenizes_the_captions(tiny, tmp_path):  # noqa: F811
+def test_the_loader_tokenizes_the_captions(tiny, tmp_path):
     tsv, cache = tiny
     cfg = ts.config_from_args(ts.build_parser().parse_args(train_args(cache, tsv, tmp_path / "unused", 2)))
     run = ts.setup(cfg, init_distributed("cpu"))

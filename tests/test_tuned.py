@@ -14,7 +14,8 @@ from students import create_student, load_student, save_student
 from students.mwa import ParallelAdapted
 from teachers import create_teacher
 from teachers.lit import LiTConfig, LiTTeacher
-from tests.conftest import FLICKR8K, make_tiny_dataset
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.paths import FLICKR8K
 
 CAPTIONS = ["a dog runs on the grass", "two children play football in a park"]
 OPTIM = {"lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.98], "eps": 1e-6}
@@ -129,8 +130,6 @@ def test_save_load_round_trip(lit_spec, pixels, tmp_path: Path):
 
 
 def test_bad_configs(lit_spec):
-    import tests.toy_teacher  # noqa: F401  (registers "toy")
-
     with pytest.raises(ValueError, match="needs a lit: teacher"):
         create_student("mwa", teacher="toy:0")
     with pytest.raises(ValueError, match=r"prompt_layers must be in 1\.\.6"):
@@ -145,7 +144,7 @@ def test_train_student_cli_with_mwa(lit_spec, teacher, tmp_path: Path):
 
     tsv = make_tiny_dataset(tmp_path / "data", n_images=8)
     cache = tmp_path / "cache"
-    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(cache),
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tsv), "--out", str(cache),
                 "--num-workers", "0", "--batch-size", "8", "--device", "cpu"])
     out = tmp_path / "run"
     summary = ts.train_from_argv(["--cache", str(cache), "--data", str(tsv), "--out", str(out), "--steps", "3", "--batch-size", "4",

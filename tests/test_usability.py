@@ -9,15 +9,16 @@ from pathlib import Path
 import matplotlib.axes
 import pytest
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.pipeline.train import main as ts
 from distill.pipeline.cache.main import main as cache_main
 from distill.pipeline.train.config import DEFAULTS, resolve_config
 from distill.pipeline.train.optim import warmup_steps
 from distill.core.errors import ConfigError
 from distill.pipeline.train.log import read_log
-from tests.conftest import make_tiny_dataset, tiny_openclip_spec
-from tests.test_train import build_cache, train_args
+from tests.helpers.caches import build_cache
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.teachers import tiny_openclip_spec
+from tests.helpers.training import train_args
 
 
 def test_warmup_default_is_five_percent_of_the_run():

@@ -24,14 +24,14 @@ from distill.pipeline.cache.views import image_mix_params, image_view_params
 from distill.pipeline.train.data import DistillTrainSet, TeacherCollate
 from distill.pipeline.train.log import read_log
 from teachers import create_teacher
-from tests.conftest import make_tiny_dataset
-from tests.test_train import train_args
+from tests.helpers.data import make_tiny_dataset
+from tests.helpers.training import train_args
 
 VIEWS, MIXUP = 3, 2
 
 
 def write(tsv: Path, out: Path, *extra: str) -> Path:
-    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tsv), "--out", str(out),
                 "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", *extra])
     return out
 
@@ -185,7 +185,7 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
     out = write(tsv, tmp_path / "c", "--views", "2", "--mixup-views", "1", "--pixels", "16")
     before = shard_records(out)
     (out / "shards" / "00001" / "image_pixels.npy").unlink()  # an interrupted second shard
-    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", str(tsv), "--out", str(out),
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tsv), "--out", str(out),
                 "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", "--views", "2",
                 "--mixup-views", "1", "--pixels", "16"])
     assert shard_records(out) == before, "resumed cache must have the same bytes"

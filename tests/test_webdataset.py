@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import tests.toy_teacher  # noqa: F401  (registers the "toy" teacher)
 from distill.core.cache.reader import TeacherCache
 from distill.core.cache.writer import plan_shards
 from distill.pipeline.cache.main import main as cache_main
@@ -21,7 +20,7 @@ from distill.core.errors import BadSampleError, NoSplitsError
 from distill.pipeline.train.log import read_log
 from distill.core.data.formats.webdataset import WebDatasetImages, expand_shards, samples_per_shard
 from teachers import create_teacher
-from tests.test_train import TINY_STUDENT
+from tests.helpers.training import TINY_STUDENT
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
 PER_SHARD, SHARDS = 6, 4
@@ -112,7 +111,7 @@ def test_cache_train_resume_evaluate(shards, tmp_path: Path):
 
     folder, src = shards
     data = f"{folder}/{{000..003}}.tar"
-    cache_main(["--teacher", "toy:0", "--plugin", "tests.toy_teacher", "--data", data, "--out", str(tmp_path / "cache"),
+    cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", data, "--out", str(tmp_path / "cache"),
                 "--num-workers", "0", "--batch-size", "8", "--device", "cpu"])
     cache = TeacherCache(tmp_path / "cache")
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
