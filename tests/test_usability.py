@@ -4,6 +4,7 @@ validation on the console and in losses.png, rerunning a finished run, the init_
 sample count, the caching bars and the quickstart's throughput timing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.axes
@@ -120,3 +121,25 @@ def test_quickstart_throughput_is_a_median(monkeypatch):
     timings = iter([10.0, 400.0, 30.0, 20.0, 300.0])
     monkeypatch.setattr(quickstart, "images_per_second", lambda *a, **k: next(timings))
     assert quickstart.throughput(object(), 32, "cpu") == 30.0
+
+
+def test_quickstart_default_data_is_the_bundled_sample():
+    from distill.pipeline import quickstart
+
+    assert (quickstart.SAMPLE / "captions.tsv").is_file(), quickstart.SAMPLE
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_through_the_python_apis(tmp_path, capsys):
+    """The README's first command, shortened (2 teacher epochs, 4 student steps): train_lit ->
+    run_cache -> train -> evaluate on the bundled sample, through the shim entry point's main."""
+    from distill.pipeline.cli import run_cli
+    from distill.quickstart import main
+
+    out = tmp_path / "qs"
+    assert run_cli(main, ["--out", str(out), "--teacher-epochs", "2", "--steps", "4", "--workers", "0"]) == 0
+    rows = json.loads((out / "quickstart.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    assert all(0 < r["rsum"] <= 600 for r in rows)
+    assert (out / "teacher" / "lit.json").is_file() and (out / "cache" / "manifest.json").is_file()
+    assert "Retrieval on flickr8k test (100 images, 500 captions)" in capsys.readouterr().out

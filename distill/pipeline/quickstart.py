@@ -20,7 +20,7 @@ import torch
 from distill.pipeline.cli import ArgumentParser
 from distill.core.profile import count_params, images_per_second
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample_flickr8k"
 
 
