@@ -98,6 +98,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.pipeline.cli import cli_main
-
-    cli_main(main)
+    C.script_main(main)

@@ -49,7 +49,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import FLICKR8K, RESULTS_DIR, environment  # noqa: E402
+from benchmarks.common import FLICKR8K, RESULTS_DIR, environment, script_main  # noqa: E402
 from distill.core.cache.encode import parse_token_mode  # noqa: E402
 
 GLOBAL = ["contrastive_distill", "feature_l1", "cosine", "student_clip"]
@@ -433,6 +433,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from distill.pipeline.cli import cli_main
-
-    cli_main(main)
+    script_main(main)

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.common import (FLICKR8K, WORDS, add_common_args, cuda_peak_mb, fmt, print_summary, ratio, setup,
-                               sync, time_interleaved, write_result)
+from benchmarks.common import (FLICKR8K, WORDS, add_common_args, cuda_peak_mb, fmt, print_summary, ratio, script_main,
+                               setup, sync, time_interleaved, write_result)
 from students import Student, create_student
 from teachers.lit import LiTConfig, LiTTeacher
 
@@ -285,6 +285,4 @@ def summary_text(results: dict[str, Any], modes: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    from distill.pipeline.cli import cli_main
-
-    cli_main(main)
+    script_main(main)

@@ -18,7 +18,7 @@ measures the other processes. Wall and CPU seconds are both recorded in the resu
 from __future__ import annotations
 
 from benchmarks.common.cli import (add_clock_args, add_common_args, add_student_args, require_wall_clock_for_workers,
-                                   resolve_device, setup, student_config)
+                                   resolve_device, script_main, setup, student_config)
 from benchmarks.common.environment import cpu_model, environment
 from benchmarks.common.inputs import (WORDS, benchmark_dataset, build_cache, flickr8k_subset, shallow_teacher_spec,
                                       synthetic_dataset)
@@ -27,7 +27,7 @@ from benchmarks.common.paths import FLICKR8K, REPO, RESULTS_DIR
 from benchmarks.common.results import fmt, print_summary, ratio, write_result
 from benchmarks.common.timing import Timing, clock_label, now, sync, time_interleaved
 
-__all__ = ["FLICKR8K", "REPO", "RESULTS_DIR", "WORDS", "PeakRSS", "Timing", "add_clock_args", "add_common_args",
+__all__ = ["FLICKR8K", "REPO", "RESULTS_DIR", "WORDS", "PeakRSS", "Timing", "add_clock_args", "add_common_args", "script_main",
            "add_student_args", "benchmark_dataset", "build_cache", "clock_label", "cpu_model", "cuda_peak_mb",
            "current_rss_mb", "environment", "flickr8k_subset", "fmt", "now", "peak_rss_mb", "print_summary", "ratio",
            "require_wall_clock_for_workers", "resolve_device", "setup", "shallow_teacher_spec", "student_config",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -82,3 +82,16 @@ def require_wall_clock_for_workers(args: argparse.Namespace) -> None:
     """DataLoader workers are other processes: their CPU time is invisible to ``--clock cpu``."""
     if args.num_workers > 0 and args.clock == "cpu":
         raise SystemExit("error: --num-workers > 0 needs --clock wall (worker processes are not in this process's CPU time)")
+
+
+def script_main(main: Callable[[list[str]], Any]) -> NoReturn:
+    """``if __name__ == "__main__": script_main(main)``. A benchmark's ``main(argv)`` returns its
+    result dict (what the tests and other benchmarks read); as a script it exits 0 once the result
+    is written, or 2 with one ``error: ...`` line for bad input (:func:`distill.pipeline.cli.cli_main`)."""
+    from distill.pipeline.cli import cli_main
+
+    def command(argv: list[str]) -> int:
+        main(argv)
+        return 0
+
+    cli_main(command)
