@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from distill.core.cache import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
-from distill.pipeline.train.config import Setting, check_args
+from distill.pipeline.settings import Setting, check_args
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
 from distill.core.errors import ConfigError, NoSplitsError
@@ -151,7 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-#: Value checks of the numeric flags (distill.pipeline.train.config.check_args).
+#: Value checks of the numeric flags (distill.pipeline.settings.check_args).
 ARG_RULES = (Setting("max_captions", "int", lambda v: v >= 1, "an integer >= 1", "--max-captions", nullable=True),
              Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
              Setting("num_workers", "int", lambda v: v >= 0, "an integer >= 0", "--num-workers"))

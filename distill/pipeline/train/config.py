@@ -23,14 +23,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from distill.core.cache.reader import DEFAULT_VERIFY, VERIFY_MODES
+from distill.core.cache.schema import DEFAULT_VERIFY, VERIFY_MODES
 from distill.core.data.pixels import PIXEL_MODES
 from distill.core.errors import ConfigError
-from distill.pipeline import settings as _settings
 from distill.pipeline.settings import Setting, check_settings, check_value, is_int, is_num, looks_like_float
-
-#: The value rules' check of argparse flags, also importable from here (cache_teacher, evaluate).
-check_args = _settings.check_args
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

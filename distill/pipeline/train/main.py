@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from distill.core import dist as D
-from distill.core.cache.reader import VERIFY_MODES, TeacherCache
+from distill.core.cache import VERIFY_MODES, TeacherCache
 from distill.core.checkpoint import set_rng_state
 from distill.core.data.factory import load_dataset
 from distill.core.determinism import enable_determinism
