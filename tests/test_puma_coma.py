@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
 from distill.pipeline.train.config import resolve_config
@@ -21,7 +20,7 @@ from distill.losses import DistillBatch, Dims, create_loss
 from distill.losses.coma_reconstruct import reconstruction_error
 from distill.losses.mac import MACLoss
 from distill.pipeline.train.log import read_log
-from tests.helpers.training import train_args
+from tests.helpers.training import assert_same_training_state, die_at, train_args
 
 PUMA_YAML = Path(__file__).resolve().parents[1] / "distill" / "configs" / "puma.yaml"
 COMA = "{name: coma_reconstruct, cfg: {width: 16, heads: 2, num_summary: 4}}"
@@ -209,32 +208,19 @@ def test_resume_across_the_stage_switch_is_exact(tiny, tmp_path, monkeypatch):
     tsv, cache = tiny
     extra = ("--set", MAIN_LOSSES, "--set", STAGE, "--set", "train.checkpoint_every=2")
     ts.main(train_args(cache, tsv, tmp_path / "full", 6, *extra))
-    real_step = tl.train_step
-
-    def dying_step(run, batches, step):
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(run, batches, step)
-
-    monkeypatch.setattr(tl, "train_step", dying_step)
+    die_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra))
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["step"] == 4
     (tmp_path / "cut" / "checkpoints" / "latest.pt").unlink()  # resume from step 2, inside stage 1
-    monkeypatch.setattr(tl, "train_step", real_step)
+    monkeypatch.undo()
     ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra, "--resume", str(tmp_path / "cut" / "checkpoints" /
                                                                               "step_000002.pt")))
     strip = lambda out: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_log(out)]  # noqa: E731
     assert strip(tmp_path / "cut") == strip(tmp_path / "full")
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
-    parts = [("student", a["student"], b["student"])]
-    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
-              for key in ("losses", "balancer")]
-    for part, x, y in parts:
-        assert x.keys() == y.keys(), part
-        for k, v in x.items():
-            assert torch.equal(v, y[k]), (part, k)
+    assert_same_training_state(a, b)
     assert any(k.startswith("coma_reconstruct.") for k in a["stages"][0]["losses"])
 
 

@@ -3,13 +3,12 @@ bit-identical loss trajectory (and ends with identical weights) as an uninterrup
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distill.pipeline.train import main as ts
 from distill.core.checkpoint import load_checkpoint
 from distill.core.errors import ResumeMismatchError
 from distill.pipeline.train.log import read_log
-from tests.helpers.training import die_at, train_args
+from tests.helpers.training import assert_same_training_state, die_at, train_args
 
 STEPS, KILL_AT = 7, 5  # checkpoints every 3 steps: the killed run resumes from step 3 and redoes 4..5
 
@@ -38,13 +37,7 @@ def test_killed_run_resumes_bitwise(tiny, tmp_path, monkeypatch):
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
-    parts = [("student", a["student"], b["student"])]
-    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
-              for key in ("losses", "balancer")]
-    for part, x, y in parts:
-        assert x.keys() == y.keys(), part
-        for k, v in x.items():
-            assert torch.equal(v, y[k]), (part, k)
+    assert_same_training_state(a, b)
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tiny, tmp_path):

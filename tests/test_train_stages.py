@@ -20,7 +20,7 @@ from distill.pipeline.train import main as ts
 from distill.pipeline.train.config import (BalancerSpec, LossSpec, StageConfig, TrainRunConfig, resolve_config,
                                            save_config)
 from distill.pipeline.train.log import read_log
-from tests.helpers.training import train_args
+from tests.helpers.training import assert_same_training_state, die_at, train_args
 
 TWO_STAGES = ("stages=[{name: align, steps: 3, losses: [cosine, feature_l1], balancer: {name: fixed, cfg: {weights: "
               "{cosine: 2}}}}, {losses: [cosine, {name: contrastive_distill, cfg: {queue_size: 8}}, token], "
@@ -114,30 +114,17 @@ def test_resume_across_the_stage_boundary_is_exact(tiny, tmp_path, monkeypatch):
     tsv, cache = tiny
     extra = ("--set", TWO_STAGES, "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=0")
     ts.main(train_args(cache, tsv, tmp_path / "full", 6, *extra))
-    real_step = tl.train_step
-
-    def dying_step(run, batches, step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(run, batches, step)
-
-    monkeypatch.setattr(tl, "train_step", dying_step)
+    die_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra))
-    monkeypatch.setattr(tl, "train_step", real_step)
+    monkeypatch.undo()
     # from step 2 (inside the first stage) across the switch after step 3
     ts.main(train_args(cache, tsv, tmp_path / "cut", 6, *extra, "--resume",
                        str(tmp_path / "cut" / "checkpoints" / "step_000002.pt")))
     strip = lambda out: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_log(out)]  # noqa: E731
     assert strip(tmp_path / "cut") == strip(tmp_path / "full")
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "latest.pt") for run in ("full", "cut"))
-    parts = [("student", a["student"], b["student"]), ("queue", a["shared"]["queue"], b["shared"]["queue"])]
-    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
-              for key in ("losses", "balancer")]
-    for part, x, y in parts:
-        assert x.keys() == y.keys(), part
-        for k, v in x.items():
-            assert torch.equal(v, y[k]), (part, k)
+    assert_same_training_state(a, b, queue=True)
     with pytest.raises(CheckpointError, match="holds 2 training stage"):  # resuming it with one stage is refused
         ts.main(train_args(cache, tsv, tmp_path / "cut", 8, "--resume", "auto"))
 

@@ -37,6 +37,20 @@ def die_at(monkeypatch: pytest.MonkeyPatch, kill_at: int) -> None:
     monkeypatch.setattr(tl, "train_step", dying)
 
 
+def assert_same_training_state(a: dict, b: dict, queue: bool = False) -> None:
+    """Two checkpoints hold bit-identical student weights and, per stage, loss and balancer states
+    (and the shared teacher queue with ``queue``)."""
+    parts = [("student", a["student"], b["student"])]
+    if queue:
+        parts.append(("queue", a["shared"]["queue"], b["shared"]["queue"]))
+    parts += [(f"stages.{i}.{key}", x[key], y[key]) for i, (x, y) in enumerate(zip(a["stages"], b["stages"]))
+              for key in ("losses", "balancer")]
+    for part, x, y in parts:
+        assert x.keys() == y.keys(), part
+        for k, v in x.items():
+            assert torch.equal(v, y[k]), (part, k)
+
+
 def poisoned_fetch(real, field: str = "image.embed"):
     """``fetch_teacher`` whose targets of BAD_IMAGES are NaN (``image.embed``) or +Inf (``text.tokens``),
     as a cache written with NaN/overflowing teacher outputs would deliver them."""
