@@ -138,27 +138,25 @@ class TrainConfig:
 
 
 @dataclass
-class LossSpec:
-    """One loss term: registry ``name`` and the keyword arguments ``cfg`` of ``create_loss``."""
+class NamedSpec:
+    """A registry ``name`` and the keyword arguments ``cfg`` its ``create_*`` factory gets."""
 
     name: str
     cfg: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LossSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> "NamedSpec":
         return cls(str(d["name"]), copy.deepcopy(dict(d.get("cfg") or {})))
 
 
 @dataclass
-class BalancerSpec:
-    """The balancer of a stage: registry ``name`` and the keyword arguments ``cfg`` of ``create_balancer``."""
+class LossSpec(NamedSpec):
+    """One loss term: ``name`` and ``cfg`` of ``create_loss``."""
 
-    name: str
-    cfg: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BalancerSpec":
-        return cls(str(d["name"]), copy.deepcopy(dict(d.get("cfg") or {})))
+@dataclass
+class BalancerSpec(NamedSpec):
+    """The balancer of a stage: ``name`` and ``cfg`` of ``create_balancer``."""
 
 
 @dataclass

@@ -62,6 +62,13 @@ class DataSource:
         """The parsed JSON file (see :func:`read_json`)."""
         return read_json(self.path)
 
+    def json_object(self) -> dict[str, Any] | None:
+        """The parsed file when it is a ``.json`` file holding an object (what the JSON formats sniff),
+        else None."""
+        if not (self.is_file and self.suffix == ".json"):
+            return None
+        return self.json if isinstance(self.json, dict) else None
+
     def __str__(self) -> str:
         return str(self.spec)
 

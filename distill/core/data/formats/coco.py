@@ -21,10 +21,8 @@ class CocoCaptionsReader(DatasetReader):
 
     @classmethod
     def accepts(cls, source: DataSource) -> bool:
-        if not (source.is_file and source.suffix == ".json"):
-            return False
-        data = source.json
-        return isinstance(data, dict) and "annotations" in data
+        data = source.json_object()
+        return data is not None and "annotations" in data
 
     def read(self) -> ImageTextDataset:
         path = self.source.path

@@ -21,10 +21,8 @@ class KarpathyReader(DatasetReader):
 
     @classmethod
     def accepts(cls, source: DataSource) -> bool:
-        if not (source.is_file and source.suffix == ".json"):
-            return False
-        data = source.json
-        return isinstance(data, dict) and "images" in data and "annotations" not in data
+        data = source.json_object()
+        return data is not None and "images" in data and "annotations" not in data
 
     def read(self) -> ImageTextDataset:
         path, split = self.source.path, self.split
