@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distill.balance import BALANCERS, create_balancer
+from distill.core.errors import CheckpointError
 
 
 def L(**values: float) -> dict[str, torch.Tensor]:
@@ -278,6 +279,31 @@ def test_dynamic_zero_and_nan_losses_get_zero_weight_and_leave_state_untouched()
     assert all(math.isfinite(v) and v > 0 for v in w.values())
 
 
+def test_dynamic_ref_after_tracks_the_transient_then_freezes_the_reference_window():
+    bal = create_balancer("dynamic", ["a", "b"], ref_steps=2, ref_after=3)
+    for a, ref in ((1.0, 1.0), (3.0, 2.0), (8.0, 4.0)):  # provisional: the mean of every value so far
+        bal(L(a=a, b=1.0))
+        assert bal.references()[0].item() == pytest.approx(ref)
+    for a in (5.0, 7.0):  # values 4 and 5: the reference window
+        _, w = bal(L(a=a, b=1.0))
+        assert w == pytest.approx({"a": 1.0, "b": 1.0})  # no rates before the window is complete
+    assert bal.references().tolist() == pytest.approx([6.0, 1.0])
+    bal(L(a=100.0, b=9.0))
+    assert bal.references().tolist() == pytest.approx([6.0, 1.0])  # frozen
+
+
+def test_dynamic_resumes_a_state_written_before_ref_after():
+    bal = create_balancer("dynamic", ["a", "b"], ref_steps=3)
+    for a in (4.0, 2.0):
+        bal(L(a=a, b=1.0))
+    state = {k: v for k, v in bal.state_dict().items() if k != "all_sum"}
+    restored = create_balancer("dynamic", ["a", "b"], ref_steps=3)
+    restored.load_state_dict(state)
+    assert restored.references().tolist() == pytest.approx([3.0, 1.0])
+    with pytest.raises(CheckpointError, match="ref_after"):
+        create_balancer("dynamic", ["a", "b"], ref_steps=3, ref_after=5).load_state_dict(state)
+
+
 def test_dynamic_state_dict_round_trip_gives_identical_next_weights():
     rng = np.random.default_rng(4)
     names = RETRIEVAL + ["feature_l1"]
@@ -319,6 +345,7 @@ def test_dynamic_refuses_a_dsmd_state_with_a_clear_error():
     ({"beta_fast": 0.99, "beta_slow": 0.9}, "beta_slow"),
     ({"ref_steps": 0}, "ref_steps"),
     ({"ref_steps": 2.5}, "ref_steps"),
+    ({"ref_after": -1}, "ref_after"),
     ({"min_weight": 0.1}, "min_weight"),
 ])
 def test_dynamic_bad_config_names_the_key(cfg, key):

@@ -3,7 +3,10 @@
 For the K configured terms with raw losses ``L_i(t)`` (one update per balancer call, i.e. per
 micro-batch), without gradient through the weights:
 
-* **reference** ``ref_i``: the mean of the term's first ``ref_steps`` valid values, then frozen. The
+* **reference** ``ref_i``: the mean of the term's valid values ``ref_after + 1 .. ref_after +
+  ref_steps``, then frozen; until that window is complete, the mean of every valid value so far
+  (a provisional reference that tracks the term through its start-up transient: a filling queue,
+  the LR warm-up, a student whose features still move fast). The
   total is ``sum_i w_i * L_i / ref_i``: multiplying a loss by a constant c multiplies its reference
   by c, so the total, its gradient and the weights are unchanged (scale invariance). Frozen, not
   tracking: ``L_i / ref_i`` then measures how far the term has come since its start, so a term
@@ -20,8 +23,8 @@ micro-batch), without gradient through the weights:
 * **target** ``u_i = p_i * exp(r_i / T)`` (``priors`` p_i, default 1; ``temperature`` T, default
   0.5: ``r`` 0.7 against 1 is a 1.8x weight ratio, 5% minibatch noise in a loss moves its weight
   by about 2%). A plateaued term gains weight relative to one that is still descending fast. A
-  term with no more than ``ref_steps`` valid values has no rate yet and gets the mean of the established
-  terms' ``r / T`` (its prior alone), so the first ``ref_steps`` calls use the priors (uniform by
+  term with no more than ``ref_after + ref_steps`` valid values has no rate yet and gets the mean of the
+  established terms' ``r / T`` (its prior alone), so the first ``ref_after + ref_steps`` calls use the priors (uniform by
   default).
 * **weights** ``w_i = clip(s * u_i, floor_i, cap)``, with the one scale ``s`` that makes the mean
   weight over this step's valid terms 1 (sum K'). ``floors`` defaults to 0.5 on
@@ -50,7 +53,7 @@ from distill.balance.common import loss_values, weighted_total
 from distill.core.errors import CheckpointError, ConfigError
 
 DEFAULT_FLOORS = {"contrastive_distill": 0.5, "student_clip": 0.5}
-OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "cap", "floors", "priors")
+OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "ref_after", "cap", "floors", "priors")
 
 
 def _number(key: str, value: Any, allow_inf: bool = False) -> float:
@@ -99,7 +102,7 @@ def fit_to_budget(raw: Sequence[float], lo: Sequence[float], hi: Sequence[float]
 @BALANCERS.register("dynamic")
 class DynamicBalancer(Balancer):
     def __init__(self, names: list[str], temperature: float = 0.5, beta_fast: float = 0.9, beta_slow: float = 0.99,
-                 ref_steps: int = 20, cap: float = 3.0, floors: Mapping[str, float] | None = None,
+                 ref_steps: int = 20, ref_after: int = 0, cap: float = 3.0, floors: Mapping[str, float] | None = None,
                  priors: Mapping[str, float] | None = None, **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"balancer.cfg.{sorted(unknown)[0]}: unknown option of the dynamic balancer; "
@@ -118,6 +121,9 @@ class DynamicBalancer(Balancer):
         if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 1:
             raise ConfigError(f"balancer.cfg.ref_steps must be an integer >= 1, got {ref_steps!r}")
         self.ref_steps = ref_steps
+        if isinstance(ref_after, bool) or not isinstance(ref_after, int) or ref_after < 0:
+            raise ConfigError(f"balancer.cfg.ref_after must be an integer >= 0, got {ref_after!r}")
+        self.ref_after = ref_after
         self.cap = _number("cap", cap, allow_inf=True)
         if self.cap < 1:
             raise ConfigError(f"balancer.cfg.cap must be >= 1 (the mean weight is 1), got {cap!r}")
@@ -135,14 +141,17 @@ class DynamicBalancer(Balancer):
         self.floors = [floor.get(n, 0.0) for n in self.names]
         self.priors = [prior.get(n, 1.0) for n in self.names]
         self.register_buffer("count", torch.zeros(k, dtype=torch.float64))  # valid values seen
-        self.register_buffer("ref_sum", torch.zeros(k, dtype=torch.float64))  # sum of the first ref_steps
+        self.register_buffer("ref_sum", torch.zeros(k, dtype=torch.float64))  # sum over the reference window
+        self.register_buffer("all_sum", torch.zeros(k, dtype=torch.float64))  # sum of every value (provisional)
         self.register_buffer("fast", torch.zeros(k, dtype=torch.float64))  # EMAs of log L from 0,
         self.register_buffer("slow", torch.zeros(k, dtype=torch.float64))  # bias-corrected when read
 
     def references(self) -> Tensor:
-        """``ref_i``: mean of the first ``min(count, ref_steps)`` valid values (1 where none yet)."""
-        n = self.count.clamp(max=self.ref_steps)
-        return torch.where(n > 0, self.ref_sum / n.clamp(min=1), torch.ones_like(n))
+        """``ref_i``: the mean over the reference window once it is complete, before that the mean of
+        every valid value so far (1 where none yet)."""
+        done = self.count >= self.ref_after + self.ref_steps
+        provisional = torch.where(self.count > 0, self.all_sum / self.count.clamp(min=1), torch.ones_like(self.count))
+        return torch.where(done, self.ref_sum / self.ref_steps, provisional)
 
     def rates(self) -> Tensor:
         """``r_i = exp(fast_i - slow_i)`` of the bias-corrected log-EMAs (1 where no value was seen yet)."""
@@ -157,7 +166,7 @@ class DynamicBalancer(Balancer):
         if not idx:
             return [0.0] * len(self.names)
         logits = (self.rates() / self.temperature).tolist()
-        established = (self.count > self.ref_steps).tolist()  # reference complete before this step
+        established = (self.count > self.ref_after + self.ref_steps).tolist()  # reference complete before this step
         known = [logits[i] for i in idx if established[i]]
         neutral = sum(known) / len(known) if known else 0.0
         z = [logits[i] if established[i] else neutral for i in idx]
@@ -175,7 +184,9 @@ class DynamicBalancer(Balancer):
     def _update(self, values: Tensor, valid: Tensor) -> None:
         """Fold this step's valid values into the state (invalid terms untouched)."""
         zero = torch.zeros_like(values)
-        self.ref_sum += torch.where(valid & (self.count < self.ref_steps), values, zero)
+        window = (self.count >= self.ref_after) & (self.count < self.ref_after + self.ref_steps)
+        self.ref_sum += torch.where(valid & window, values, zero)
+        self.all_sum += torch.where(valid, values, zero)
         self.count += valid.double()
         logs = torch.where(valid, values, torch.ones_like(values)).log()
         self.fast.copy_(torch.where(valid, self.beta_fast * self.fast + (1 - self.beta_fast) * logs, self.fast))
@@ -193,4 +204,9 @@ class DynamicBalancer(Balancer):
         if "prev1" in state_dict and "count" not in state_dict:
             raise CheckpointError("the checkpoint's balancer state was written by the former `dynamic` formula, "
                                   "now `dsmd`: resume it with --set balancer.name=dsmd")
+        if "all_sum" not in state_dict and "ref_sum" in state_dict:  # written before ref_after existed
+            if self.ref_after:
+                raise CheckpointError("the checkpoint's dynamic balancer predates balancer.cfg.ref_after; "
+                                      "resume it with balancer.cfg.ref_after=0")
+            state_dict = {**state_dict, "all_sum": state_dict["ref_sum"].clone()}
         return super().load_state_dict(state_dict, strict, assign)

@@ -70,6 +70,10 @@ class DataConfig:
     images_root: str | None = None
     cache: str | None = None
     use_views: bool = _rule(True, "bool", _any, "true or false")
+    # Only the first N cached views (view 0 is the clean image, then the random crops, then the mixup
+    # views); null: all of them. data.use_views=false is max_views=1.
+    max_views: int | None = _rule(None, "int", lambda v: v >= 1, "an integer >= 1 (or null: every cached view)",
+                                  nullable=True)
     num_workers: int = _rule(2, "int", lambda v: v >= 0, "an integer >= 0", "--num-workers")
     # error | skip: a teacher target with NaN/Inf stops training, or its sample is dropped
     on_nonfinite: str = _rule("error", "choice", lambda v: v in ("error", "skip"), "error or skip")
@@ -118,6 +122,9 @@ class TrainConfig:
     deterministic: bool = _rule(False, "bool", _any, "true or false")
     find_unused_parameters: bool = _rule(True, "bool", _any, "true or false")
     log_every: int = _rule(1, "int", lambda v: v >= 1, "an integer >= 1")
+    # Every N optimizer steps, log each loss term's share of the gradient (0: never); one extra
+    # backward pass per term on those steps; see distill/pipeline/train/grad_share.py.
+    grad_share_every: int = _rule(0, "int", lambda v: v >= 0, "an integer >= 0 (0: off)")
     checkpoint_every: int = _rule(500, "int", lambda v: v >= 1, "an integer >= 1")
     keep_checkpoints: int = _rule(3, "int", lambda v: v >= 0, "an integer >= 0 (0 keeps every checkpoint)")
     # Optional first stage (e.g. CoMa compression warm-up): {steps: N, losses: [{name, cfg}], weights:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from distill.core.cache.reader import TeacherCache
-from distill.core.errors import CacheMismatchError, DatasetMismatchError
+from distill.core.errors import CacheMismatchError, ConfigError, DatasetMismatchError
 from distill.core.data.mixup import view_image
 from distill.core.data.dataset import ImageTextDataset
 from distill.core.features import TeacherTargets
@@ -53,11 +53,13 @@ class DistillTrainSet(Dataset):
     the chosen caption text and the ids needed to fetch the teacher features."""
 
     def __init__(self, dataset: ImageTextDataset, cache: TeacherCache, transform: Callable[[Image.Image], Tensor],
-                 seed: int, use_views: bool = True, pixels: str = "decode") -> None:
+                 seed: int, use_views: bool = True, pixels: str = "decode", max_views: int | None = None) -> None:
         self.dataset = dataset
         self.offsets = np.asarray(cache.offsets, dtype=np.int64)
         self.cache = cache
-        self.num_views = cache.num_views if use_views else 1
+        if max_views is not None and max_views > cache.num_views:
+            raise ConfigError(f"data.max_views={max_views} but the cache {cache.path} holds {cache.num_views} views")
+        self.num_views = 1 if not use_views else min(cache.num_views, max_views or cache.num_views)
         self.transform = transform
         self.seed = seed
         #: "decode" (PIL workers) or the cache's pixel format ("raw"/"jpeg": the collate reads bytes)

@@ -25,6 +25,7 @@ from distill.core.errors import NonFiniteTargetError
 from distill.distiller import Distiller
 from distill.pipeline.train.config import TrainRunConfig
 from distill.pipeline.train.data import GlobalBatchSampler, TrainBatch
+from distill.pipeline.train.grad_share import grad_shares
 from distill.pipeline.train.log import TrainLogger
 from distill.pipeline.train.optim import autocast_dtype, clip_gradients
 from distill.pipeline.train.run_dir import prune_checkpoints
@@ -133,6 +134,9 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     sums: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
     total_sum = torch.zeros((), device=device)
+    share: dict[str, Tensor] = {}
+    measure = bool(train.grad_share_every) and (step + 1) % train.grad_share_every == 0 \
+        and not isinstance(run.model, DistributedDataParallel)
     epoch = position = 0
     for micro in range(accum):
         epoch, position, batch = _next_finite_batch(run, batches)
@@ -147,6 +151,8 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = run.model(pixels, batch.text, batch.teacher, batch.image_index, step, run.total_steps)
+            if measure and micro == accum - 1:
+                share = grad_shares(out.total, out.losses, [p for p in run.student.parameters() if p.requires_grad])
             run.scaler.scale(out.total / accum).backward()
         total_sum = total_sum + out.total.detach().float()
         for name, value in out.losses.items():
@@ -174,7 +180,7 @@ def train_step(run: Run, batches: Iterator[tuple[int, int, TrainBatch]], step: i
     fields = {"lr": lr, "stage": run.distiller.stage_index(step) + 1,
               **{f"loss/{k}": v / accum for k, v in sums.items()},
               **{f"weight/{k}": float(v) for k, v in weights.items()}, "total": total_sum / accum, "grad_norm": grad_norm,
-              "skipped_samples": run.skipped_samples}
+              "skipped_samples": run.skipped_samples, **share}
     return fields, epoch, position, applied
 
 

@@ -126,7 +126,8 @@ def setup(config: TrainRunConfig | Mapping[str, Any], info: D.DistInfo) -> Run:
                                         find_unused_parameters=bool(train.find_unused_parameters),
                                         forward_sync_buffers=False)
 
-    trainset = DistillTrainSet(dataset, cache, student.image_transform(), config.seed, bool(data.use_views), data.pixels)
+    trainset = DistillTrainSet(dataset, cache, student.image_transform(), config.seed, bool(data.use_views), data.pixels,
+                               data.max_views)
     if info.is_main and trainset.pixel_source != "decode":
         print(f"distill: student pixels read from the cache ({trainset.pixel_source}, {cache.pixel_size} px)", flush=True)
     if len(trainset) < train.batch_size:
