@@ -10,7 +10,7 @@ Teachers:
                    (``teachers.train_lit --mode finetune``, augmentation), then frozen
     teacher_probe  the linear-probe LiT (frozen towers, two trained projections) - the old testbed teacher
 
-Rows (``--rows``; ``core`` = all of these; ``_s<k>`` = seed k, seeds from ``--seeds``):
+Rows (``--rows``; ``core`` = all of these, ``main`` = all but the ``abl_*`` rows; ``_s<k>`` = seed k, seeds from ``--seeds``):
     pruned_distilled_s*   the teacher's first k image blocks (<= 50% of its image FLOPs) and text layers,
                           distilled with the default recipe (multiscale losses + dynamic balancer, all views)
     pruned_no_teacher_s*  the same student and steps, own contrastive loss only (same views as augmentation)
@@ -25,8 +25,13 @@ teacher_ensemble (the teacher of record + an EfficientNet-Lite0 probe LiT, ``ens
 tokens_int8, tokens_grid2 (the pruned distilled student on an int8 / 2x2-pooled token cache).
 
 Profiles (``--profile``) set every default; any flag given explicitly overrides it:
-    cpu   fits about an hour on 2 CPU cores (the CI machine)
-    gpu   all rows, teacher included, in minutes on one H100/H200 (needs the pixel cache)
+    cpu    where the students learn, about two hours on 2 CPU cores, teachers and cache included:
+           pruned rows 600 steps of batch 32 (3.2 epochs), ViT-Ti rows 800 steps of batch 64
+           (8.5 epochs) at 128 px; rows ``main`` (teachers and the seeded rows; the recipe
+           ablations are ``benchmarks/recipe_study.py``'s)
+    smoke  150 steps of batch 32 (0.8 epoch) for every row, ``core`` rows: a quick check of the
+           pipeline (the ViT rows stay near chance at this budget)
+    gpu    all rows, teacher included, in minutes on one H100/H200 (needs the pixel cache)
 
 Every row writes ``<work>/<row>/eval.json``; a finished row is reused when the benchmark is rerun with
 the same training config (a row trained with other settings is deleted and retrained).
@@ -60,20 +65,35 @@ EXTRA_ROWS = ["puma", "coma", "pmf", "mwa", "teacher_ensemble", "tokens_int8", "
 
 #: Every default of a profile; ``None`` in argparse means "take the profile's value".
 PROFILES: dict[str, dict[str, Any]] = {
+    # The CPU profile, where the students learn: pruned rows 600 steps of batch 32 (3.2 epochs),
+    # ViT-Ti rows 800 steps of batch 64 (8.5 epochs); the ablations live in recipe_study.py.
     "cpu": {
-        "steps": 150, "batch_size": 32, "seeds": "0,1", "workers": 2, "image_size": 160,
+        "rows": "main", "steps": 600, "batch_size": 32, "vit_steps": 800, "vit_batch_size": 64, "seeds": "0,1",
+        "workers": 2, "image_size": 160,
         "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
         "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
         "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
-        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512,
+        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512, "vit_init_projections": 0,
+        "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
+    },
+    # The former CPU profile (150 steps of batch 32, 0.8 epoch): the ViT rows stay near chance; kept
+    # for tests and quick checks of the whole pipeline.
+    "smoke": {
+        "rows": "core", "steps": 150, "batch_size": 32, "vit_steps": None, "vit_batch_size": None, "seeds": "0,1",
+        "workers": 2, "image_size": 160,
+        "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
+        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
+        "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
+        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512, "vit_init_projections": 512,
         "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
     },
     "gpu": {
-        "steps": 600, "batch_size": 256, "seeds": "0,1", "workers": 12, "image_size": 160,
+        "rows": "core", "steps": 600, "batch_size": 256, "vit_steps": None, "vit_batch_size": None, "seeds": "0,1",
+        "workers": 12, "image_size": 160,
         "probe_epochs": 30, "teacher_epochs": 10, "teacher_batch_size": 256, "teacher_lr": 1e-3,
         "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 19, "teacher_text_layers": 6,
         "views": 24, "mixup_views": 8, "pixels": 160, "cache_batch_size": 512,
-        "pruned_lr": 1e-3, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 2048,
+        "pruned_lr": 1e-3, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 2048, "vit_init_projections": 0,
         "trainable_image_blocks": 0, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 512,
     },
 }
@@ -89,10 +109,13 @@ def seeds_of(args: argparse.Namespace) -> list[int]:
 
 
 def expand_rows(spec: str, seeds: list[int]) -> list[str]:
-    """``core`` / ``all`` / a comma list (a seeded row name without ``_s<k>`` means every seed)."""
-    core = ["teacher", "teacher_probe"] + [f"{r}_s{s}" for r in SEEDED for s in seeds] + ABLATIONS
+    """``main`` (teachers and seeded rows) / ``core`` (+ ablations) / ``all`` / a comma list (a seeded
+    row name without ``_s<k>`` means every seed)."""
+    main = ["teacher", "teacher_probe"] + [f"{r}_s{s}" for r in SEEDED for s in seeds]
+    if spec == "main":
+        return main
     if spec in ("core", "all"):
-        return core + (EXTRA_ROWS if spec == "all" else [])
+        return main + ABLATIONS + (EXTRA_ROWS if spec == "all" else [])
     out: list[str] = []
     for r in spec.split(","):
         r = r.strip()
@@ -186,9 +209,13 @@ class Bench:
                                      lr=a.pruned_lr, init_projections=a.init_projections if teacher_init else 0)
 
     def vit_layer(self, teacher_init: bool = True) -> dict[str, Any]:
-        train: dict[str, Any] = {"lr": self.args.vit_lr}
-        if teacher_init and self.args.init_projections:  # the least-squares start (distilled rows only)
-            train["init_projections"] = self.args.init_projections
+        """The ViT student's layer: its LR and budget (``vit_steps`` / ``vit_batch_size``, default the
+        pruned rows'), the least-squares start on distilled rows when ``vit_init_projections``."""
+        a = self.args
+        train: dict[str, Any] = {"lr": a.vit_lr, "steps": a.vit_steps or a.steps,
+                                 "batch_size": a.vit_batch_size or a.batch_size}
+        if teacher_init and a.vit_init_projections:
+            train["init_projections"] = a.vit_init_projections
         return {"student": {"name": "vit"}, "train": train}
 
     def train_config(self, row: str, cache: Path, *layers: dict[str, Any], preset: str = "cpu",
@@ -255,7 +282,8 @@ class Bench:
         result = self.evaluate(row, lambda: load_student(folder, device=self.args.device))
         log = self.work / row / "summary.json"
         student = json.loads((folder / "student.json").read_text())["config"]
-        return {**result, "student": student, **({"train": json.loads(log.read_text())} if log.is_file() else {})}
+        return {**result, "student": student, **train_speed(self.work / row),
+                **({"train": json.loads(log.read_text())} if log.is_file() else {})}
 
     # -- rows ----------------------------------------------------------------------------------
     def row_table(self) -> dict[str, Callable[[int], dict[str, Any]]]:
@@ -318,6 +346,23 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------- report
+def train_speed(run: Path) -> dict[str, Any]:
+    """``train_seconds`` (the run's wall time: setup, training and checkpoints), ``train_steps`` and
+    ``samples_per_s``: the median per-step rate of the training log, steps that measured gradient
+    shares (one extra backward per term) left out."""
+    summary, log = run / "summary.json", run / "train_log.jsonl"
+    out: dict[str, Any] = {}
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        out.update(train_seconds=s.get("wall_seconds", s.get("seconds")), train_steps=s.get("steps"))
+    if log.is_file():
+        recs = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "train" and "samples_per_s" in r]
+        plain = [r for r in recs if not any(k.startswith("grad_share/") for k in r)] or recs  # all measured: all
+        if plain:
+            out["samples_per_s"] = statistics.median(r["samples_per_s"] for r in plain)
+    return out
+
+
 def aggregate(by: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Mean and spread (max - min) of RSUM over the seeds of every seeded row that was run."""
     out = {}
@@ -362,13 +407,16 @@ def targets(by: dict[str, dict[str, Any]], agg: dict[str, dict[str, Any]]) -> di
 
 def markdown(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]], teacher: dict[str, Any] | None) -> str:
     head = ("| row | " + " | ".join(METRICS) + " | % teacher RSUM | params (M) | trainable (M) | GFLOPs/img"
-            " | % teacher GFLOPs |")
-    lines = [head, "|" + "---|" * (len(METRICS) + 6)]
+            " | % teacher GFLOPs | steps | train s | samples/s |")
+    lines = [head, "|" + "---|" * (len(METRICS) + 9)]
     for r in rows:
         share = f"{100 * r['rsum'] / teacher['rsum']:.1f}" if teacher else "-"
         flops = f"{100 * r['image_gflops'] / teacher['image_gflops']:.0f}" if teacher else "-"
+        speed = " | ".join(f"{r[k]:.0f}" if isinstance(r.get(k), (int, float)) else "-"
+                           for k in ("train_steps", "train_seconds", "samples_per_s"))
         lines.append(f"| {r['row']} | " + " | ".join(f"{r[m]:.2f}" for m in METRICS)
-                     + f" | {share} | {r['params_M']:.2f} | {r['trainable_M']:.2f} | {r['image_gflops']:.3f} | {flops} |")
+                     + f" | {share} | {r['params_M']:.2f} | {r['trainable_M']:.2f} | {r['image_gflops']:.3f} | {flops}"
+                     f" | {speed} |")
     if agg:
         lines += ["", "| row (seeds) | RSUM mean | spread (max-min) | RSUM per seed |", "|---|---|---|---|"]
         lines += [f"| {k} ({len(v['rsum'])}) | {v['mean']:.2f} | {v['spread']:.2f} | "
@@ -381,13 +429,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="default settings (see above)")
     p.add_argument("--data", default=str(FLICKR8K), help="Flickr8k folder (captions.tsv + splits/)")
     p.add_argument("--work", default=None, help="working folder (default runs/quality_flickr8k_<profile>)")
-    p.add_argument("--rows", default="core", help="comma list of rows, 'core' or 'all'")
+    p.add_argument("--rows", default=None, help="comma list of rows, 'main', 'core' or 'all' (default: the profile's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default results/quality_flickr8k_<profile>.json)")
     int_flags = ("steps", "batch_size", "workers", "image_size", "probe_epochs", "teacher_epochs",
                  "teacher_batch_size", "teacher_image_blocks", "teacher_text_layers", "views", "mixup_views",
                  "pixels", "cache_batch_size", "init_projections", "trainable_image_blocks", "text_layers",
-                 "eval_batch_size")
+                 "eval_batch_size", "vit_steps", "vit_batch_size", "vit_init_projections")
     for name in int_flags:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("teacher_lr", "teacher_backbone_lr", "pruned_lr", "vit_lr", "tuned_lr"):
@@ -396,9 +444,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vit-preset", default=None, help="training preset of the ViT rows")
     args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
-        if getattr(args, key) is None:
+        if key != "rows" and getattr(args, key) is None:
             setattr(args, key, value)
     args.work = args.work or f"runs/quality_flickr8k_{args.profile}"
+    args.rows = args.rows or PROFILES[args.profile]["rows"]
     args.out = args.out or RESULTS_DIR / f"quality_flickr8k_{args.profile}.json"
     return args
 

@@ -4,35 +4,20 @@ issue's targets computed from the rows."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
-
-
-def mini_flickr8k(root: Path, n_train: int = 24, n_test: int = 12) -> Path:
-    """A Flickr8k-layout folder with the first images of the bundled sample's splits."""
-    (root / "images").mkdir(parents=True)
-    (root / "splits").mkdir()
-    keep: set[str] = set()
-    for split, n in (("train", n_train), ("test", n_test)):
-        names = (SAMPLE / "splits" / f"{split}.txt").read_text().split()[:n]
-        (root / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
-        keep.update(names)
-    for name in keep:
-        shutil.copy(SAMPLE / "images" / name, root / "images" / name)
-    lines = (SAMPLE / "captions.tsv").read_text().splitlines()
-    (root / "captions.tsv").write_text("\n".join([lines[0]] + [x for x in lines[1:] if x.split("\t")[0] in keep]) + "\n")
-    return root
-
+from tests.helpers.benchmarks import mini_flickr8k
 
 def test_profiles_resolve_and_explicit_flags_win():
     from benchmarks import quality_flickr8k as q
 
     cpu, gpu = q.parse_args(["--profile", "cpu"]), q.parse_args(["--profile", "gpu", "--steps", "7"])
     assert cpu.steps == q.PROFILES["cpu"]["steps"] and cpu.views == q.PROFILES["cpu"]["views"]
+    # the CPU profile is where the students learn: >= 8 epochs of the 6,000 training images for the
+    # ViT rows, >= 3 for the pruned rows; the smoke profile keeps the former 150 steps
+    assert cpu.vit_steps * cpu.vit_batch_size >= 8 * 6000 and cpu.steps * cpu.batch_size >= 3 * 6000
+    assert cpu.rows == "main" and q.parse_args(["--profile", "smoke"]).steps == 150
     assert gpu.steps == 7 and gpu.batch_size == q.PROFILES["gpu"]["batch_size"]
     assert gpu.views + gpu.mixup_views >= 16  # patient teaching: many cached views on the GPU profile
     assert str(gpu.out).endswith("quality_flickr8k_gpu.json") and gpu.work.endswith("quality_flickr8k_gpu")
