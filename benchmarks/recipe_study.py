@@ -34,6 +34,7 @@ clip_only at equal steps and at equal time), or a comma list of row names.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -74,15 +75,15 @@ STUDENTS = ("vit", "pruned")
 
 #: The screening plan: half budget, seed 0, in the order they run (most informative first).
 SCREEN = [
-    "vit.clip_only.fixed.v6", "vit.default.default.v6", "vit.cd_cos.fixed.v6", "vit.cd.fixed.v6",
-    "vit.all7.fixed.v6", "vit.cd_cos.dynamic_ra.v6",
-    "pruned.clip_only.fixed.v6", "pruned.default.default.v6", "pruned.cd_cos.fixed.v6", "pruned.cd.fixed.v6",
-    "pruned.all7.fixed.v6", "pruned.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic.v6",
+    "vit.clip_only.fixed.v6", "vit.default.default.v6", "vit.cd_cos.fixed.v6",
+    "pruned.clip_only.fixed.v6", "pruned.default.default.v6", "pruned.cd_cos.fixed.v6",
+    "vit.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic.v6",
+    "pruned.all7.fixed.v6", "pruned.cd.fixed.v6", "vit.cd.fixed.v6",
     "pruned.cd_cos_l1.fixed.v6", "pruned.cd_cos_rel.fixed.v6", "pruned.cd_cos_tok.fixed.v6",
     "pruned.cd_cos.fixed.v1", "pruned.cd_cos.fixed.v4",
     "pruned.cd_cos.dsmd.v6", "pruned.cd_cos.uncertainty.v6", "pruned.cd_cos.gradnorm.v6",
-    "vit.cd_cos.dynamic.v6", "vit.cd_cos_rel.fixed.v6", "vit.cd_cos_tok.fixed.v6", "vit.cd_cos_l1.fixed.v6",
-    "vit.cd_cos.fixed.v1", "vit.cd_cos.fixed.v4",
+    "vit.all7.fixed.v6", "vit.cd_cos.dynamic.v6", "vit.cd_cos_rel.fixed.v6", "vit.cd_cos_tok.fixed.v6",
+    "vit.cd_cos_l1.fixed.v6", "vit.cd_cos.fixed.v1", "vit.cd_cos.fixed.v4",
     "vit.cd_cos.dsmd.v6", "vit.cd_cos.uncertainty.v6", "vit.cd_cos.gradnorm.v6",
 ]
 
@@ -156,16 +157,20 @@ class Study:
         return [student, layer]
 
     def run(self, row: str) -> dict[str, Any]:
-        """Train and evaluate ``row`` (or reuse its finished folder / its result)."""
-        if row in self.results:
-            return self.results[row]
+        """Train and evaluate ``row``, or reuse its result when it was measured with the same
+        training config (a ``default`` row is remeasured after the library's defaults change)."""
         spec = parse_row(row)
         b = self.bench
         name = f"study/{row}"
-        start = time.perf_counter()
         preset = b.args.vit_preset if spec["student"] == "vit" else "cpu"
-        result = b.student_row(name, *self.layers(spec), preset=preset, seed=spec["seed"])
-        result.update(row=row, spec=spec, **train_speed(b.work / name), **log_summary(b.work / name / "train_log.jsonl"))
+        layers = self.layers(spec)
+        key = recipe_key(b.train_config(name, b.cache(), *layers, preset=preset, seed=spec["seed"]))
+        if self.results.get(row, {}).get("config_key") == key:
+            return self.results[row]
+        start = time.perf_counter()
+        result = b.student_row(name, *layers, preset=preset, seed=spec["seed"])
+        result.update(row=row, spec=spec, config_key=key, **train_speed(b.work / name),
+                      **log_summary(b.work / name / "train_log.jsonl"))
         result.pop("student", None)
         self.results[row] = result
         self.write()
@@ -199,6 +204,14 @@ class Study:
                     rows.append(row_name(student, "clip_only", "fixed", "v6", "eqtime", seed))
             return list(dict.fromkeys(rows))
         return [r.strip() for r in name.split(",") if r.strip()]
+
+
+def recipe_key(config: dict[str, Any]) -> str:
+    """sha256 of what a row's training config decides (student, budget, stages, views, seed), paths
+    and devices left out."""
+    keep = {k: v for k, v in config.items() if k not in ("out", "data", "device", "plugins")}
+    keep["views"] = {k: config.get("data", {}).get(k) for k in ("use_views", "max_views")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def log_summary(log: Path) -> dict[str, Any]:
