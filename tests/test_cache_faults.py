@@ -314,7 +314,7 @@ def test_train_student_verify_cache_flag_and_config():
 
 
 def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
-    from distill.core.cache.lock import LOCK_NAME, writer_lock
+    from distill.core.lock import LOCK_NAME, writer_lock
     from distill.core.errors import CacheLockedError
 
     out = tmp_path / "c"
@@ -334,7 +334,7 @@ def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
 def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     import socket
 
-    from distill.core.cache.lock import LOCK_NAME
+    from distill.core.lock import LOCK_NAME
 
     dead = unused_pid()
     out = tmp_path / "c"

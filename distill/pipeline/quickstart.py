@@ -75,6 +75,7 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     from distill.pipeline.recipes import pruned_student_recipe
     from distill.pipeline.train.config import TrainRunConfig
     from distill.pipeline.train.main import train
+    from distill.pipeline.train.run_dir import has_checkpoint
 
     run = out / f"student_{args.student}"
     layers = [{"data": {"cache": str(cache), "path": args.data, "split": args.train_split, "num_workers": args.workers},
@@ -82,7 +83,9 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     if args.student == "pruned":
         layers.append(pruned_student_recipe(teacher, args.image_layers or None, args.text_layers,
                                             args.trainable_image_blocks, lr=5e-4, init_projections=512))
-    train(TrainRunConfig.resolve("cpu", layers=layers), resume="auto")
+    # resume an interrupted student run; one stopped before its first checkpoint starts over
+    resumable = has_checkpoint(run)
+    train(TrainRunConfig.resolve("cpu", layers=layers), resume="auto" if resumable else None, overwrite=not resumable)
     return run / "student"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from distill.core.errors import ConfigError
@@ -86,3 +87,16 @@ def check_settings(cfg: dict[str, Any], rules: Iterable[Setting], by_flag: bool 
 def check_args(args: Any, rules: Iterable[Setting]) -> None:
     """:func:`check_settings` for an ``argparse.Namespace`` (rule keys are attribute names)."""
     check_settings(vars(args), rules, by_flag=True)
+
+
+def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a :class:`Path` when it is a folder or can be created as one; a :class:`ConfigError`
+    naming ``flag`` when it, or a folder above it, is an existing file (checked before any work)."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.is_dir():
+            break
+        if q.exists() or q.is_symlink():
+            where = "is an existing file" if q == p else f"lies inside {q}, an existing file"
+            raise ConfigError(f"{flag} {path} {where}, not a folder; pass a folder path")
+    return p

@@ -2,7 +2,7 @@
 records, one shard (written to a temporary folder and renamed into place when complete), the
 checks that let an interrupted run resume (complete shards are reused, shards of another teacher,
 dataset or setting refuse to mix), and ``manifest.json`` collected from every shard's
-``shard.json``. One writer per folder: :func:`distill.core.cache.lock.writer_lock`.
+``shard.json``. One writer per folder: :func:`distill.core.lock.writer_lock`.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.core.cache.encode import Arrays, ShardOutputs, concat_padded, image_arrays, text_arrays
-from distill.core.cache.lock import writer_lock
+from distill.core.lock import writer_lock
 from distill.core.cache.schema import SHARDS, VIEW_PARAMS, read_manifest, stored_in_fp16
 from distill.core.cache.writer import (ShardPlan, check_existing, clear_cache, plan_shards, read_shard_json,
                                        shard_is_complete, write_manifest, write_shard)

@@ -13,6 +13,7 @@ the optimizer side :mod:`distill.pipeline.train.optim`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import random
 import sys
@@ -41,7 +42,7 @@ from distill.pipeline.train.data import DistillTrainSet, GlobalBatchSampler, Tea
 from distill.pipeline.train.log import TrainLogger, plot_losses, read_log
 from distill.pipeline.train.loop import LoopState, Run, run_loop, source
 from distill.pipeline.train.optim import make_optimizer, make_scaler, make_scheduler
-from distill.pipeline.train.run_dir import check_run_dir, load_resume, prepare_run_dir
+from distill.pipeline.train.run_dir import check_run_dir, load_resume, prepare_run_dir, run_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +254,13 @@ def train(config: TrainRunConfig | Mapping[str, Any], resume: str | None = None,
     info = D.init_distributed(config.device)
     out = Path(config.out)
     check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
+    with run_lock(out) if info.is_main else contextlib.nullcontext():  # one writer per run folder
+        return _train_locked(config, info, out, resume, overwrite)
+
+
+def _train_locked(config: TrainRunConfig, info: D.DistInfo, out: Path, resume: str | None,
+                  overwrite: bool) -> TrainResult:
+    """:func:`train` once the run folder is checked and (on the main rank) locked."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     run = setup(config, info)

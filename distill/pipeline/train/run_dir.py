@@ -1,5 +1,7 @@
 """The run folder ``OUT`` of a training run: refusing to train into an earlier run unless asked
-(``--resume`` / ``--overwrite``, :class:`RunFolderError`), clearing it for ``--overwrite``, deleting
+(``--resume`` / ``--overwrite``, :class:`RunFolderError`), refusing ``--resume auto`` on a folder
+whose log outlived every checkpoint (it would restart at step 0 and rewrite the log), one writer
+per folder (:func:`run_lock`: ``OUT/writer.lock``, :class:`RunLockedError`), clearing it for ``--overwrite``, deleting
 leftovers of interrupted checkpoint writes, choosing the checkpoint to resume from (``--resume
 auto``: the newest intact one, warning about each damaged newer one, ``latest.pt`` last) and
 keeping only the newest ``train.keep_checkpoints`` step files.
@@ -8,14 +10,18 @@ The checkpoint files themselves (content, checksum, atomic writes) are :mod:`dis
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from distill.core.checkpoint import LATEST, TMP_RE, checkpoint_dir, load_checkpoint, step_files
-from distill.core.errors import CheckpointCorruptError, CheckpointError, RunFolderError
+from distill.core.errors import CheckpointCorruptError, CheckpointError, RunFolderError, RunLockedError
+from distill.core.lock import writer_lock
+from distill.pipeline.settings import check_out_folder
+from distill.pipeline.train.log import LOG_NAME
 
 #: What a training run writes into its folder (``--overwrite`` removes exactly these).
 RUN_OUTPUTS = ("checkpoints", "student", "plots", "tb", "train_log.jsonl", "config.yaml")
@@ -28,14 +34,49 @@ def _warn(msg: str) -> None:
 def check_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> list[str]:
     """Raise :class:`RunFolderError` if ``out`` holds an earlier run and neither ``resume`` nor
     ``overwrite`` is given (or both are); returns the run outputs present in ``out``."""
-    out = Path(out)
+    out = check_out_folder(out)
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other")
     existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if existing and not resume and not overwrite:
         raise RunFolderError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume auto to "
                              "continue it or --overwrite to replace it")
+    log = out / LOG_NAME
+    if resume == "auto" and log.is_file() and log.stat().st_size > 0 and not has_checkpoint(out):
+        raise RunFolderError(f"--resume auto: {out} holds a training log ({log}) but no checkpoint to resume from "
+                             f"(every file of {checkpoint_dir(out)} is gone); resuming would restart at step 0 and "
+                             "overwrite the log: pass --overwrite to start over, or remove the log")
     return existing
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    """Whether the run folder ``out`` holds a checkpoint file (intact or not) to resume from."""
+    return bool(_checkpoint_files(checkpoint_dir(out)))
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """Step files (newest first) then ``latest.pt`` of a checkpoint folder: the resume candidates."""
+    if not folder.is_dir():
+        return []
+    return [p for p in [*reversed(step_files(folder)), folder / LATEST] if p.is_file()]
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[Path]:
+    """Hold ``OUT/writer.lock`` (:func:`distill.core.lock.writer_lock`) while a run writes into
+    ``out``: another live writer raises :class:`RunLockedError` naming it, a dead one's lock is
+    taken over with a warning. ``out`` is created if needed, and removed again if the block leaves
+    it empty (a refused or failed first run leaves no folder behind)."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with writer_lock(out, RunLockedError):
+            yield out
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
 
 
 def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
@@ -108,7 +149,7 @@ def load_resume(out: str | Path, resume: str | None) -> tuple[Path, dict[str, An
             raise CheckpointError(f"--resume {resume}: no checkpoint file at {path}")
         return path, load_checkpoint(path)
     folder = checkpoint_dir(path) if checkpoint_dir(path).is_dir() or resume == "auto" else path
-    candidates = [p for p in [*reversed(step_files(folder)), folder / LATEST] if p.is_file()] if folder.is_dir() else []
+    candidates = _checkpoint_files(folder)
     if not candidates:
         if resume != "auto":
             raise CheckpointError(f"--resume {resume}: no checkpoint in {folder}")

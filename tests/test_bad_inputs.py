@@ -1,0 +1,100 @@
+"""Nothing silently wrong (issue 22): bad inputs and faults that used to give a silent wrong result,
+lose data or print a traceback. Each case is refused with ONE ``error: ...`` line naming the file,
+row or flag (exit status 2 through :func:`distill.pipeline.cli.run_cli`), before anything already
+written is touched.
+
+    run folder     log kept but every checkpoint deleted; a second writer; --out naming a file
+    resume         a rebuilt cache with other storage settings (tokens, views, pixels, dtype)
+    cache          a flipped bit in offsets.npy / a small array; a wrong checksum in the manifest
+    data           an image listed twice in a split file; --images-root on a Flickr8k folder; a BOM
+    flags          0 read as "default" (quickstart --image-layers 0, train_lit --max-images 0)
+    Ctrl-C         one line and exit 130
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from distill.core.lock import LOCK_NAME
+from distill.pipeline.cli import run_cli
+from distill.pipeline.train import main as ts
+from distill.pipeline.train.log import read_log
+from tests.helpers.procs import unused_pid
+from tests.helpers.training import train_args
+
+
+def one_error_line(capsys) -> str:
+    """The only non-empty stderr line that starts with ``error:`` (no traceback anywhere)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def finished_run(tiny, tmp_path) -> tuple[Path, Path, Path]:
+    """(tsv, cache, run folder) of a finished 3-step run."""
+    tsv, cache = tiny
+    out = tmp_path / "run"
+    assert ts.main(train_args(cache, tsv, out, 3)) == 0
+    return tsv, cache, out
+
+
+# -- run folder -------------------------------------------------------------------------------------
+def test_resume_auto_refuses_a_log_without_any_checkpoint(finished_run, capsys):
+    tsv, cache, out = finished_run
+    shutil.rmtree(out / "checkpoints")
+    log = (out / "train_log.jsonl").read_bytes()
+    assert run_cli(ts.main, train_args(cache, tsv, out, 5, "--resume", "auto")) == 2
+    line = one_error_line(capsys)
+    assert f"--resume auto: {out} holds a training log" in line and "--overwrite" in line and "remove the log" in line
+    assert (out / "train_log.jsonl").read_bytes() == log  # nothing rewritten
+    (out / "checkpoints").mkdir()  # an empty checkpoint folder is no better
+    assert run_cli(ts.main, train_args(cache, tsv, out, 5, "--resume", "auto")) == 2
+    assert ts.train_from_argv(train_args(cache, tsv, out, 2, "--overwrite")).steps == 2  # the way out
+
+
+def test_a_second_writer_of_a_live_run_folder_is_refused(finished_run, capsys):
+    tsv, cache, out = finished_run
+    log = (out / "train_log.jsonl").read_bytes()
+    other = os.getppid()  # a live process of this host, as if it were training into OUT right now
+    (out / LOCK_NAME).write_text(json.dumps({"pid": other, "host": socket.gethostname(), "started": "x"}))
+    for extra in (["--resume", "auto"], ["--overwrite"]):
+        assert run_cli(ts.main, train_args(cache, tsv, out, 5, *extra)) == 2
+        line = one_error_line(capsys)
+        assert f"{out} is being written by process {other}" in line and LOCK_NAME in line
+    assert (out / "train_log.jsonl").read_bytes() == log and (out / "checkpoints" / "latest.pt").is_file()
+
+
+def test_a_dead_writers_run_lock_is_taken_over_and_released(finished_run, capsys):
+    tsv, cache, out = finished_run
+    assert not (out / LOCK_NAME).exists()  # released after the run
+    dead = unused_pid()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x"}))
+    assert ts.train_from_argv(train_args(cache, tsv, out, 5, "--resume", "auto")).steps == 5
+    assert f"taking over stale lock {out / LOCK_NAME} of process {dead}" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists() and [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5]
+
+
+def test_train_student_out_naming_a_file_is_one_line(tiny, tmp_path, capsys):
+    tsv, cache = tiny
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    for out in (f, f / "run"):
+        assert run_cli(ts.main, train_args(cache, tsv, out, 2)) == 2
+        assert one_error_line(capsys).startswith(f"error: --out {out} ")
+    assert f.read_text() == "keep me"
+
+
+def test_a_refused_first_run_leaves_no_folder(tiny, tmp_path, capsys):
+    tsv, _ = tiny
+    out = tmp_path / "run"
+    assert run_cli(ts.main, train_args(tmp_path / "nocache", tsv, out, 2)) == 2
+    one_error_line(capsys)
+    assert not out.exists()
