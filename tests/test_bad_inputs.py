@@ -98,3 +98,41 @@ def test_a_refused_first_run_leaves_no_folder(tiny, tmp_path, capsys):
     assert run_cli(ts.main, train_args(tmp_path / "nocache", tsv, out, 2)) == 2
     one_error_line(capsys)
     assert not out.exists()
+
+
+# -- resume -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, named", [
+    (["--image-tokens", "grid:2"], 'storage.image_tokens="full"'),
+    (["--views", "3"], "views.count=2"),
+    (["--dtype", "int8"], 'storage.dtype="fp16"'),
+    (["--pixels", "32"], "storage.pixels=absent"),
+], ids=["tokens", "views", "dtype", "pixels"])
+def test_resume_on_a_cache_rebuilt_with_other_storage_is_refused(finished_run, tmp_path, capsys, extra, named):
+    from distill.pipeline.cache.main import main as cache_main
+
+    tsv, cache, out = finished_run
+    rebuilt = tmp_path / "rebuilt"
+    assert cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tsv), "--out",
+                       str(rebuilt), "--num-workers", "0", "--batch-size", "8", "--device", "cpu",
+                       *(["--views", "2"] if "--views" not in extra else []), *extra]) == 0
+    capsys.readouterr()
+    assert run_cli(ts.main, train_args(rebuilt, tsv, out, 5, "--resume", "auto")) == 2
+    line = one_error_line(capsys)
+    assert f"the checkpoint was trained on a cache with {named}" in line and f"but {rebuilt} has" in line
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_a_checkpoint_without_cache_settings_resumes_with_a_warning(finished_run, capsys):
+    import torch
+
+    from distill.core import checkpoint as ck
+
+    tsv, cache, out = finished_run
+    for p in (out / "checkpoints").glob("*.pt"):  # as written before the settings were recorded
+        state = torch.load(p, weights_only=True)
+        del state["source"]["cache_settings"]
+        state[ck.CHECKSUM_KEY] = ck.checksum(state)
+        torch.save(state, p)
+    capsys.readouterr()
+    assert ts.train_from_argv(train_args(cache, tsv, out, 5, "--resume", "auto")).steps == 5
+    assert "predates the record of its cache's storage settings" in capsys.readouterr().err

@@ -135,6 +135,12 @@ class TeacherCache:
     def dataset_fingerprint(self) -> str:
         return self.manifest["dataset"]["fingerprint"]
 
+    def settings(self) -> dict[str, Any]:
+        """The storage and view settings the cache was written with (the manifest's ``storage``:
+        token storage, dtype, layers, view tokens, pixels; ``views``: count, seed, scale, mixup):
+        what a resumed training run must find unchanged."""
+        return {"storage": self.storage, "views": self.manifest["views"]}
+
     @property
     def caption_image(self) -> np.ndarray:
         """[num_captions] image index of every caption."""

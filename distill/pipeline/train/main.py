@@ -42,7 +42,8 @@ from distill.pipeline.train.data import DistillTrainSet, GlobalBatchSampler, Tea
 from distill.pipeline.train.log import TrainLogger, plot_losses, read_log
 from distill.pipeline.train.loop import LoopState, Run, run_loop, source
 from distill.pipeline.train.optim import make_optimizer, make_scaler, make_scheduler
-from distill.pipeline.train.run_dir import check_run_dir, load_resume, prepare_run_dir, run_lock
+from distill.pipeline.train.run_dir import (check_resume_source, check_run_dir, load_resume, prepare_run_dir,
+                                           run_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,12 +173,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> LoopState:
     if ckpt["student_config"] != run.student.config():
         raise ResumeMismatchError(f"the checkpoint's student {ckpt['student_config']} differs from the configured "
                                   f"student {run.student.config()}")
-    for key, now in source(run).items():
-        then = ckpt.get("source", {}).get(key, now)
-        if then != now:
-            raise ResumeMismatchError(f"the checkpoint was trained on a cache with {key} {then[:12]}, but "
-                                      f"{run.cache.path} has {now[:12]} (rebuilt with another teacher or dataset); "
-                                      "resume with the original cache or start over with --overwrite")
+    check_resume_source(ckpt.get("source", {}), source(run), run.cache.path)
     run.skipped_samples = int(ckpt.get("skipped_samples", 0))
     run.student.load_state_dict(ckpt["student"])
     if "shared" not in ckpt:
