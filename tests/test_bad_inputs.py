@@ -136,3 +136,71 @@ def test_a_checkpoint_without_cache_settings_resumes_with_a_warning(finished_run
     capsys.readouterr()
     assert ts.train_from_argv(train_args(cache, tsv, out, 5, "--resume", "auto")).steps == 5
     assert "predates the record of its cache's storage settings" in capsys.readouterr().err
+
+
+# -- cache integrity by default -------------------------------------------------------------------
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def cache_copy(tiny, tmp_path) -> Path:
+    """A private copy of the tiny cache (12 images, 2 views, lazy by default) to damage."""
+    out = tmp_path / "cache"
+    shutil.copytree(tiny[1], out)
+    return out
+
+
+@pytest.mark.parametrize("verify", ["auto", "size", "lazy"])
+def test_a_flipped_bit_in_offsets_is_caught_at_open(cache_copy, verify):
+    from distill.core.cache import TeacherCache
+    from distill.core.errors import CacheCorruptError
+
+    offsets = cache_copy / "offsets.npy"
+    _flip_byte(offsets, offsets.stat().st_size - 8 * 6)  # offsets[7]: a caption moves to another image
+    with pytest.raises(CacheCorruptError, match=r"offsets\.npy: sha256 mismatch"):
+        TeacherCache(cache_copy, verify=verify)
+
+
+@pytest.mark.parametrize("array", ["view_params", "text_mask", "image_embed"])
+def test_a_flipped_bit_in_a_small_array_is_caught_at_open_in_size_mode(cache_copy, array):
+    from distill.core.cache import TeacherCache
+    from distill.core.errors import CacheCorruptError
+
+    _flip_byte(cache_copy / "shards" / "00000" / f"{array}.npy", -3)
+    with pytest.raises(CacheCorruptError, match=rf"shards/00000/{array}\.npy: sha256 mismatch"):
+        TeacherCache(cache_copy, verify="size")
+
+
+def test_an_edited_checksum_in_the_manifest_is_caught(cache_copy, capsys):
+    from distill.core.cache import TeacherCache
+    from distill.core.errors import CacheCorruptError, ManifestError
+    from tests.helpers.caches import edit_manifest
+
+    path = cache_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    m["offsets"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"manifest\.json: content does not match its manifest_sha256"):
+        TeacherCache(cache_copy)
+    assert run_cli(ts.main, ["--cache", str(cache_copy), "--data", "x", "--device", "cpu"]) == 2
+    assert "manifest_sha256" in one_error_line(capsys)
+    edit_manifest(cache_copy, lambda m: m["offsets"].update(sha256="0" * 64))  # checksum recomputed too
+    with pytest.raises(CacheCorruptError, match=r"offsets\.npy: sha256 mismatch"):
+        TeacherCache(cache_copy)  # the offsets file itself no longer matches
+
+
+def test_a_manifest_without_a_checksum_is_read_with_one_warning(cache_copy, capsys):
+    from distill.core.cache import TeacherCache
+    from distill.core.cache.schema import MANIFEST_CHECKSUM
+
+    path = cache_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    del m[MANIFEST_CHECKSUM]  # written before manifest checksums
+    path.write_text(json.dumps(m))
+    capsys.readouterr()
+    assert TeacherCache(cache_copy).num_images == 12 and TeacherCache(cache_copy).num_images == 12
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {path} carries no {MANIFEST_CHECKSUM}") == 1 and "rerun cache_teacher" in err

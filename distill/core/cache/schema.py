@@ -15,14 +15,19 @@ per caption (``[m, ...]``).
 :func:`validate_manifest` checks every manifest field the reader uses, with its type, range and
 cross-field consistency, so that a malformed manifest raises one :class:`ManifestError` naming the
 field instead of an ``IndexError``/``TypeError``/``KeyError`` inside
-:class:`distill.core.cache.reader.TeacherCache`.
+:class:`distill.core.cache.reader.TeacherCache`. The manifest carries ``manifest_sha256``, the sha256
+of the rest of it (:func:`manifest_checksum`), so that its own checksum fields (every array's and
+the offsets' ``sha256``) cannot change unnoticed; :func:`read_manifest` checks it. A manifest
+written before the checksum existed is read with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,6 +39,8 @@ from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest field holding the sha256 of the rest of the manifest (:func:`manifest_checksum`).
+MANIFEST_CHECKSUM = "manifest_sha256"
 OFFSETS = "offsets.npy"
 SHARD_JSON = "shard.json"
 SHARDS = "shards"
@@ -343,8 +350,33 @@ def validate_manifest(m: dict[str, Any], root: Path, path: Path) -> None:
                             f"says {num_images} / {num_captions}")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Parse and validate ``root/manifest.json`` (:func:`validate_manifest`)."""
+def manifest_checksum(m: dict[str, Any]) -> str:
+    """sha256 of a manifest without its ``manifest_sha256`` field, over a canonical JSON encoding
+    (sorted keys, no whitespace; Python floats round-trip exactly through JSON)."""
+    body = {k: v for k, v in m.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_UNSIGNED_WARNED: set[str] = set()
+
+
+def _check_manifest_checksum(m: dict[str, Any], path: Path) -> None:
+    stored = m.get(MANIFEST_CHECKSUM)
+    if stored is None:
+        if str(path) not in _UNSIGNED_WARNED:  # once per process and cache
+            _UNSIGNED_WARNED.add(str(path))
+            print(f"warning: {path} carries no {MANIFEST_CHECKSUM} (written before manifest checksums): its "
+                  "checksum fields cannot be verified; rerun cache_teacher with the same arguments to add one "
+                  "(every shard is reused)", file=sys.stderr)
+        return
+    if stored != manifest_checksum(m):
+        raise ManifestError(f"{path}: content does not match its {MANIFEST_CHECKSUM} (the manifest was edited or "
+                            "is corrupt); rerun cache_teacher with the same arguments to rewrite it")
+
+
+def read_manifest(root: Path, checksum: bool = True) -> dict[str, Any]:
+    """Parse and validate ``root/manifest.json`` (:func:`validate_manifest`), then, with ``checksum``,
+    check its ``manifest_sha256`` (a manifest without one: a warning, once per process)."""
     path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path} not found: not a teacher cache, or its writer has not finished")
@@ -358,4 +390,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if missing:
         raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
     validate_manifest(manifest, root, path)
+    if checksum:
+        _check_manifest_checksum(manifest, path)
     return manifest
