@@ -204,3 +204,60 @@ def test_a_manifest_without_a_checksum_is_read_with_one_warning(cache_copy, caps
     assert TeacherCache(cache_copy).num_images == 12 and TeacherCache(cache_copy).num_images == 12
     err = capsys.readouterr().err
     assert err.count(f"warning: {path} carries no {MANIFEST_CHECKSUM}") == 1 and "rerun cache_teacher" in err
+
+
+# -- data -------------------------------------------------------------------------------------------
+def _flickr8k(root: Path, train: list[str], bom: bool = False) -> Path:
+    """A Flickr8k-layout folder of 4 tiny images, 2 captions each, and ``splits/train.txt`` = ``train``."""
+    from tests.helpers.data import make_tiny_dataset
+
+    make_tiny_dataset(root, n_images=4, caps_per_image=1)
+    lines = ["image\tcaption_id\tcaption"] + [f"img{i:03d}.jpg\t{k}\tcaption {i} {k}" for i in range(4) for k in range(2)]
+    (root / "captions.tsv").write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
+    (root / "splits").mkdir()
+    (root / "splits" / "train.txt").write_text(("\ufeff" if bom else "") + "\n".join(train) + "\n", encoding="utf-8")
+    return root
+
+
+CACHE_ARGS = ["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--num-workers", "0", "--device", "cpu",
+              "--split", "train"]
+
+
+def test_an_image_listed_twice_in_a_split_file_is_refused_naming_the_row(tmp_path, capsys):
+    from distill.core.data.factory import load_dataset
+    from distill.core.errors import BadSampleError
+    from distill.pipeline.cache.main import main as cache_main
+
+    folder = _flickr8k(tmp_path / "f", ["img000.jpg", "img001.jpg", "img000.jpg", "img002.jpg"])
+    sf = folder / "splits" / "train.txt"
+    with pytest.raises(BadSampleError, match=rf"{sf}:3: image img000\.jpg is listed twice \(first at {sf}:1\)"):
+        load_dataset(folder, "train")
+    assert run_cli(cache_main, [*CACHE_ARGS, "--data", str(folder), "--out", str(tmp_path / "c")]) == 2
+    assert f"{sf}:3: image img000.jpg is listed twice" in one_error_line(capsys)
+    ds = load_dataset(folder, "train", on_bad_sample="skip")  # skipped only when asked, and counted
+    assert ds.num_images == 3 and ds.num_captions == 6 and [s.where for s in ds.skipped] == [f"{sf}:3"]
+
+
+def test_images_root_on_a_flickr8k_folder_is_refused(tmp_path, capsys):
+    from distill.pipeline.cache.main import main as cache_main
+
+    folder = _flickr8k(tmp_path / "f", ["img000.jpg", "img001.jpg"])
+    argv = [*CACHE_ARGS, "--data", str(folder), "--images-root", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "c")]
+    assert run_cli(cache_main, argv) == 2
+    assert one_error_line(capsys) == (f"error: {folder}: --images-root does not apply to a Flickr8k folder (its images "
+                                      f"are {folder / 'images'}); link or move the images there, or pass a CSV/TSV file")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
+    from distill.core.data.factory import load_dataset
+    from tests.helpers.data import make_tiny_dataset
+
+    ds = load_dataset(_flickr8k(tmp_path / "f", ["img000.jpg", "img001.jpg"], bom=True), "train")
+    assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.num_captions == 4
+    for suffix, sep in ((".csv", ","), (".tsv", "\t")):
+        make_tiny_dataset(tmp_path / "d", n_images=2, caps_per_image=1)
+        path = tmp_path / "d" / f"bom{suffix}"
+        path.write_text(f"\ufeffimage{sep}caption\nimages/img000.jpg{sep}zero\nimages/img001.jpg{sep}one\n", encoding="utf-8")
+        ds = load_dataset(path)
+        assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.captions == ["zero", "one"]
