@@ -261,3 +261,68 @@ def test_a_byte_order_mark_is_not_part_of_the_first_name(tmp_path):
         path.write_text(f"\ufeffimage{sep}caption\nimages/img000.jpg{sep}zero\nimages/img001.jpg{sep}one\n", encoding="utf-8")
         ds = load_dataset(path)
         assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.captions == ["zero", "one"]
+
+
+# -- flags: --out naming a file, 0 read as "default" -----------------------------------------------
+def _main(name: str):
+    from distill.pipeline import quickstart
+    from distill.pipeline.cache import main as cache_teacher
+    from distill.pipeline.export import main as export
+    from distill.pipeline.lit import train as train_lit
+
+    return {"cache_teacher": cache_teacher.main, "export": export.main, "train_lit": train_lit.main,
+            "quickstart": quickstart.main}[name]
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("cache_teacher", [*CACHE_ARGS[:-2], "--data", "{data}", "--out", "{file}"]),
+    ("export", ["--checkpoint", "{student}", "--out", "{file}", "--format", "safetensors"]),
+    ("train_lit", ["--data", "{data}", "--out", "{file}", "--device", "cpu"]),
+    ("quickstart", ["--data", "{data}", "--out", "{file}", "--device", "cpu"]),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_out_naming_an_existing_file_is_one_line_before_any_work(tiny, tmp_path, capsys, command, argv):
+    from students import create_student, save_student
+    from tests.helpers.students import TINY_VIT
+
+    tsv, _ = tiny
+    student = save_student(create_student("vit", **TINY_VIT), tmp_path / "student")
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    argv = [a.format(data=tsv, file=f, student=student) for a in argv]
+    assert run_cli(_main(command), argv) == 2
+    assert one_error_line(capsys) == f"error: --out {f} is an existing file, not a folder; pass a folder path"
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("quickstart", ["--image-layers", "0"], "--image-layers must be an integer >= 1 (omit it for half the compute), got 0"),
+    ("quickstart", ["--teacher-epochs", "0"], "--teacher-epochs must be an integer >= 1, got 0"),
+    ("quickstart", ["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    ("train_lit", ["--max-images", "0"], "--max-images must be an integer >= 1 (omit it for every image), got 0"),
+    ("train_lit", ["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    ("train_lit", ["--lr", "-1"], "--lr must be a number > 0, got -1.0"),
+    ("train_lit", ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("-") else None)
+def test_zero_is_refused_never_read_as_the_default(tiny, tmp_path, capsys, command, argv, message):
+    base = ["--data", str(tiny[0]), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert run_cli(_main(command), [*base, *argv]) == 2
+    assert one_error_line(capsys) == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_lit_and_export_folders_have_one_writer(tiny, tmp_path, capsys):
+    from distill.pipeline.export import main as export
+    from distill.pipeline.lit import train as train_lit
+    from students import create_student, save_student
+    from tests.helpers.students import TINY_VIT
+
+    student = save_student(create_student("vit", **TINY_VIT), tmp_path / "student")
+    other = os.getppid()
+    for command, argv in ((export.main, ["--checkpoint", str(student), "--format", "safetensors"]),
+                          (train_lit.main, ["--data", str(tiny[0]), "--device", "cpu"])):
+        out = tmp_path / f"out_{command.__module__}"
+        out.mkdir()
+        (out / LOCK_NAME).write_text(json.dumps({"pid": other, "host": socket.gethostname(), "started": "x"}))
+        assert run_cli(command, [*argv, "--out", str(out)]) == 2
+        assert f"{out} is being written by process {other}" in one_error_line(capsys)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from distill.core.errors import CacheLockedError, DistillError
+from distill.core.errors import CacheLockedError, DistillError, RunLockedError
 
 LOCK_NAME = "writer.lock"
 
@@ -86,3 +86,20 @@ def writer_lock(out: Path, error: type[DistillError] = CacheLockedError) -> Iter
     finally:
         if _read(path).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, error: type[DistillError] = RunLockedError) -> Iterator[Path]:
+    """:func:`writer_lock` on an output folder that may not exist yet (a training run, a LiT teacher,
+    an export): ``out`` is created first, and removed again when the block leaves it empty (a
+    refused or failed first run leaves no folder behind)."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with writer_lock(out, error):
+            yield out
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty

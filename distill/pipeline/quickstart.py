@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from distill.pipeline.cli import ArgumentParser
+from distill.pipeline.settings import Setting, check_args, check_out_folder
 from distill.core.profile import count_params, images_per_second
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +43,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--trainable-image-blocks", type=int, default=4,
                    help="pruned student: train only the last N kept image blocks (the rest stay frozen)")
     p.add_argument("--workers", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, ARG_RULES)  # before any work: 0 is refused, never read as "the default"
+    check_out_folder(args.out)
+    return args
+
+
+#: Value checks of the numeric flags (distill.pipeline.settings.check_args).
+ARG_RULES = (Setting("steps", "int", lambda v: v >= 1, "an integer >= 1", "--steps"),
+             Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+             Setting("teacher_image_size", "int", lambda v: v >= 1, "an integer >= 1", "--teacher-image-size"),
+             Setting("teacher_epochs", "int", lambda v: v >= 1, "an integer >= 1", "--teacher-epochs"),
+             Setting("image_layers", "int", lambda v: v >= 1, "an integer >= 1 (omit it for half the compute)",
+                     "--image-layers", nullable=True),
+             Setting("text_layers", "int", lambda v: v >= 1, "an integer >= 1", "--text-layers"),
+             Setting("trainable_image_blocks", "int", lambda v: v >= 0, "an integer >= 0", "--trainable-image-blocks"),
+             Setting("workers", "int", lambda v: v >= 0, "an integer >= 0", "--workers"))
 
 
 def _run_teacher(args: argparse.Namespace, out: Path) -> str:
@@ -81,7 +97,7 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     layers = [{"data": {"cache": str(cache), "path": args.data, "split": args.train_split, "num_workers": args.workers},
                "out": str(run), "device": args.device, "train": {"steps": args.steps, "batch_size": args.batch_size}}]
     if args.student == "pruned":
-        layers.append(pruned_student_recipe(teacher, args.image_layers or None, args.text_layers,
+        layers.append(pruned_student_recipe(teacher, args.image_layers, args.text_layers,
                                             args.trainable_image_blocks, lr=5e-4, init_projections=512))
     # resume an interrupted student run; one stopped before its first checkpoint starts over
     resumable = has_checkpoint(run)

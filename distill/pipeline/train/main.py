@@ -34,6 +34,7 @@ from distill.core.checkpoint import set_rng_state
 from distill.core.data.factory import load_dataset
 from distill.core.determinism import enable_determinism
 from distill.core.errors import CheckpointError, ConfigError, ResumeMismatchError
+from distill.core.lock import output_lock
 from distill.core.registry import load_plugins
 from distill.distiller import build_distiller, loss_dims
 from distill.pipeline.cli import ArgumentParser, check_device, cli_main
@@ -42,8 +43,7 @@ from distill.pipeline.train.data import DistillTrainSet, GlobalBatchSampler, Tea
 from distill.pipeline.train.log import TrainLogger, plot_losses, read_log
 from distill.pipeline.train.loop import LoopState, Run, run_loop, source
 from distill.pipeline.train.optim import make_optimizer, make_scaler, make_scheduler
-from distill.pipeline.train.run_dir import (check_resume_source, check_run_dir, load_resume, prepare_run_dir,
-                                           run_lock)
+from distill.pipeline.train.run_dir import check_resume_source, check_run_dir, load_resume, prepare_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +250,7 @@ def train(config: TrainRunConfig | Mapping[str, Any], resume: str | None = None,
     info = D.init_distributed(config.device)
     out = Path(config.out)
     check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
-    with run_lock(out) if info.is_main else contextlib.nullcontext():  # one writer per run folder
+    with output_lock(out) if info.is_main else contextlib.nullcontext():  # one writer per run folder
         return _train_locked(config, info, out, resume, overwrite)
 
 

@@ -1,7 +1,7 @@
 """The run folder ``OUT`` of a training run: refusing to train into an earlier run unless asked
 (``--resume`` / ``--overwrite``, :class:`RunFolderError`), refusing ``--resume auto`` on a folder
 whose log outlived every checkpoint (it would restart at step 0 and rewrite the log), one writer
-per folder (:func:`run_lock`: ``OUT/writer.lock``, :class:`RunLockedError`), clearing it for
+per folder is :func:`distill.core.lock.output_lock` (``OUT/writer.lock``), clearing it for
 ``--overwrite``, deleting leftovers of interrupted checkpoint writes, choosing the checkpoint to
 resume from (``--resume auto``: the newest intact one, warning about each damaged newer one,
 ``latest.pt`` last), checking that it was trained on the same kind of cache
@@ -11,18 +11,15 @@ The checkpoint files themselves (content, checksum, atomic writes) are :mod:`dis
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from distill.core.checkpoint import LATEST, TMP_RE, checkpoint_dir, load_checkpoint, step_files
-from distill.core.errors import (CheckpointCorruptError, CheckpointError, ResumeMismatchError, RunFolderError,
-                                 RunLockedError)
-from distill.core.lock import writer_lock
+from distill.core.errors import CheckpointCorruptError, CheckpointError, ResumeMismatchError, RunFolderError
 from distill.pipeline.settings import check_out_folder
 from distill.pipeline.train.log import LOG_NAME
 
@@ -62,24 +59,6 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return [p for p in [*reversed(step_files(folder)), folder / LATEST] if p.is_file()]
-
-
-@contextlib.contextmanager
-def run_lock(out: str | Path) -> Iterator[Path]:
-    """Hold ``OUT/writer.lock`` (:func:`distill.core.lock.writer_lock`) while a run writes into
-    ``out``: another live writer raises :class:`RunLockedError` naming it, a dead one's lock is
-    taken over with a warning. ``out`` is created if needed, and removed again if the block leaves
-    it empty (a refused or failed first run leaves no folder behind)."""
-    out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with writer_lock(out, RunLockedError):
-            yield out
-    finally:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only when empty
 
 
 def prepare_run_dir(out: str | Path, resume: str | None, overwrite: bool) -> None:
