@@ -326,3 +326,31 @@ def test_lit_and_export_folders_have_one_writer(tiny, tmp_path, capsys):
         assert run_cli(command, [*argv, "--out", str(out)]) == 2
         assert f"{out} is being written by process {other}" in one_error_line(capsys)
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------------
+def test_ctrl_c_is_one_line_and_exit_130(tiny, tmp_path, capsys, monkeypatch):
+    from tests.helpers.training import die_at
+
+    tsv, cache = tiny
+    out = tmp_path / "run"
+    die_at(monkeypatch, 5)  # after the checkpoint of step 4
+    assert run_cli(ts.main, train_args(cache, tsv, out, 8)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == "interrupted; resume with --resume auto"
+    die_at(monkeypatch, 2)  # before any checkpoint
+    assert run_cli(ts.main, train_args(cache, tsv, tmp_path / "early", 8)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("interrupted; no checkpoint was written yet: rerun with "
+                                                        "--overwrite to start over")
+    monkeypatch.undo()
+    assert ts.train_from_argv(train_args(cache, tsv, out, 8, "--resume", "auto")).steps == 8
+    assert [r["step"] for r in read_log(out)] == list(range(1, 9))
+
+
+def test_ctrl_c_with_debug_shows_the_traceback(capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(main, ["--debug"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "interrupted"

@@ -156,6 +156,10 @@ def run_quickstart(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+#: What to do after Ctrl-C (printed by distill.pipeline.cli.run_cli).
+INTERRUPTED_HINT = "rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command: 0 on success (typed errors propagate to :func:`distill.pipeline.cli.run_cli`)."""
     run_quickstart(parse_args(argv))

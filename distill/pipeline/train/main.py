@@ -37,13 +37,14 @@ from distill.core.errors import CheckpointError, ConfigError, ResumeMismatchErro
 from distill.core.lock import output_lock
 from distill.core.registry import load_plugins
 from distill.distiller import build_distiller, loss_dims
-from distill.pipeline.cli import ArgumentParser, check_device, cli_main
+from distill.pipeline.cli import ArgumentParser, check_device, cli_main, flag_value
 from distill.pipeline.train.config import TrainRunConfig, presets, resolve_config, save_config
 from distill.pipeline.train.data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, check_alignment
 from distill.pipeline.train.log import TrainLogger, plot_losses, read_log
 from distill.pipeline.train.loop import LoopState, Run, run_loop, source
 from distill.pipeline.train.optim import make_optimizer, make_scaler, make_scheduler
-from distill.pipeline.train.run_dir import check_resume_source, check_run_dir, load_resume, prepare_run_dir
+from distill.pipeline.train.run_dir import (check_resume_source, check_run_dir, has_checkpoint, load_resume,
+                                           prepare_run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +323,14 @@ def train_from_argv(argv: Sequence[str] | None = None) -> TrainResult:
         print("warning: --preset gpu is meant for a CUDA GPU (ViT-S/16 at 224 px, batch 256, bf16); on CPU use "
               "--preset cpu (or lower --batch-size and the student size)", file=sys.stderr)
     return train(cfg, args.resume, args.overwrite)
+
+
+def INTERRUPTED_HINT(argv: Sequence[str]) -> str:  # noqa: N802 - read by distill.pipeline.cli.run_cli
+    """What to do after Ctrl-C: resume, or start over when no checkpoint was written yet."""
+    out = flag_value(argv, "--out")
+    if out is not None and not has_checkpoint(out):
+        return "no checkpoint was written yet: rerun with --overwrite to start over"
+    return "resume with --resume auto"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
