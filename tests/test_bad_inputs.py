@@ -354,3 +354,16 @@ def test_ctrl_c_with_debug_shows_the_traceback(capsys):
     assert run_cli(main, ["--debug"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" in err and err.splitlines()[-1] == "interrupted"
+
+
+# -- manifest fields that disagree with the arrays ---------------------------------------------------
+@pytest.mark.parametrize("field, value, named", [
+    ("views", {"count": 5}, "field views.count is 5, but shards[0].arrays."),
+    ("dims", {"embed": 7}, "field dims.embed is 7, but shards[0].arrays.image_embed.shape"),
+], ids=["views.count", "dims.embed"])
+def test_manifest_fields_disagreeing_with_the_arrays_are_one_line_at_open(cache_copy, capsys, field, value, named):
+    from tests.helpers.caches import edit_manifest
+
+    edit_manifest(cache_copy, lambda m: m[field].update(value))  # as if written so, checksum and all
+    assert run_cli(ts.main, ["--cache", str(cache_copy), "--data", "x", "--device", "cpu"]) == 2
+    assert named in one_error_line(capsys)

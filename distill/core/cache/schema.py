@@ -345,9 +345,42 @@ def validate_manifest(m: dict[str, Any], root: Path, path: Path) -> None:
             if not rec["shape"] or rec["shape"][0] != rows:
                 raise ManifestError(f"{path}: field {f}.arrays.{name}.shape {rec['shape']} does not start with the "
                                     f"shard's {rows} rows")
+        _check_against_dims(c, m, f, arrays)
     if images_at != num_images or captions_at != num_captions:
         raise ManifestError(f"{path}: field shards covers {images_at} images / {captions_at} captions, but dataset "
                             f"says {num_images} / {num_captions}")
+
+
+def _check_against_dims(c: _Check, m: dict[str, Any], f: str, arrays: dict[str, Any]) -> None:
+    """The shapes of shard ``f``'s array records agree with ``views.count`` (image arrays hold
+    ``[n, V, ...]``; full image tokens only view 0 under ``--view-tokens grid|none``) and ``dims``
+    (embedding width, image token rows, text token width and length)."""
+    views, dims, storage = m["views"]["count"], m["dims"], m["storage"]
+    tokens_one_view = storage.get("view_tokens", "same") != "same"
+    image_tokens = field_array(IMAGE, "tokens")
+    for name, rec in arrays.items():
+        shape = rec["shape"]
+        if not is_image_array(name) or array_spec(name).flat:
+            continue
+        want = 1 if tokens_one_view and name in (image_tokens, scale_array(image_tokens),
+                                                 field_array(IMAGE, "token_index")) else views
+        if len(shape) < 2 or shape[1] != want:
+            raise ManifestError(f"{c.path}: field views.count is {views}, but {f}.arrays.{name}.shape {shape} holds "
+                                f"{shape[1] if len(shape) > 1 else 'no'} views (expected {want})")
+    for name in (field_array(IMAGE, "embed"), field_array(TEXT, "embed")):
+        if name in arrays and arrays[name]["shape"][-1] != dims["embed"]:
+            raise ManifestError(f"{c.path}: field dims.embed is {dims['embed']}, but {f}.arrays.{name}.shape "
+                                f"{arrays[name]['shape']} holds embeddings of width {arrays[name]['shape'][-1]}")
+    if image_tokens in arrays and dims.get("image_tokens") is not None \
+            and arrays[image_tokens]["shape"][2:] != dims["image_tokens"]:
+        raise ManifestError(f"{c.path}: field dims.image_tokens is {dims['image_tokens']}, but "
+                            f"{f}.arrays.{image_tokens}.shape is {arrays[image_tokens]['shape']}")
+    text_tokens = field_array(TEXT, "tokens")
+    if text_tokens in arrays and dims.get("text_tokens") is not None:
+        shape, (length, width) = arrays[text_tokens]["shape"], dims["text_tokens"]
+        if len(shape) != 3 or shape[2] != width or shape[1] > length:
+            raise ManifestError(f"{c.path}: field dims.text_tokens is {dims['text_tokens']}, but "
+                                f"{f}.arrays.{text_tokens}.shape is {shape}")
 
 
 def manifest_checksum(m: dict[str, Any]) -> str:
