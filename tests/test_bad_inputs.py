@@ -367,3 +367,22 @@ def test_manifest_fields_disagreeing_with_the_arrays_are_one_line_at_open(cache_
     edit_manifest(cache_copy, lambda m: m[field].update(value))  # as if written so, checksum and all
     assert run_cli(ts.main, ["--cache", str(cache_copy), "--data", "x", "--device", "cpu"]) == 2
     assert named in one_error_line(capsys)
+
+
+# -- student folders --------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_student_safetensors_is_one_line_naming_the_file(tmp_path, capsys, damage):
+    from distill.pipeline import evaluate
+    from distill.pipeline.export import main as export
+    from students import create_student, save_student
+    from tests.helpers.students import TINY_VIT
+
+    folder = save_student(create_student("vit", **TINY_VIT), tmp_path / "student")
+    weights = folder / "student.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80\x04not safetensors")
+    for main, argv in ((export.main, ["--checkpoint", str(folder), "--out", str(tmp_path / "e")]),
+                       (evaluate.main, ["--model", str(folder), "--data", "x"])):
+        assert run_cli(main, argv) == 2
+        assert one_error_line(capsys).startswith(f"error: {weights}: not a readable safetensors file")
+    assert not (tmp_path / "e").exists()
