@@ -386,3 +386,17 @@ def test_a_damaged_student_safetensors_is_one_line_naming_the_file(tmp_path, cap
         assert run_cli(main, argv) == 2
         assert one_error_line(capsys).startswith(f"error: {weights}: not a readable safetensors file")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("{dir}", "error: --out {dir} is a folder; pass a file path"),
+    ("{file}/result.json", "error: --out {file}/result.json lies inside {file}, an existing file; pass a path in a folder"),
+], ids=["folder", "under-a-file"])
+def test_evaluate_out_is_checked_before_the_evaluation(tmp_path, capsys, where, message):
+    from distill.pipeline import evaluate
+
+    (tmp_path / "afile").write_text("x")
+    names = {"dir": tmp_path, "file": tmp_path / "afile"}
+    argv = ["--model", str(tmp_path / "missing-model"), "--out", where.format(**names)]
+    assert run_cli(evaluate.main, argv) == 2  # refused before the model is even looked at
+    assert one_error_line(capsys) == message.format(**names)
