@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from distill.core.errors import CheckpointCorruptError, CheckpointError
 from students.base import Student
 
 FORMAT_VERSION = 1
@@ -76,10 +77,15 @@ def _load_folder(folder: Path) -> Student:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
     student = _build(meta.get("config"), meta_path)
-    missing, unexpected = load_model(student, str(weights), strict=False)
+    try:
+        missing, unexpected = load_model(student, str(weights), strict=False)
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError, torch RuntimeError variants
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointCorruptError(f"{weights}: not a readable safetensors file ({first}); the student folder is "
+                                     "damaged (truncated or overwritten): save or export it again") from e
     if missing or unexpected:
-        raise RuntimeError(f"{weights} does not match the config in {meta_path}: "
-                           f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise CheckpointError(f"{weights} does not match the config in {meta_path}: "
+                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     return student
 
 
@@ -91,5 +97,5 @@ def _load_checkpoint(path: Path) -> Student:
     try:
         student.load_state_dict(state)
     except RuntimeError as e:
-        raise RuntimeError(f"{path}: student weights do not match its student_config: {e}") from e
+        raise CheckpointError(f"{path}: student weights do not match its student_config: {e}") from e
     return student

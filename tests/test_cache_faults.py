@@ -63,14 +63,17 @@ def test_truncated_shard_file_is_named(tiny_tsv, tmp_path):
         TeacherCache(out)
 
 
-def test_bit_flip_detected_by_full_verify(tiny_tsv, tmp_path):
+def test_bit_flip_detected_by_full_verify(tiny_tsv, tmp_path, monkeypatch):
+    import distill.core.cache.reader as cache_mod
+
+    monkeypatch.setattr(cache_mod, "SMALL_ARRAY_BYTES", 0)  # as in a large array (small ones: test_bad_inputs)
     out = tmp_path / "c"
     build(tiny_tsv, out)
     target = out / "shards" / "00002" / "text_embed.npy"
     data = bytearray(target.read_bytes())
     data[-3] ^= 0x10
     target.write_bytes(bytes(data))
-    TeacherCache(out)  # sizes still match: the cheap default check cannot see it
+    TeacherCache(out, verify="size")  # sizes still match: the cheap check cannot see it
     with pytest.raises(CacheCorruptError, match=r"shards/00002/text_embed\.npy: sha256 mismatch"):
         TeacherCache(out, verify="full")
 
@@ -273,7 +276,10 @@ def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
 
 
 # -- integrity by default (issue 13.4) ------------------------------------------------------------
-def test_default_lazy_verify_catches_bit_flip_on_first_read(tiny_tsv, tmp_path):
+def test_default_lazy_verify_catches_bit_flip_on_first_read(tiny_tsv, tmp_path, monkeypatch):
+    import distill.core.cache.reader as cache_mod
+
+    monkeypatch.setattr(cache_mod, "SMALL_ARRAY_BYTES", 0)  # as in a large array (small ones: test_bad_inputs)
     out = tmp_path / "c"
     build(tiny_tsv, out)  # ~2 kB per image: "auto" (the default) picks lazy
     target = out / "shards" / "00001" / "image_embed.npy"
@@ -314,7 +320,7 @@ def test_train_student_verify_cache_flag_and_config():
 
 
 def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
-    from distill.core.cache.lock import LOCK_NAME, writer_lock
+    from distill.core.lock import LOCK_NAME, writer_lock
     from distill.core.errors import CacheLockedError
 
     out = tmp_path / "c"
@@ -334,7 +340,7 @@ def test_second_writer_is_refused_naming_the_first(tiny_tsv, tmp_path):
 def test_stale_lock_of_dead_process_is_taken_over(tiny_tsv, tmp_path, capsys):
     import socket
 
-    from distill.core.cache.lock import LOCK_NAME
+    from distill.core.lock import LOCK_NAME
 
     dead = unused_pid()
     out = tmp_path / "c"

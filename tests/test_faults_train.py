@@ -10,7 +10,6 @@ checkpoints) or to get poisoned teacher targets.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from distill.core.checkpoint import load_checkpoint
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
 from distill.pipeline.train.data import GlobalBatchSampler
 from distill.pipeline.train.log import LOG_NAME, read_log
+from tests.helpers.caches import edit_manifest
 from tests.helpers.paths import REPO
 from tests.helpers.procs import unused_pid
 from tests.helpers.training import BAD_IMAGES, die_at, poison_targets, train_args
@@ -234,9 +234,7 @@ def test_resume_on_a_cache_of_another_teacher_is_refused(tiny, tmp_path):
     ts.main(train_args(cache, tsv, out, 3, *EXTRA))
     other = tmp_path / "other_cache"
     shutil.copytree(cache, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest["teacher"]["config_hash"] = "f" * 64  # as if rebuilt in place with another teacher
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(other, lambda m: m["teacher"].update(config_hash="f" * 64))  # as if rebuilt with another teacher
     with pytest.raises(ResumeMismatchError, match=r"teacher_hash .*ffffffffffff"):
         ts.main(train_args(other, tsv, out, 5, *EXTRA, "--resume", "auto"))
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]

@@ -78,6 +78,11 @@ CASES = [
     ("format_version", 2, r"format_version 2 is not supported"),
     ("shards.1.image_stats", 7, r"field shards\[1\]\.image_stats must be a non-empty string"),
     ("dataset.num_images", 13, r"field shards covers 12 images / 24 captions, but dataset says 13 / 24"),
+    ("views.count", 2, r"field views\.count is 2, but shards\[0\]\.arrays\.image_embed\.shape \[5, 1, 16\] holds 1 "),
+    ("dims.embed", 32, r"field dims\.embed is 32, but shards\[0\]\.arrays\.image_embed\.shape \[5, 1, 16\] holds "
+                       r"embeddings of width 16"),
+    ("dims.image_tokens", [4, 24], r"field dims\.image_tokens is \[4, 24\], but shards\[0\]\.arrays\.image_tokens"),
+    ("dims.text_tokens", [2, 20], r"field dims\.text_tokens is \[2, 20\], but shards\[0\]\.arrays\.text_tokens"),
     (_reversed, None, r"field shards\[0\]\.image_range is \[10, 12\]; shards must cover the rows in order"),
     (_overlap, None, r"field shards\[1\]\.image_range is \[4, 10\]; shards must cover the rows in order"),
 ]

@@ -189,14 +189,14 @@ def test_resume_and_verify_guard_pixels(data, tmp_path):
                 "--num-workers", "0", "--batch-size", "4", "--shard-size", "5", "--device", "cpu", "--views", "2",
                 "--mixup-views", "1", "--pixels", "16"])
     assert shard_records(out) == before, "resumed cache must have the same bytes"
-    # flip one pixel byte: the size check passes, sha256 catches it
+    # flip one pixel byte: sha256 catches it (a small array: hashed at open in the size mode too)
     path = out / "shards" / "00000" / "image_pixels.npy"
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    TeacherCache(out, verify="size")
-    with pytest.raises(CacheCorruptError, match="sha256"):
-        TeacherCache(out, verify="full")
+    for mode in ("size", "full"):
+        with pytest.raises(CacheCorruptError, match="sha256"):
+            TeacherCache(out, verify=mode)
     # a stale pixel array (right bytes, wrong content) fails --verify's recomputation
     arr = np.load(path)
     arr[0, 0] = 255 - arr[0, 0]

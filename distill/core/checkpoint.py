@@ -10,7 +10,8 @@ Content (:func:`checkpoint_payload`, plus ``step``, ``rng`` and ``checksum`` add
     config                           the resolved training config (dict)
     optimizer, scheduler, scaler     their state dicts
     sampler: {epoch, position}       where the data order resumes
-    skipped_nonfinite, skipped_samples, source: {teacher_hash, dataset_fingerprint}
+    skipped_nonfinite, skipped_samples, source: {teacher_hash, dataset_fingerprint, cache_settings}
+                                     (cache_settings: the cache's storage and views, as JSON)
 
 Checkpoints of the previous layout (``losses`` / ``balancer`` / ``warmup_losses`` instead of
 ``stages``) are read into this one by :func:`load_checkpoint`.

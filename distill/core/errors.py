@@ -21,7 +21,7 @@ standard base it had before the hierarchy existed (``ValueError``, ``KeyError``,
     │   ├── CacheVerifyError
     │   └── PixelCacheError
     ├── CheckpointError (RuntimeError)
-    │   └── CheckpointCorruptError, ResumeMismatchError, RunFolderError
+    │   └── CheckpointCorruptError, ResumeMismatchError, RunFolderError → RunLockedError
     └── ExportError (TypeError) → HFExportError
 """
 from __future__ import annotations
@@ -135,7 +135,12 @@ class ResumeMismatchError(CheckpointError):
 
 
 class RunFolderError(CheckpointError):
-    """The output folder already holds a training run and neither ``--resume`` nor ``--overwrite`` was given."""
+    """The output folder already holds a training run and neither ``--resume`` nor ``--overwrite`` was
+    given, holds a log but no checkpoint to resume from, or ``--out`` is not a folder."""
+
+
+class RunLockedError(RunFolderError):
+    """Another live process is writing into the same run (or LiT/export) folder (``writer.lock``)."""
 
 
 # -- export -----------------------------------------------------------------------------------------

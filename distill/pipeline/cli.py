@@ -4,7 +4,8 @@
 (every :class:`~distill.core.errors.DistillError`: ``ConfigError``, the ``CacheError`` family,
 ``BadSampleError``, ``CheckpointError``, ``ExportError``, ...), other ``ValueError``\\s,
 missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr and exit 2;
-``--debug`` anywhere on the command line shows the full traceback instead. A command's
+Ctrl-C prints one line ``interrupted; <what to do>`` (the command module's ``INTERRUPTED_HINT``)
+and exits 130; ``--debug`` anywhere on the command line shows the full traceback instead. A command's
 ``main(argv)`` returns its exit code and raises typed errors; the work itself is a library function
 returning a typed result (``evaluate(...) -> EvalResult``, ``export_student(...) -> ExportResult``,
 ``train(config) -> TrainResult``, ``run_cache(settings, job) -> CacheResult``,
@@ -25,6 +26,8 @@ from distill.core.errors import DistillError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
 EXIT_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 
 #: Errors that are the user's input, not a bug: reported as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (DistillError, ValueError, FileNotFoundError, PermissionError,
@@ -60,7 +63,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
     """The value of ``flag`` in ``argv`` (``--flag v`` or ``--flag=v``; the last one wins)."""
     value = None
     for i, a in enumerate(argv):
@@ -104,18 +107,37 @@ def _report(e: BaseException, debug: bool) -> int:
     return EXIT_ERROR
 
 
+def interrupted_line(main: Callable[..., Any], argv: Sequence[str]) -> str:
+    """``interrupted`` plus what to do next: the ``INTERRUPTED_HINT`` of ``main``'s module, a string
+    or a function of ``argv`` (train_student: ``resume with --resume auto``)."""
+    hint = getattr(sys.modules.get(getattr(main, "__module__", "") or ""), "INTERRUPTED_HINT", None)
+    if callable(hint):
+        try:
+            hint = hint(list(argv))
+        except Exception:  # noqa: BLE001 - the hint must never hide the interrupt
+            hint = None
+    return f"interrupted; {hint}" if hint else "interrupted"
+
+
 def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run the command ``main(argv)`` (which returns its exit code): that code, or 2 with one
-    ``error: ...`` line for user errors, the traceback too with ``--debug``."""
+    ``error: ...`` line for user errors, the traceback too with ``--debug``; Ctrl-C prints one
+    :func:`interrupted_line` and returns 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        check_device(_flag_value(argv, "--device"))
+        check_device(flag_value(argv, "--device"))
         code = main(argv)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line already printed)
         return int(e.code or 0) if not isinstance(e.code, str) else _report(e, debug)
     except USER_ERRORS as e:
         return _report(e, debug)
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(interrupted_line(main, argv), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if not isinstance(code, int) or isinstance(code, bool):
         raise TypeError(f"{getattr(main, '__module__', '?')}.main returned {code!r}, not an exit code")
     return code

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from distill.core.cache import MANIFEST, TeacherCache
 from distill.pipeline.cli import ArgumentParser, cli_main
-from distill.pipeline.settings import Setting, check_args
+from distill.pipeline.settings import Setting, check_args, check_out_file
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
 from distill.core.errors import ConfigError, NoSplitsError
@@ -148,6 +148,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="JSON result path (default: print only)")
     args = p.parse_args(argv)
     check_args(args, ARG_RULES)
+    if args.out:
+        check_out_file(args.out)  # before the evaluation, not after it
     return args
 
 

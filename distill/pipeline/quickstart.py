@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from distill.pipeline.cli import ArgumentParser
+from distill.pipeline.settings import Setting, check_args, check_out_folder
 from distill.core.profile import count_params, images_per_second
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +43,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--trainable-image-blocks", type=int, default=4,
                    help="pruned student: train only the last N kept image blocks (the rest stay frozen)")
     p.add_argument("--workers", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(args, ARG_RULES)  # before any work: 0 is refused, never read as "the default"
+    check_out_folder(args.out)
+    return args
+
+
+#: Value checks of the numeric flags (distill.pipeline.settings.check_args).
+ARG_RULES = (Setting("steps", "int", lambda v: v >= 1, "an integer >= 1", "--steps"),
+             Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+             Setting("teacher_image_size", "int", lambda v: v >= 1, "an integer >= 1", "--teacher-image-size"),
+             Setting("teacher_epochs", "int", lambda v: v >= 1, "an integer >= 1", "--teacher-epochs"),
+             Setting("image_layers", "int", lambda v: v >= 1, "an integer >= 1 (omit it for half the compute)",
+                     "--image-layers", nullable=True),
+             Setting("text_layers", "int", lambda v: v >= 1, "an integer >= 1", "--text-layers"),
+             Setting("trainable_image_blocks", "int", lambda v: v >= 0, "an integer >= 0", "--trainable-image-blocks"),
+             Setting("workers", "int", lambda v: v >= 0, "an integer >= 0", "--workers"))
 
 
 def _run_teacher(args: argparse.Namespace, out: Path) -> str:
@@ -75,14 +91,17 @@ def _run_student(args: argparse.Namespace, teacher: str, cache: Path, out: Path)
     from distill.pipeline.recipes import pruned_student_recipe
     from distill.pipeline.train.config import TrainRunConfig
     from distill.pipeline.train.main import train
+    from distill.pipeline.train.run_dir import has_checkpoint
 
     run = out / f"student_{args.student}"
     layers = [{"data": {"cache": str(cache), "path": args.data, "split": args.train_split, "num_workers": args.workers},
                "out": str(run), "device": args.device, "train": {"steps": args.steps, "batch_size": args.batch_size}}]
     if args.student == "pruned":
-        layers.append(pruned_student_recipe(teacher, args.image_layers or None, args.text_layers,
+        layers.append(pruned_student_recipe(teacher, args.image_layers, args.text_layers,
                                             args.trainable_image_blocks, lr=5e-4, init_projections=512))
-    train(TrainRunConfig.resolve("cpu", layers=layers), resume="auto")
+    # resume an interrupted student run; one stopped before its first checkpoint starts over
+    resumable = has_checkpoint(run)
+    train(TrainRunConfig.resolve("cpu", layers=layers), resume="auto" if resumable else None, overwrite=not resumable)
     return run / "student"
 
 
@@ -135,6 +154,10 @@ def run_quickstart(args: argparse.Namespace) -> list[dict[str, Any]]:
                                                      "rows": rows}, indent=2))
     print(f"\nresults: {out / 'quickstart.json'}")
     return rows
+
+
+#: What to do after Ctrl-C (printed by distill.pipeline.cli.run_cli).
+INTERRUPTED_HINT = "rerun the same command to resume"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

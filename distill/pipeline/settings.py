@@ -8,7 +8,9 @@ their rule) and by the numeric flags of ``cache_teacher`` and ``evaluate`` (:fun
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from distill.core.errors import ConfigError
@@ -86,3 +88,40 @@ def check_settings(cfg: dict[str, Any], rules: Iterable[Setting], by_flag: bool 
 def check_args(args: Any, rules: Iterable[Setting]) -> None:
     """:func:`check_settings` for an ``argparse.Namespace`` (rule keys are attribute names)."""
     check_settings(vars(args), rules, by_flag=True)
+
+
+def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a :class:`Path` when it is a folder or can be created as one; a :class:`ConfigError`
+    naming ``flag`` when it, or a folder above it, is an existing file (checked before any work)."""
+    p = Path(path)
+    blocker = _file_at_or_above(p)
+    if blocker is not None:
+        where = "is an existing file" if blocker == p else f"lies inside {blocker}, an existing file"
+        raise ConfigError(f"{flag} {path} {where}, not a folder; pass a folder path")
+    return p
+
+
+def _file_at_or_above(p: Path) -> Path | None:
+    """The first of ``p`` and its parents that exists, when it is not a folder (else None)."""
+    for q in (p, *p.parents):
+        if q.is_dir():
+            return None
+        if q.exists() or q.is_symlink():
+            return q
+    return None
+
+
+def check_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a :class:`Path` when a file can be written there: not a folder, no existing file
+    above it, its nearest existing folder writable; else a :class:`ConfigError` naming ``flag``
+    (checked before the work whose result it will hold)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; pass a file path")
+    blocker = _file_at_or_above(p.parent)
+    if blocker is not None:
+        raise ConfigError(f"{flag} {path} lies inside {blocker}, an existing file; pass a path in a folder")
+    existing = next((q for q in p.parents if q.is_dir()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not writable")
+    return p

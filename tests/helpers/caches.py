@@ -2,12 +2,14 @@
 
 ``build`` writes a cache with small batches and shards (``BASE``: batch 3, 5 images per shard, so
 the 12-image tiny dataset spans 3 shards); ``build_cache`` writes the one-shard cache the training
-tests use. ``teacher_images``/``teacher_texts`` are the toy teacher's own outputs to compare a cache
+tests use; ``edit_manifest`` changes a manifest as a rebuild would (its checksum recomputed). ``teacher_images``/``teacher_texts`` are the toy teacher's own outputs to compare a cache
 against; ``tree_bytes`` snapshots a folder to compare two runs byte for byte.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +32,18 @@ def build_cache(tsv: Path, out: Path, views: int = 1) -> Path:
     cache_main(["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", str(tsv), "--out", str(out),
                 "--num-workers", "0", "--batch-size", "8", "--views", str(views), "--device", "cpu"])
     return out
+
+
+def edit_manifest(cache: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``change`` to ``cache``'s manifest and rewrite it with a matching ``manifest_sha256``
+    (as if the cache had been rebuilt so; a plain edit is refused by the checksum)."""
+    from distill.core.cache.schema import MANIFEST_CHECKSUM, manifest_checksum
+
+    path = cache / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    m[MANIFEST_CHECKSUM] = manifest_checksum(m)
+    path.write_text(json.dumps(m))
 
 
 def teacher_images(teacher, ds, ids, params=None):

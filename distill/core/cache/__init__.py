@@ -1,12 +1,12 @@
 """The teacher cache format: :mod:`~distill.core.cache.schema` (file and array names, dtypes,
 manifest check), :mod:`~distill.core.cache.encode` (teacher features -> arrays),
-:mod:`~distill.core.cache.writer` (shards, resume, manifest; :mod:`~distill.core.cache.lock`: one
+:mod:`~distill.core.cache.writer` (shards, resume, manifest; :mod:`~distill.core.lock`: one
 writer per folder), :mod:`~distill.core.cache.verify` (integrity and recomputation checks) and
 :mod:`~distill.core.cache.reader` (:class:`TeacherCache`, memory-mapped reading into
 :class:`~distill.core.features.TeacherTargets`)."""
 from distill.core.cache.encode import (NONFINITE_MODES, OVERFLOW_MODES, ShardOutputs, TokenMode, TokenStorage,
                                        image_arrays, parse_token_mode, text_arrays)
-from distill.core.cache.lock import writer_lock
+from distill.core.lock import writer_lock
 from distill.core.cache.reader import TeacherCache, bytes_per_sample
 from distill.core.cache.schema import (DEFAULT_VERIFY, FORMAT_VERSION, MANIFEST, OFFSETS, SHARD_JSON, VERIFY_MODES,
                                        is_image_array, read_manifest)

@@ -30,6 +30,10 @@ from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 LAZY_MAX_BYTES_PER_IMAGE = 64 * 1024
 #: Rows at least this large are gathered row by row straight into the batch (one copy).
 ROW_COPY_BYTES = 16384
+#: Array files up to this size (view parameters, masks, small embeddings, ...) are sha256-checked at
+#: open in the ``size`` and ``lazy`` modes too (``offsets.npy`` always is): a few ms per shard, and a
+#: flipped bit in them would change every batch that reads them.
+SMALL_ARRAY_BYTES = 1 << 20
 
 
 def load_array(path: Path, entry: dict[str, Any] | None = None) -> np.ndarray:
@@ -61,6 +65,8 @@ class TeacherCache:
     process reads from it), ``"full"`` (re-hash every array with sha256 at open) or ``"auto"``
     (default: ``lazy`` when the cache stores at most :data:`LAZY_MAX_BYTES_PER_IMAGE` per image,
     where hashing is cheap next to an epoch, else ``size``); :attr:`verify` holds the mode used.
+    Every mode but ``none`` also checks the manifest's own checksum, hashes ``offsets.npy`` and
+    every array file of at most :data:`SMALL_ARRAY_BYTES` at open.
     """
 
     def __init__(self, path: str | Path, verify: str = DEFAULT_VERIFY) -> None:
@@ -68,7 +74,7 @@ class TeacherCache:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         self.path = Path(path)
         self.verify = verify
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, checksum=verify != "none")
         m = self.manifest
         if verify == "auto":
             stored = sum(e["bytes"] for s in m["shards"] for e in s["arrays"].values())
@@ -85,7 +91,7 @@ class TeacherCache:
         self._image_starts = np.array([s["image_range"][0] for s in self._shards], dtype=np.int64)
         self._caption_starts = np.array([s["caption_range"][0] for s in self._shards], dtype=np.int64)
         offsets_path = self.path / OFFSETS
-        check_file(offsets_path, m["offsets"], verify)
+        check_file(offsets_path, m["offsets"], "none" if verify == "none" else "full")  # read whole right here
         self.offsets: np.ndarray = np.array(load_array(offsets_path, m["offsets"]))
         if len(self.offsets) != self.num_images + 1 or self.offsets[-1] != self.num_captions:
             raise CacheCorruptError(f"{offsets_path}: inconsistent with {self.num_images} images / {self.num_captions} captions")
@@ -101,7 +107,10 @@ class TeacherCache:
             arrays = {}
             for name, entry in s["arrays"].items():
                 f = folder / f"{name}.npy"
-                check_file(f, entry, verify)
+                small = verify in ("size", "lazy") and entry["bytes"] <= SMALL_ARRAY_BYTES
+                check_file(f, entry, "full" if small else verify)
+                if small:
+                    self._hashed.add((len(self._arrays), name))
                 arrays[name] = load_array(f, entry)
             self._arrays.append(arrays)
         # per-row shape of every array; caption-length axes may differ between shards -> use the max
@@ -134,6 +143,12 @@ class TeacherCache:
     @property
     def dataset_fingerprint(self) -> str:
         return self.manifest["dataset"]["fingerprint"]
+
+    def settings(self) -> dict[str, Any]:
+        """The storage and view settings the cache was written with (the manifest's ``storage``:
+        token storage, dtype, layers, view tokens, pixels; ``views``: count, seed, scale, mixup):
+        what a resumed training run must find unchanged."""
+        return {"storage": self.storage, "views": self.manifest["views"]}
 
     @property
     def caption_image(self) -> np.ndarray:

@@ -15,14 +15,19 @@ per caption (``[m, ...]``).
 :func:`validate_manifest` checks every manifest field the reader uses, with its type, range and
 cross-field consistency, so that a malformed manifest raises one :class:`ManifestError` naming the
 field instead of an ``IndexError``/``TypeError``/``KeyError`` inside
-:class:`distill.core.cache.reader.TeacherCache`.
+:class:`distill.core.cache.reader.TeacherCache`. The manifest carries ``manifest_sha256``, the sha256
+of the rest of it (:func:`manifest_checksum`), so that its own checksum fields (every array's and
+the offsets' ``sha256``) cannot change unnoticed; :func:`read_manifest` checks it. A manifest
+written before the checksum existed is read with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,6 +39,8 @@ from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The manifest field holding the sha256 of the rest of the manifest (:func:`manifest_checksum`).
+MANIFEST_CHECKSUM = "manifest_sha256"
 OFFSETS = "offsets.npy"
 SHARD_JSON = "shard.json"
 SHARDS = "shards"
@@ -338,13 +345,71 @@ def validate_manifest(m: dict[str, Any], root: Path, path: Path) -> None:
             if not rec["shape"] or rec["shape"][0] != rows:
                 raise ManifestError(f"{path}: field {f}.arrays.{name}.shape {rec['shape']} does not start with the "
                                     f"shard's {rows} rows")
+        _check_against_dims(c, m, f, arrays)
     if images_at != num_images or captions_at != num_captions:
         raise ManifestError(f"{path}: field shards covers {images_at} images / {captions_at} captions, but dataset "
                             f"says {num_images} / {num_captions}")
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Parse and validate ``root/manifest.json`` (:func:`validate_manifest`)."""
+def _check_against_dims(c: _Check, m: dict[str, Any], f: str, arrays: dict[str, Any]) -> None:
+    """The shapes of shard ``f``'s array records agree with ``views.count`` (image arrays hold
+    ``[n, V, ...]``; full image tokens only view 0 under ``--view-tokens grid|none``) and ``dims``
+    (embedding width, image token rows, text token width and length)."""
+    views, dims, storage = m["views"]["count"], m["dims"], m["storage"]
+    tokens_one_view = storage.get("view_tokens", "same") != "same"
+    image_tokens = field_array(IMAGE, "tokens")
+    for name, rec in arrays.items():
+        shape = rec["shape"]
+        if not is_image_array(name) or array_spec(name).flat:
+            continue
+        want = 1 if tokens_one_view and name in (image_tokens, scale_array(image_tokens),
+                                                 field_array(IMAGE, "token_index")) else views
+        if len(shape) < 2 or shape[1] != want:
+            raise ManifestError(f"{c.path}: field views.count is {views}, but {f}.arrays.{name}.shape {shape} holds "
+                                f"{shape[1] if len(shape) > 1 else 'no'} views (expected {want})")
+    for name in (field_array(IMAGE, "embed"), field_array(TEXT, "embed")):
+        if name in arrays and arrays[name]["shape"][-1] != dims["embed"]:
+            raise ManifestError(f"{c.path}: field dims.embed is {dims['embed']}, but {f}.arrays.{name}.shape "
+                                f"{arrays[name]['shape']} holds embeddings of width {arrays[name]['shape'][-1]}")
+    if image_tokens in arrays and dims.get("image_tokens") is not None \
+            and arrays[image_tokens]["shape"][2:] != dims["image_tokens"]:
+        raise ManifestError(f"{c.path}: field dims.image_tokens is {dims['image_tokens']}, but "
+                            f"{f}.arrays.{image_tokens}.shape is {arrays[image_tokens]['shape']}")
+    text_tokens = field_array(TEXT, "tokens")
+    if text_tokens in arrays and dims.get("text_tokens") is not None:
+        shape, (length, width) = arrays[text_tokens]["shape"], dims["text_tokens"]
+        if len(shape) != 3 or shape[2] != width or shape[1] > length:
+            raise ManifestError(f"{c.path}: field dims.text_tokens is {dims['text_tokens']}, but "
+                                f"{f}.arrays.{text_tokens}.shape is {shape}")
+
+
+def manifest_checksum(m: dict[str, Any]) -> str:
+    """sha256 of a manifest without its ``manifest_sha256`` field, over a canonical JSON encoding
+    (sorted keys, no whitespace; Python floats round-trip exactly through JSON)."""
+    body = {k: v for k, v in m.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_UNSIGNED_WARNED: set[str] = set()
+
+
+def _check_manifest_checksum(m: dict[str, Any], path: Path) -> None:
+    stored = m.get(MANIFEST_CHECKSUM)
+    if stored is None:
+        if str(path) not in _UNSIGNED_WARNED:  # once per process and cache
+            _UNSIGNED_WARNED.add(str(path))
+            print(f"warning: {path} carries no {MANIFEST_CHECKSUM} (written before manifest checksums): its "
+                  "checksum fields cannot be verified; rerun cache_teacher with the same arguments to add one "
+                  "(every shard is reused)", file=sys.stderr)
+        return
+    if stored != manifest_checksum(m):
+        raise ManifestError(f"{path}: content does not match its {MANIFEST_CHECKSUM} (the manifest was edited or "
+                            "is corrupt); rerun cache_teacher with the same arguments to rewrite it")
+
+
+def read_manifest(root: Path, checksum: bool = True) -> dict[str, Any]:
+    """Parse and validate ``root/manifest.json`` (:func:`validate_manifest`), then, with ``checksum``,
+    check its ``manifest_sha256`` (a manifest without one: a warning, once per process)."""
     path = root / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path} not found: not a teacher cache, or its writer has not finished")
@@ -358,4 +423,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if missing:
         raise ManifestError(f"{path}: missing field(s) {', '.join(missing)}")
     validate_manifest(manifest, root, path)
+    if checksum:
+        _check_manifest_checksum(manifest, path)
     return manifest

@@ -2,7 +2,7 @@
 records, one shard (written to a temporary folder and renamed into place when complete), the
 checks that let an interrupted run resume (complete shards are reused, shards of another teacher,
 dataset or setting refuse to mix), and ``manifest.json`` collected from every shard's
-``shard.json``. One writer per folder: :func:`distill.core.cache.lock.writer_lock`.
+``shard.json``. One writer per folder: :func:`distill.core.lock.writer_lock`.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from distill.core.cache.encode import Arrays, parse_token_mode
-from distill.core.cache.schema import (FORMAT_VERSION, IMAGE, MANIFEST, OFFSETS, SHARD_JSON, SHARDS, TEXT, VIEW_TOKENS,
-                                       field_array, read_manifest)
+from distill.core.cache.schema import (FORMAT_VERSION, IMAGE, MANIFEST, MANIFEST_CHECKSUM, OFFSETS, SHARD_JSON, SHARDS,
+                                       TEXT, VIEW_TOKENS, field_array, manifest_checksum, read_manifest)
 from distill.core.cache.verify import check_file
 from distill.core.errors import CacheError, CacheMismatchError, CacheWriteError
 
@@ -176,7 +176,7 @@ def check_existing(out: Path, source: dict[str, str]) -> None:
     found: list[tuple[Path, dict[str, str]]] = []
     if (out / MANIFEST).is_file():
         try:
-            found.append((out / MANIFEST, read_manifest(out)["source"]))
+            found.append((out / MANIFEST, read_manifest(out, checksum=False)["source"]))
         except (CacheError, KeyError):
             print(f"warning: ignoring unreadable {out / MANIFEST}; it will be rewritten", file=sys.stderr)
     shards = out / SHARDS
@@ -234,6 +234,7 @@ def write_manifest(out: Path, plans: list[ShardPlan], offsets: np.ndarray, sourc
         os.replace(tmp, out / OFFSETS)
         manifest = {"format_version": FORMAT_VERSION, "source": source, **sections, "offsets": offsets_record,
                     "shards": shards, "dims": manifest_dims(shards, sections["storage"])}
+        manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
         write_json_atomic(out / MANIFEST, manifest)
         fsync_dir(out)
     except OSError as e:

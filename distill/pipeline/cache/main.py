@@ -85,6 +85,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CacheSettings, CacheJo
     return settings, job
 
 
+#: What to do after Ctrl-C (printed by distill.pipeline.cli.run_cli).
+INTERRUPTED_HINT = "rerun the same command to resume (finished shards are kept)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; 0 on success (typed errors propagate to :func:`distill.pipeline.cli.run_cli`)."""
     result = run_cache(*settings_from_args(build_parser().parse_args(argv)))

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.core.cache.encode import Arrays, ShardOutputs, concat_padded, image_arrays, text_arrays
-from distill.core.cache.lock import writer_lock
 from distill.core.cache.schema import SHARDS, VIEW_PARAMS, read_manifest, stored_in_fp16
 from distill.core.cache.writer import (ShardPlan, check_existing, clear_cache, plan_shards, read_shard_json,
                                        shard_is_complete, write_manifest, write_shard)
@@ -29,10 +28,12 @@ from distill.core.data.dataset import ImageTextDataset
 from distill.core.data.factory import load_dataset
 from distill.core.dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from distill.core.errors import BadSampleError
+from distill.core.lock import writer_lock
 from distill.core.registry import load_plugins
 from distill.pipeline.cache.settings import CacheJob, CacheSettings
 from distill.pipeline.cache.teacher import encode_captions, encode_views, probe_teacher, verify_cache
 from distill.pipeline.cache.views import ViewImages, collate_views, jpeg_arrays, view_extra_arrays
+from distill.pipeline.settings import check_out_folder
 from teachers import Teacher, create_teacher
 
 #: Estimated shard bytes above which the size report suggests a smaller ``--shard-size``.
@@ -214,8 +215,8 @@ def run_cache(settings: CacheSettings, job: CacheJob) -> CacheResult:
     typed errors of :mod:`distill.core.errors`; returns what was done (every rank)."""
     t0 = time.time()
     load_plugins(job.plugins)
+    out = check_out_folder(job.out)  # before any work: an existing file is no cache folder
     info = init_distributed(job.device)
-    out = Path(job.out)
     lock = contextlib.ExitStack()
     try:
         teacher = create_teacher(job.teacher, str(info.device))

@@ -23,7 +23,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from distill.core.errors import ConfigError, ExportError
+from distill.core.lock import output_lock
 from distill.pipeline.cli import ArgumentParser, cli_main
+from distill.pipeline.settings import check_out_folder
 from students.base import Student
 from students.io import load_student, save_student
 
@@ -63,11 +65,14 @@ class ExportResult:
 
 def export_student(student: Student | str | Path, out_dir: str | Path, fmt: str = "open_clip") -> ExportResult:
     """Export ``student`` (a loaded student, a training checkpoint or a ``save_student`` folder) in
-    ``fmt`` to ``out_dir``; an architecture the format cannot express raises :class:`ExportError`."""
+    ``fmt`` to ``out_dir`` (held with ``writer.lock`` while writing; an existing file there is
+    refused first); an architecture the format cannot express raises :class:`ExportError`."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    check_out_folder(out_dir)
     model = student if isinstance(student, Student) else load_student(student)
-    out, parity = export(model, fmt, out_dir)
+    with output_lock(out_dir):  # one writer per folder (writer.lock)
+        out, parity = export(model, fmt, out_dir)
     return ExportResult(Path(out), fmt, model.name, model.num_params(), parity)
 
 

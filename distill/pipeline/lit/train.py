@@ -35,10 +35,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distill.pipeline.cli import ArgumentParser, cli_main
+from distill.pipeline.settings import Setting, check_out_folder, check_settings
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
 from distill.core.contrastive import clip_info_nce
 from distill.core.errors import BadSampleError
+from distill.core.lock import output_lock
 from distill.core.metrics import retrieval_metrics
 from distill.core.towers import trim_padding
 from teachers.lit import LiTConfig, LiTTeacher
@@ -171,9 +173,29 @@ class LiTResult:
         return out
 
 
+#: Value rules of :func:`train_lit`'s numeric arguments, checked before any data loads (errors name the flag).
+LIT_RULES = (
+    Setting("epochs", "int", lambda v: v >= 1, "an integer >= 1", "--epochs"),
+    Setting("batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--batch-size"),
+    Setting("lr", "float", lambda v: v > 0, "a number > 0", "--lr"),
+    Setting("backbone_lr", "float", lambda v: v > 0, "a number > 0", "--backbone-lr"),
+    Setting("embed_dim", "int", lambda v: v >= 1, "an integer >= 1", "--embed-dim"),
+    Setting("image_size", "int", lambda v: v >= 1, "an integer >= 1", "--image-size"),
+    Setting("max_length", "int", lambda v: v >= 1, "an integer >= 1", "--max-length"),
+    Setting("feature_batch_size", "int", lambda v: v >= 1, "an integer >= 1", "--feature-batch-size"),
+    Setting("workers", "int", lambda v: v >= 0, "an integer >= 0", "--workers"),
+    Setting("max_images", "int", lambda v: v >= 1, "an integer >= 1 (omit it for every image)", "--max-images",
+            nullable=True),
+    Setting("trainable_image_blocks", "int", lambda v: v >= 0, "an integer >= 0", "--trainable-image-blocks"),
+    Setting("trainable_text_layers", "int", lambda v: v >= 0, "an integer >= 0", "--trainable-text-layers"),
+    Setting("probe_epochs", "int", lambda v: v >= 0, "an integer >= 0", "--probe-epochs"),
+    Setting("val_every", "int", lambda v: v >= 1, "an integer >= 1", "--val-every"),
+)
+
+
 def load_split(data: str, split: str, images_root: str | None, max_images: int | None) -> ImageTextDataset:
     ds = load_dataset(data, split, images_root)
-    return ds.subset(range(min(max_images, ds.num_images))) if max_images else ds
+    return ds.subset(range(min(max_images, ds.num_images))) if max_images is not None else ds
 
 
 def train_lit(data: str, out: str, split: str = "train", val_split: str | None = None, epochs: int = 20,
@@ -194,9 +216,27 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
     ``trainable_text_layers`` text layers (at ``backbone_lr``) and the projections (at ``lr``)
     contrastively for ``epochs`` epochs (see :mod:`distill.pipeline.lit.finetune`); the changed tower tensors
     are saved in ``towers.safetensors``.
+
+    Every argument is checked before any data loads (:data:`LIT_RULES`, ``out`` a folder), and
+    ``out`` is held with ``writer.lock`` for the whole run (:func:`distill.core.lock.output_lock`:
+    a second run into the same folder is refused).
     """
+    params = dict(locals())
     if mode not in ("probe", "finetune"):
         raise ValueError(f"mode must be 'probe' or 'finetune', not {mode!r}")
+    check_settings(dict(params), LIT_RULES, by_flag=True)
+    check_out_folder(out)
+    with output_lock(out):
+        return _train_lit(**params)
+
+
+def _train_lit(data: str, out: str, split: str, val_split: str | None, epochs: int, batch_size: int, lr: float,
+               embed_dim: int, image_size: int, backbone: str, backbone_weights: str | None, text_model: str | None,
+               device: str, seed: int, feature_batch_size: int, workers: int, max_images: int | None,
+               max_length: int, *, images_root: str | None, mode: str, backbone_lr: float,
+               trainable_image_blocks: int, trainable_text_layers: int, captions: str, augment: bool,
+               init: str | None, probe_epochs: int, val_every: int) -> LiTResult:
+    """:func:`train_lit` once its arguments are checked and ``out`` is locked."""
     torch.manual_seed(seed)
     train = load_split(data, split, images_root, max_images)
     val = load_split(data, val_split, images_root, max_images) if val_split else None

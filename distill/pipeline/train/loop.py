@@ -6,6 +6,7 @@ checkpoint hook), on a :class:`Run` built by :func:`distill.pipeline.train.main.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -223,8 +224,10 @@ def format_eval(step: int, metrics: dict[str, float], total: float | None) -> st
 
 
 def source(run: Run) -> dict[str, str]:
-    """The teacher and dataset the run's cache was built from (a resume must use the same)."""
-    return {"teacher_hash": run.cache.teacher_hash, "dataset_fingerprint": run.cache.dataset_fingerprint}
+    """The teacher, dataset and storage/view settings the run's cache was built with (a resume must
+    use the same; :func:`distill.pipeline.train.run_dir.check_resume_source`)."""
+    return {"teacher_hash": run.cache.teacher_hash, "dataset_fingerprint": run.cache.dataset_fingerprint,
+            "cache_settings": json.dumps(run.cache.settings(), sort_keys=True)}
 
 
 def checkpoint_state(run: Run, epoch: int, position: int, skipped: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ the optimizer side :mod:`distill.pipeline.train.optim`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import random
 import sys
@@ -33,15 +34,17 @@ from distill.core.checkpoint import set_rng_state
 from distill.core.data.factory import load_dataset
 from distill.core.determinism import enable_determinism
 from distill.core.errors import CheckpointError, ConfigError, ResumeMismatchError
+from distill.core.lock import output_lock
 from distill.core.registry import load_plugins
 from distill.distiller import build_distiller, loss_dims
-from distill.pipeline.cli import ArgumentParser, check_device, cli_main
+from distill.pipeline.cli import ArgumentParser, check_device, cli_main, flag_value
 from distill.pipeline.train.config import TrainRunConfig, presets, resolve_config, save_config
 from distill.pipeline.train.data import DistillTrainSet, GlobalBatchSampler, TeacherCollate, check_alignment
 from distill.pipeline.train.log import TrainLogger, plot_losses, read_log
 from distill.pipeline.train.loop import LoopState, Run, run_loop, source
 from distill.pipeline.train.optim import make_optimizer, make_scaler, make_scheduler
-from distill.pipeline.train.run_dir import check_run_dir, load_resume, prepare_run_dir
+from distill.pipeline.train.run_dir import (check_resume_source, check_run_dir, has_checkpoint, load_resume,
+                                           prepare_run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,12 +175,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> LoopState:
     if ckpt["student_config"] != run.student.config():
         raise ResumeMismatchError(f"the checkpoint's student {ckpt['student_config']} differs from the configured "
                                   f"student {run.student.config()}")
-    for key, now in source(run).items():
-        then = ckpt.get("source", {}).get(key, now)
-        if then != now:
-            raise ResumeMismatchError(f"the checkpoint was trained on a cache with {key} {then[:12]}, but "
-                                      f"{run.cache.path} has {now[:12]} (rebuilt with another teacher or dataset); "
-                                      "resume with the original cache or start over with --overwrite")
+    check_resume_source(ckpt.get("source", {}), source(run), run.cache.path)
     run.skipped_samples = int(ckpt.get("skipped_samples", 0))
     run.student.load_state_dict(ckpt["student"])
     if "shared" not in ckpt:
@@ -254,6 +252,13 @@ def train(config: TrainRunConfig | Mapping[str, Any], resume: str | None = None,
     info = D.init_distributed(config.device)
     out = Path(config.out)
     check_run_dir(out, resume, overwrite)  # refuse early; delete an overwritten run only once the inputs load
+    with output_lock(out) if info.is_main else contextlib.nullcontext():  # one writer per run folder
+        return _train_locked(config, info, out, resume, overwrite)
+
+
+def _train_locked(config: TrainRunConfig, info: D.DistInfo, out: Path, resume: str | None,
+                  overwrite: bool) -> TrainResult:
+    """:func:`train` once the run folder is checked and (on the main rank) locked."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     run = setup(config, info)
@@ -319,6 +324,14 @@ def train_from_argv(argv: Sequence[str] | None = None) -> TrainResult:
         print("warning: --preset gpu is meant for a CUDA GPU (ViT-S/16 at 224 px, batch 256, bf16); on CPU use "
               "--preset cpu (or lower --batch-size and the student size)", file=sys.stderr)
     return train(cfg, args.resume, args.overwrite)
+
+
+def INTERRUPTED_HINT(argv: Sequence[str]) -> str:  # noqa: N802 - read by distill.pipeline.cli.run_cli
+    """What to do after Ctrl-C: resume, or start over when no checkpoint was written yet."""
+    out = flag_value(argv, "--out")
+    if out is not None and not has_checkpoint(out):
+        return "no checkpoint was written yet: rerun with --overwrite to start over"
+    return "resume with --resume auto"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -118,7 +118,7 @@ def read_json(path: Path) -> Any:
     """Parse a JSON dataset file; broken JSON or non-UTF-8 bytes raise :class:`BadSampleError`
     naming the file and position (a whole-file error: not skippable)."""
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return json.loads(Path(path).read_bytes().decode("utf-8-sig"))  # a byte order mark is stripped
     except UnicodeDecodeError as e:
         raise BadSampleError(f"{path}: byte {e.start}: not valid UTF-8 ({e.reason})", str(path)) from e
     except json.JSONDecodeError as e:

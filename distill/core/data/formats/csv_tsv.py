@@ -48,7 +48,7 @@ class CsvReader(DatasetReader):
     def read(self) -> ImageTextDataset:
         path, split = self.file(), self.split
         tsv = path.suffix.lower() in (".tsv", ".txt")
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # TSV captions may contain bare quotes
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # a BOM is stripped  # TSV captions may contain bare quotes
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
             rows_all = read_rows(reader, path)
         if not rows_all:
