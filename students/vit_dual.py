@@ -48,9 +48,9 @@ class ViTDualConfig:
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
                                     (self.text_width, self.text_heads, "text")):
             if width % heads:
-                raise ValueError(f"{tower}_width={width} is not divisible by {tower}_heads={heads}")
+                raise ConfigError(f"{tower}_width={width} is not divisible by {tower}_heads={heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
@@ -75,15 +75,12 @@ class ViTDualStudent(Student):
 
     name = "vit"
 
-    def __init__(self, cfg: ViTDualConfig | None = None, *, preset: str | None = None, **overrides: Any) -> None:
+    #: the options besides ``preset`` (its ``**overrides``): the fields of :class:`ViTDualConfig`
+    extra_options = tuple(f.name for f in fields(ViTDualConfig))
+
+    def __init__(self, cfg: ViTDualConfig | None = None, /, *, preset: str | None = None, **overrides: Any) -> None:
         if cfg is None:
-            if preset is not None and preset not in VIT_PRESETS:
-                raise UnknownNameError(f"unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
-            known = {f.name for f in fields(ViTDualConfig)}
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise ConfigError(f"unknown vit student option(s) {unknown}; known: {sorted(known)}")
-            cfg = ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides})
+            cfg = self.resolve_config(preset, overrides)
         elif preset is not None or overrides:
             raise ConfigError("ViTDualStudent: give either a ViTDualConfig or a preset with overrides, not both")
         super().__init__()
@@ -96,6 +93,27 @@ class ViTDualStudent(Student):
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.clip = CLIP(**self.open_clip_model_cfg())
         self.clip.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    @staticmethod
+    def resolve_config(preset: str | None, overrides: dict[str, Any]) -> ViTDualConfig:
+        """The architecture of ``preset`` (:data:`VIT_PRESETS`, default ``vit-s16``) with field ``overrides``."""
+        if preset is not None and preset not in VIT_PRESETS:
+            raise UnknownNameError(f"preset: unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
+        known = {f.name for f in fields(ViTDualConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown option of student 'vit'; known: preset, {', '.join(sorted(known))}")
+        try:
+            return ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides})
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ConfigError(f"options {overrides}: {e}") from e
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """The architecture resolves (a known preset, widths divisible by heads, ...): checked
+        when the config is read, before anything is built."""
+        options = dict(options)
+        cls.resolve_config(options.pop("preset", None), options)
 
     @property
     def logit_scale(self) -> nn.Parameter:  # type: ignore[override]

@@ -88,7 +88,7 @@ def test_vit_presets_and_option_errors():
     assert ti.config()["vision_heads"] == 3 and "preset" not in ti.config()
     with pytest.raises(KeyError, match="unknown vit preset 'nope'"):
         create_student("vit", preset="nope")
-    with pytest.raises(ConfigError, match=r"unknown vit student option\(s\) \['widht'\]"):
+    with pytest.raises(ConfigError, match=r"^widht: unknown option of student 'vit'; known: preset, embed_dim"):
         create_student("vit", widht=3)
     with pytest.raises(ValueError, match="vision_width=30 is not divisible by vision_heads=4"):
         create_student("vit", **{**TINY_VIT, "vision_width": 30, "vision_heads": 4})

@@ -241,8 +241,10 @@ def test_config_overrides_and_presets(tmp_path):
     assert gpu["student"]["vision_width"] == 384 and gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128
 
     pruned = resolve_config("cpu", flags={"student.name": "pruned"},
-                            overrides=["student.teacher=lit:DIR", "student.image_layers=10"])
-    assert pruned["student"] == {"name": "pruned", "teacher": "lit:DIR", "image_layers": 10}
+                            overrides=["student.teacher=lit:DIR", "student.image_layers=10", "student.text_layers=2"])
+    assert pruned["student"] == {"name": "pruned", "teacher": "lit:DIR", "image_layers": 10, "text_layers": 2}
+    with pytest.raises(ConfigError, match="^student.text_layers: required option of student 'pruned' is not given$"):
+        resolve_config("cpu", flags={"student.name": "pruned"}, overrides=["student.teacher=lit:DIR", "student.image_layers=10"])
 
     yml = tmp_path / "c.yaml"
     yml.write_text("train:\n  lr: 2.0e-4\n  steps: 7\nlosses: [cosine, {name: token, cfg: {text_match: attention}}]\n"

@@ -21,7 +21,8 @@ standard base it had before the hierarchy existed (``ValueError``, ``KeyError``,
     │   ├── CacheVerifyError
     │   └── PixelCacheError
     ├── CheckpointError (RuntimeError)
-    │   └── CheckpointCorruptError, ResumeMismatchError, RunFolderError
+    │   ├── CheckpointCorruptError, ResumeMismatchError, RunFolderError
+    │   └── StudentFileError (also ValueError)   a saved student (folder or checkpoint) cannot be loaded
     └── ExportError (TypeError) → HFExportError
 """
 from __future__ import annotations
@@ -136,6 +137,11 @@ class ResumeMismatchError(CheckpointError):
 
 class RunFolderError(CheckpointError):
     """The output folder already holds a training run and neither ``--resume`` nor ``--overwrite`` was given."""
+
+
+class StudentFileError(CheckpointError, ValueError):
+    """A saved student (a student folder or a training checkpoint) is unreadable, holds no student or
+    is corrupt. Also a ``ValueError``, which these files raised before the hierarchy existed."""
 
 
 # -- export -----------------------------------------------------------------------------------------

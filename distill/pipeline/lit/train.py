@@ -38,7 +38,7 @@ from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.core.data.dataset import ImageTextDataset, TransformedImages
 from distill.core.data.factory import load_dataset
 from distill.core.contrastive import clip_info_nce
-from distill.core.errors import BadSampleError
+from distill.core.errors import BadSampleError, ConfigError
 from distill.core.metrics import retrieval_metrics
 from distill.core.towers import trim_padding
 from teachers.lit import LiTConfig, LiTTeacher
@@ -196,7 +196,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
     are saved in ``towers.safetensors``.
     """
     if mode not in ("probe", "finetune"):
-        raise ValueError(f"mode must be 'probe' or 'finetune', not {mode!r}")
+        raise ConfigError(f"mode must be 'probe' or 'finetune', not {mode!r}")
     torch.manual_seed(seed)
     train = load_split(data, split, images_root, max_images)
     val = load_split(data, val_split, images_root, max_images) if val_split else None

@@ -26,6 +26,7 @@ import yaml
 from distill.core.cache.schema import DEFAULT_VERIFY, VERIFY_MODES
 from distill.core.data.pixels import PIXEL_MODES
 from distill.core.errors import ConfigError
+from distill.pipeline.train.options import check_config_options
 from distill.pipeline.settings import Setting, check_settings, check_value, is_int, is_num, looks_like_float
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -371,7 +372,8 @@ def save_config(cfg: dict[str, Any], path: str | Path) -> None:
 
 # -- validation -----------------------------------------------------------------------------------
 def validate(cfg: dict[str, Any]) -> None:
-    """Reject unknown keys, bad values and malformed loss/balancer/stage entries early; normalises
+    """Reject unknown keys, bad values, malformed loss/balancer/stage entries and unknown or bad
+    options of the student, losses and balancers early (before any data is opened); normalises
     ``cfg`` in place (values coerced, bare loss names expanded, stage defaults filled in)."""
     for key in cfg:
         if key not in DEFAULTS:
@@ -391,6 +393,7 @@ def validate(cfg: dict[str, Any]) -> None:
         _check_warmup_stage(cfg["train"])
     if cfg["stages"] is not None:
         _check_stages(cfg)
+    check_config_options(cfg)  # the options of the student, losses and balancers (options.py)
 
 
 def _check_losses(losses: Any, where: str) -> None:
