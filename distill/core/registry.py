@@ -185,6 +185,31 @@ def create_balancer(name: str, names: Sequence[str], **cfg: Any) -> Any:
     return BALANCERS.create(name, list(names), **cfg)
 
 
+def list_teachers(pattern: str | None = None) -> list[str]:
+    """Sorted teacher backends (``pattern``: an fnmatch filter, e.g. ``"*clip*"``)."""
+    return TEACHERS.names(pattern)
+
+
+def list_students(pattern: str | None = None) -> list[str]:
+    """Sorted student names (``pattern``: an fnmatch filter)."""
+    return STUDENTS.names(pattern)
+
+
+def list_losses(pattern: str | None = None) -> list[str]:
+    """Sorted loss names (``pattern``: an fnmatch filter)."""
+    return LOSSES.names(pattern)
+
+
+def list_balancers(pattern: str | None = None) -> list[str]:
+    """Sorted balancer names (``pattern``: an fnmatch filter)."""
+    return BALANCERS.names(pattern)
+
+
+def list_formats(pattern: str | None = None) -> list[str]:
+    """Sorted dataset format names (``pattern``: an fnmatch filter)."""
+    return DATASET_FORMATS.names(pattern)
+
+
 _loaded_plugins: set[str] = set()
 
 

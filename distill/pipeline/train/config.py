@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -273,9 +274,9 @@ DEFAULTS: dict[str, Any] = TrainRunConfig().to_dict()
 
 
 # -- config layers --------------------------------------------------------------------------------
-def presets() -> list[str]:
-    """Names of the built-in presets."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def presets(pattern: str | None = None) -> list[str]:
+    """Sorted names of the built-in presets (``pattern``: an fnmatch filter)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if pattern is None or fnmatchcase(p.stem, pattern))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
