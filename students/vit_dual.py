@@ -1,6 +1,6 @@
 """The ``vit`` student: a CLIP-style ViT image tower + small causal text transformer.
 
-Internally it *is* an ``open_clip.CLIP`` (``self.clip``), so :func:`students.export.export_open_clip`
+Internally it *is* an ``open_clip.CLIP`` (``self.clip``), so :func:`distill.pipeline.export.main.export_open_clip`
 is a lossless copy of config and weights. The student only adds access to the patch tokens, the
 per-token text features and pooled intermediate-layer features.
 """

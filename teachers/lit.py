@@ -4,7 +4,7 @@ A pretrained image backbone (torchvision model with a ``features`` trunk, defaul
 ImageNet MobileNetV2; ``efficientnet_lite0``, the offline ImageNet EfficientNet-Lite0; or
 ``timm:<name>``) and a pretrained transformers text encoder (default the offline all-MiniLM-L6-v2,
 mean pooling over the attention mask), plus two linear projections to a shared ``embed_dim`` and a
-learned logit scale. A linear probe (``python -m teachers.train_lit``) trains only the projections;
+learned logit scale. A linear probe (``python -m distill.train_lit``) trains only the projections;
 ``--mode finetune`` also trains the last blocks of both towers, saved beside the projections.
 
 ``<folder>`` holds ``lit.json`` (the :class:`LiTConfig` fields), ``projections.safetensors``

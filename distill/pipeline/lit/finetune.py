@@ -1,4 +1,4 @@
-"""Contrastive fine-tuning of a LiT teacher's towers (``python -m teachers.train_lit --mode finetune``).
+"""Contrastive fine-tuning of a LiT teacher's towers (``python -m distill.train_lit --mode finetune``).
 
 The last ``image_blocks`` backbone blocks, the last ``text_layers`` text-encoder layers, both
 projections and the logit scale are trained with a (multi-positive) symmetric InfoNCE on augmented
@@ -27,7 +27,7 @@ from distill.core.errors import ConfigError
 from distill.core.data.dataset import ImageTextDataset
 from distill.core.towers import trim_padding
 from teachers.lit import LiTTeacher
-from distill.pipeline.lit.train import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
+from distill.pipeline.lit.probe import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
 
 CAPTION_MODES = ("one", "all")
 
