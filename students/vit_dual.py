@@ -55,12 +55,21 @@ class ViTDualConfig:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
 
+#: The named ``vit`` architectures, the one source of them (the ``cpu``/``gpu`` config presets name one
+#: with ``student: {name: vit, preset: ...}``). A name reads ``vit-<ti|s|b><patch>[-<image px>]
+#: [-d<vision layers>][-t<text width>]``: what it leaves out is the ViTDualConfig default (224 px, 12
+#: vision layers) or the size's own text tower (tests/test_students.py checks every name).
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     "vit-s16": {},
+    # the gpu preset: ViT-S/16 at 224 px with a 384-wide, 6-head text tower
+    "vit-s16-t384": {"text_width": 384, "text_heads": 6},
     "vit-ti16": {"vision_width": 192, "vision_heads": 3},
     # CPU-friendly: ViT-Ti/16 at 128 px (8x8 grid), 4-layer text tower, 32 tokens.
     "vit-ti16-128": {"vision_width": 192, "vision_heads": 3, "image_size": 128,
                      "text_layers": 4, "context_length": 32},
+    # the cpu preset: vit-ti16-128 with 6 vision layers
+    "vit-ti16-128-d6": {"vision_width": 192, "vision_heads": 3, "image_size": 128, "vision_layers": 6,
+                        "text_layers": 4, "context_length": 32},
     "vit-b16": {"embed_dim": 512, "vision_width": 768, "vision_heads": 12,
                 "text_width": 512, "text_heads": 8, "text_layers": 12},
 }

@@ -235,10 +235,11 @@ def test_config_overrides_and_presets(tmp_path):
             parse_override(bad)
 
     cpu = resolve_config("cpu")
-    assert cpu["student"]["vision_width"] == 192 and cpu["student"]["image_size"] == 128
+    assert cpu["student"] == {"name": "vit", "preset": "vit-ti16-128-d6"}
     assert cpu["train"]["batch_size"] == 64 and [x["name"] for x in cpu["losses"]] == DEFAULT_LOSSES
-    gpu = resolve_config("gpu", overrides=["train.batch_size=128"])
-    assert gpu["student"]["vision_width"] == 384 and gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128
+    gpu = resolve_config("gpu", overrides=["train.batch_size=128", "student.vision_layers=8"])
+    assert gpu["student"] == {"name": "vit", "preset": "vit-s16-t384", "vision_layers": 8}
+    assert gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128
 
     pruned = resolve_config("cpu", flags={"student.name": "pruned"},
                             overrides=["student.teacher=lit:DIR", "student.image_layers=10", "student.text_layers=2"])
