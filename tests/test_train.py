@@ -30,6 +30,7 @@ from distill.pipeline.train.data import GlobalBatchSampler
 from distill.pipeline.train.log import read_log
 from teachers import create_teacher
 from tests.helpers.data import make_tiny_dataset
+from tests.helpers.registry import registered
 from tests.helpers.training import TINY_STUDENT, train_args
 
 
@@ -173,10 +174,13 @@ class NanGradLoss(DistillLoss):
         return (x * 0.0).sum() + 1.0
 
 
-LOSSES.register("test_nan_grad")(NanGradLoss)
+@pytest.fixture
+def nan_grad_loss():
+    with registered(LOSSES, "test_nan_grad", NanGradLoss):
+        yield
 
 
-def test_nonfinite_gradient_skips_the_update(tiny, tmp_path):
+def test_nonfinite_gradient_skips_the_update(tiny, tmp_path, nan_grad_loss):
     tsv, cache = tiny
     out = tmp_path / "run"
     losses = "[{name: contrastive_distill, cfg: {queue_size: 16}}, {name: feature_l1}, {name: test_nan_grad, cfg: {bad_steps: [2]}}]"
