@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from distill.balance.base import Balancer
 from distill.core.dist import all_gather, gather_with_grad
+from distill.core.errors import CheckpointError, ConfigError
 from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 from distill.core.registry import create_balancer, create_loss
 from distill.losses.base import DistillBatch, DistillLoss, Dims
@@ -89,9 +90,9 @@ class Distiller(nn.Module):
                  projection: str = "auto") -> None:
         super().__init__()
         if not stages:
-            raise ValueError("a distiller needs at least one stage")
+            raise ConfigError("a distiller needs at least one stage")
         if any(s.steps is None or s.steps < 1 for s in stages[:-1]):
-            raise ValueError("every stage but the last needs a number of steps >= 1")
+            raise ConfigError("every stage but the last needs a number of steps >= 1")
         self.student = student
         self.stages = nn.ModuleList(stages)
         #: optimizer step at which each stage after the first begins
@@ -161,7 +162,7 @@ class Distiller(nn.Module):
             if module is not None:
                 module.load_state_dict(state[key])
             elif state[key]:
-                raise KeyError(f"the checkpoint holds distiller {key} but the configured losses use none")
+                raise CheckpointError(f"the checkpoint holds distiller {key} but the configured losses use none")
 
 
 def loss_dims(student: Any, cache: Any) -> Dims:
@@ -175,15 +176,18 @@ def loss_dims(student: Any, cache: Any) -> Dims:
 
 
 def build_losses(dims: Dims, loss_cfg: Sequence[dict[str, Any]]) -> dict[str, DistillLoss]:
-    """Every configured loss term (``[{name, cfg}]``) by name."""
+    """Every configured loss term (``[{name, cfg}]``) by name. The Distiller hands every loss the
+    batch already gathered over the ranks, so a loss's own ``gather`` is switched off; an explicit
+    ``gather`` option is refused rather than overridden."""
     losses = {}
     for item in loss_cfg:
-        try:
-            loss = create_loss(item["name"], dims, **(item.get("cfg") or {}))
-        except TypeError as e:
-            raise TypeError(f"loss {item['name']!r}: bad options {item.get('cfg')}: {e}") from e
+        cfg = item.get("cfg") or {}
+        if "gather" in cfg:
+            raise ConfigError(f"loss {item['name']!r}: gather is not an option in training: the Distiller hands "
+                              "every loss the batch already gathered over the ranks")
+        loss = create_loss(item["name"], dims, **cfg)
         if hasattr(loss, "gather"):
-            loss.gather = False  # the Distiller already hands every loss the gathered global batch
+            loss.gather = False  # the Distiller already gathered the batch (see above)
         losses[item["name"]] = loss
     return losses
 

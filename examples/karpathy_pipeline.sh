@@ -87,7 +87,7 @@ karpathy_pipeline() {
         "${validation[@]}" "${train_args[@]}"
 
     echo "== [3/5] exporting the student to open_clip -> $out/open_clip"
-    "$PY" -m students.export --checkpoint "$out/train/student" --out "$out/open_clip"
+    "$PY" -m distill.export --checkpoint "$out/train/student" --out "$out/open_clip"
 
     echo "== [4/5] evaluating on the test split -> $out/results"
     local -a test_split=(--data "$data" --images-root "$root" --split test "${eval_args[@]}")

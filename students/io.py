@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from distill.core.errors import CheckpointCorruptError, CheckpointError
+from distill.core.errors import CheckpointCorruptError, CheckpointError, StudentFileError
 from students.base import Student
 
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ def _build(config: Any, source: Path) -> Student:
     from distill.core.registry import create_student
 
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"{source}: student config must be a dict with a 'name', got {config!r}")
+        raise StudentFileError(f"{source}: student config must be a dict with a 'name', got {config!r}")
     return create_student(**config)
 
 
@@ -73,9 +73,9 @@ def _load_folder(folder: Path) -> Student:
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: invalid JSON ({e})") from e
+        raise StudentFileError(f"{meta_path}: invalid JSON ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+        raise StudentFileError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
     student = _build(meta.get("config"), meta_path)
     try:
         missing, unexpected = load_model(student, str(weights), strict=False)

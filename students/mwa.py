@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
 from distill.core.registry import STUDENTS
 from distill.core.towers import feature_map_tokens
@@ -120,12 +121,12 @@ class MultiwayAdapterStudent(TunedStudent):
                  enhancer_width: int = 64) -> None:
         super().__init__(teacher)
         if text_adapter_width < 1 or enhancer_width < 1 or image_adapter_ratio <= 0:
-            raise ValueError(f"mwa: adapter widths must be positive, got text_adapter_width={text_adapter_width}, "
+            raise ConfigError(f"mwa: adapter widths must be positive, got text_adapter_width={text_adapter_width}, "
                              f"image_adapter_ratio={image_adapter_ratio}, enhancer_width={enhancer_width}")
         self.text_adapter_width, self.image_adapter_ratio = text_adapter_width, image_adapter_ratio
         self.enhancer_width = enhancer_width
         if not isinstance(self.backbone, nn.Sequential):
-            raise ValueError(f"mwa: the teacher's image backbone {type(self.backbone).__name__} is no block list")
+            raise ConfigError(f"mwa: the teacher's image backbone {type(self.backbone).__name__} is no block list")
         shapes = block_shapes(self.backbone, min(self.image_size, 64))
         adapted = 0
         for i, (block, (c_in, c_out, stride)) in enumerate(zip(list(self.backbone), shapes)):
@@ -134,7 +135,7 @@ class MultiwayAdapterStudent(TunedStudent):
                 self.backbone[i] = ParallelAdapted(block, ConvAdapter(c_in, c_out, width, stride))
                 adapted += 1
         if not adapted:
-            raise ValueError(f"mwa: the image backbone has no {'/'.join(RESIDUAL_BLOCKS)} block to adapt")
+            raise ConfigError(f"mwa: the image backbone has no {'/'.join(RESIDUAL_BLOCKS)} block to adapt")
         for layer in self.text_model.encoder.layer:
             layer.output = AdaptedFFNOutput(layer.output, TokenAdapter(self.text_token_dim, text_adapter_width))
         self.enhancer = AlignmentEnhancer(self.embed_dim, enhancer_width)

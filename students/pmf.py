@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
 from distill.core.registry import STUDENTS
 from distill.core.towers import feature_map_tokens
@@ -83,12 +84,12 @@ class PromptFusionStudent(TunedStudent):
         super().__init__(teacher)
         depth = len(self.text_model.encoder.layer)
         if not 1 <= prompt_layers <= depth:
-            raise ValueError(f"pmf: prompt_layers must be in 1..{depth} (the text encoder's depth), got {prompt_layers}")
+            raise ConfigError(f"pmf: prompt_layers must be in 1..{depth} (the text encoder's depth), got {prompt_layers}")
         if min(num_query, num_query_context, num_fusion_context) < 1:
-            raise ValueError(f"pmf: prompt counts must be >= 1, got query={num_query}, "
+            raise ConfigError(f"pmf: prompt counts must be >= 1, got query={num_query}, "
                              f"query_context={num_query_context}, fusion_context={num_fusion_context}")
         if image_width % image_heads:
-            raise ValueError(f"pmf: image_width {image_width} is not divisible by image_heads {image_heads}")
+            raise ConfigError(f"pmf: image_width {image_width} is not divisible by image_heads {image_heads}")
         self.prompt_layers, self.num_query = prompt_layers, num_query
         self.num_query_context, self.num_fusion_context = num_query_context, num_fusion_context
         self.image_width, self.image_heads = image_width, image_heads

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
 from distill.core.profile import count_flops
-from distill.core.registry import STUDENTS, create_teacher
+from distill.core.errors import ConfigError
+from distill.core.registry import STUDENTS, check_teacher_spec, create_teacher
 from students.base import Student, TextBatch
 
 
@@ -29,6 +30,14 @@ class PrunedStudent(Student):
     """Layer-pruned copy of a teacher with linear projections to ``embed_dim`` and a logit scale."""
 
     name = "pruned"
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """The teacher spec names a registered backend (checked before anything is built)."""
+        try:
+            check_teacher_spec(options.get("teacher"))
+        except ConfigError as e:
+            raise type(e)(f"teacher: {e}") from e
 
     def __init__(self, teacher: str, image_layers: int, text_layers: int, embed_dim: int = 256,
                  frozen_image_layers: int = 0, freeze_text_embeddings: bool = False) -> None:
@@ -107,9 +116,9 @@ def _freeze_prefix(tower: nn.Module, n: int, depth: int) -> list[nn.Module]:
     if n == 0:
         return []
     if not 0 < n <= depth:
-        raise ValueError(f"frozen_image_layers must be in [0, image_layers={depth}], got {n}")
+        raise ConfigError(f"frozen_image_layers must be in [0, image_layers={depth}], got {n}")
     if not hasattr(tower, "prefix_modules"):
-        raise ValueError(f"{type(tower).__name__} does not support frozen_image_layers")
+        raise ConfigError(f"{type(tower).__name__} does not support frozen_image_layers")
     modules = tower.prefix_modules(n)
     for m in modules:
         m.requires_grad_(False).eval()
@@ -130,7 +139,7 @@ def _check_copied(teacher: Any, *towers: nn.Module) -> None:
 def _last_matrix(module: nn.Module, what: str) -> nn.Parameter:
     weights = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
     if not weights:
-        raise ValueError(f"the pruned {what} tower has no trainable weight matrix")
+        raise ConfigError(f"the pruned {what} tower has no trainable weight matrix")
     return weights[-1]
 
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 from torch import Tensor, nn
 
-from distill.core.registry import TEACHERS, create_teacher
+from distill.core.errors import ConfigError
+from distill.core.registry import TEACHERS, check_teacher_spec, create_teacher
 from distill.core.towers import pool_text, tokenize_padded
 from students.base import Student, TextBatch
 
@@ -26,11 +27,19 @@ class TunedStudent(Student):
 
     name: str
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """The teacher spec names a registered backend (checked before anything is built)."""
+        try:
+            check_teacher_spec(options.get("teacher"))
+        except ConfigError as e:
+            raise type(e)(f"teacher: {e}") from e
+
     def __init__(self, teacher: str) -> None:
         super().__init__()
         t = create_teacher(teacher)
         if not isinstance(t, TEACHERS.get("lit")):
-            raise ValueError(f"student {self.name!r} needs a lit: teacher (lit:<folder> or lit:default), "
+            raise ConfigError(f"student {self.name!r} needs a lit: teacher (lit:<folder> or lit:default), "
                              f"got {teacher!r} ({type(t).__name__})")
         self.teacher_spec = teacher
         # The freshly built teacher is discarded, so its modules are taken over rather than copied.

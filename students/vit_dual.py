@@ -1,6 +1,6 @@
 """The ``vit`` student: a CLIP-style ViT image tower + small causal text transformer.
 
-Internally it *is* an ``open_clip.CLIP`` (``self.clip``), so :func:`students.export.export_open_clip`
+Internally it *is* an ``open_clip.CLIP`` (``self.clip``), so :func:`distill.pipeline.export.main.export_open_clip`
 is a lossless copy of config and weights. The student only adds access to the patch tokens, the
 per-token text features and pooled intermediate-layer features.
 """
@@ -48,19 +48,28 @@ class ViTDualConfig:
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
                                     (self.text_width, self.text_heads, "text")):
             if width % heads:
-                raise ValueError(f"{tower}_width={width} is not divisible by {tower}_heads={heads}")
+                raise ConfigError(f"{tower}_width={width} is not divisible by {tower}_heads={heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
 
+#: The named ``vit`` architectures, the one source of them (the ``cpu``/``gpu`` config presets name one
+#: with ``student: {name: vit, preset: ...}``). A name reads ``vit-<ti|s|b><patch>[-<image px>]
+#: [-d<vision layers>][-t<text width>]``: what it leaves out is the ViTDualConfig default (224 px, 12
+#: vision layers) or the size's own text tower (tests/test_students.py checks every name).
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     "vit-s16": {},
+    # the gpu preset: ViT-S/16 at 224 px with a 384-wide, 6-head text tower
+    "vit-s16-t384": {"text_width": 384, "text_heads": 6},
     "vit-ti16": {"vision_width": 192, "vision_heads": 3},
     # CPU-friendly: ViT-Ti/16 at 128 px (8x8 grid), 4-layer text tower, 32 tokens.
     "vit-ti16-128": {"vision_width": 192, "vision_heads": 3, "image_size": 128,
                      "text_layers": 4, "context_length": 32},
+    # the cpu preset: vit-ti16-128 with 6 vision layers
+    "vit-ti16-128-d6": {"vision_width": 192, "vision_heads": 3, "image_size": 128, "vision_layers": 6,
+                        "text_layers": 4, "context_length": 32},
     "vit-b16": {"embed_dim": 512, "vision_width": 768, "vision_heads": 12,
                 "text_width": 512, "text_heads": 8, "text_layers": 12},
 }
@@ -75,15 +84,12 @@ class ViTDualStudent(Student):
 
     name = "vit"
 
-    def __init__(self, cfg: ViTDualConfig | None = None, *, preset: str | None = None, **overrides: Any) -> None:
+    #: the options besides ``preset`` (its ``**overrides``): the fields of :class:`ViTDualConfig`
+    extra_options = tuple(f.name for f in fields(ViTDualConfig))
+
+    def __init__(self, cfg: ViTDualConfig | None = None, /, *, preset: str | None = None, **overrides: Any) -> None:
         if cfg is None:
-            if preset is not None and preset not in VIT_PRESETS:
-                raise UnknownNameError(f"unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
-            known = {f.name for f in fields(ViTDualConfig)}
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise ConfigError(f"unknown vit student option(s) {unknown}; known: {sorted(known)}")
-            cfg = ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides})
+            cfg = self.resolve_config(preset, overrides)
         elif preset is not None or overrides:
             raise ConfigError("ViTDualStudent: give either a ViTDualConfig or a preset with overrides, not both")
         super().__init__()
@@ -96,6 +102,27 @@ class ViTDualStudent(Student):
         self.grid = (cfg.image_size // cfg.patch_size,) * 2
         self.clip = CLIP(**self.open_clip_model_cfg())
         self.clip.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    @staticmethod
+    def resolve_config(preset: str | None, overrides: dict[str, Any]) -> ViTDualConfig:
+        """The architecture of ``preset`` (:data:`VIT_PRESETS`, default ``vit-s16``) with field ``overrides``."""
+        if preset is not None and preset not in VIT_PRESETS:
+            raise UnknownNameError(f"preset: unknown vit preset {preset!r}; known: {', '.join(VIT_PRESETS)}")
+        known = {f.name for f in fields(ViTDualConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown option of student 'vit'; known: preset, {', '.join(sorted(known))}")
+        try:
+            return ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **overrides})
+        except TypeError as e:  # e.g. a string where a number belongs
+            raise ConfigError(f"options {overrides}: {e}") from e
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """The architecture resolves (a known preset, widths divisible by heads, ...): checked
+        when the config is read, before anything is built."""
+        options = dict(options)
+        cls.resolve_config(options.pop("preset", None), options)
 
     @property
     def logit_scale(self) -> nn.Parameter:  # type: ignore[override]

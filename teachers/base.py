@@ -40,7 +40,7 @@ class Teacher(nn.Module, ABC):
     ``text_token_dim`` and ``image_size`` and implement the abstract methods. Teachers are always in
     eval mode with ``requires_grad=False`` (call :meth:`freeze` at the end of ``__init__``), except
     trainable heads that a backend explicitly unfreezes (e.g. the LiT projections during
-    ``teachers.train_lit``).
+    ``distill.train_lit``).
     """
 
     spec: str

@@ -9,6 +9,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
+
 
 class OutputCapture(contextlib.AbstractContextManager):
     """Forward hooks that record the output of named modules while the context is open.
@@ -43,14 +45,14 @@ def check_layers(layers: Sequence[int], num_layers: int, tower: str) -> list[int
     out = [int(i) for i in layers]
     bad = [i for i in out if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"{tower} layers {bad} out of range: the {tower} tower has {num_layers} blocks (0..{num_layers - 1})")
+        raise ConfigError(f"{tower} layers {bad} out of range: the {tower} tower has {num_layers} blocks (0..{num_layers - 1})")
     return out
 
 
 def check_prune_depth(k: int, num_layers: int, tower: str) -> int:
     """Validate a pruning depth ``1 <= k <= num_layers``."""
     if not 1 <= int(k) <= num_layers:
-        raise ValueError(f"cannot keep {k} {tower} blocks: the teacher's {tower} tower has {num_layers} (use 1..{num_layers})")
+        raise ConfigError(f"cannot keep {k} {tower} blocks: the teacher's {tower} tower has {num_layers} (use 1..{num_layers})")
     return int(k)
 
 

@@ -47,7 +47,7 @@ from torchvision import transforms as T
 
 from distill.core.errors import ConfigError
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
-from distill.core.registry import TEACHERS, create_teacher
+from distill.core.registry import TEACHERS, check_teacher_spec, create_teacher
 from teachers.base import PrunedTowers, Teacher, TextBatch
 
 
@@ -98,6 +98,15 @@ class EnsembleTeacher(Teacher):
         """Build from the spec after ``ensemble:``: ``rest`` is ``SPEC1+SPEC2[+...]`` or a members file."""
         members = parse_members(rest)
         return cls([create_teacher(spec) for spec, _ in members], [w for _, w in members])
+
+    @classmethod
+    def check_spec(cls, rest: str) -> None:
+        """Every member spec names a registered backend (nothing is built)."""
+        for spec, _ in parse_members(rest):
+            try:
+                check_teacher_spec(spec)
+            except ConfigError as e:
+                raise type(e)(f"ensemble member {spec!r}: {e}") from e
 
     def __init__(self, members: Sequence[Teacher], weights: Sequence[float]) -> None:
         super().__init__()

@@ -47,7 +47,7 @@ class HFTeacher(Teacher):
         self.spec = f"hf:{folder}"
         self.model = AutoModel.from_pretrained(self.folder, local_files_only=True)
         if not isinstance(self.model, SUPPORTED):
-            raise ValueError(f"hf: {self.folder} holds a {type(self.model).__name__}; supported: "
+            raise ConfigError(f"hf: {self.folder} holds a {type(self.model).__name__}; supported: "
                              f"{', '.join(c.__name__ for c in SUPPORTED)}")
         self.is_siglip = isinstance(self.model, SiglipModel)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)

@@ -4,7 +4,7 @@ A pretrained image backbone (torchvision model with a ``features`` trunk, defaul
 ImageNet MobileNetV2; ``efficientnet_lite0``, the offline ImageNet EfficientNet-Lite0; or
 ``timm:<name>``) and a pretrained transformers text encoder (default the offline all-MiniLM-L6-v2,
 mean pooling over the attention mask), plus two linear projections to a shared ``embed_dim`` and a
-learned logit scale. A linear probe (``python -m teachers.train_lit``) trains only the projections;
+learned logit scale. A linear probe (``python -m distill.train_lit``) trains only the projections;
 ``--mode finetune`` also trains the last blocks of both towers, saved beside the projections.
 
 ``<folder>`` holds ``lit.json`` (the :class:`LiTConfig` fields), ``projections.safetensors``
@@ -86,9 +86,9 @@ class LiTConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"lit: pooling must be 'mean' or 'cls', not {self.pooling!r}")
+            raise ConfigError(f"lit: pooling must be 'mean' or 'cls', not {self.pooling!r}")
         if self.backbone_weights is None and self.backbone not in OFFLINE_BACKBONES:
-            raise ValueError(f"lit: backbone {self.backbone!r} needs backbone_weights (only {', '.join(OFFLINE_BACKBONES)} "
+            raise ConfigError(f"lit: backbone {self.backbone!r} needs backbone_weights (only {', '.join(OFFLINE_BACKBONES)} "
                              "have an offline default)")
 
     @classmethod
@@ -99,7 +99,7 @@ class LiTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"training"})
         if unknown:
-            raise ValueError(f"lit: {path}: unknown keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"lit: {path}: unknown keys {unknown}; known: {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -118,12 +118,12 @@ def build_backbone(name: str, weights: str | None) -> nn.Module:
         model = timm.create_model(name[len("timm:"):], pretrained=False, num_classes=0)
         missing = model.load_state_dict(state, strict=False).missing_keys  # classifier keys may be extra
         if missing:
-            raise ValueError(f"lit: {path} lacks {len(missing)} weights of timm model {name!r}, e.g. {missing[:3]}")
+            raise ConfigError(f"lit: {path} lacks {len(missing)} weights of timm model {name!r}, e.g. {missing[:3]}")
         return TimmTrunk(model)
     model = torchvision.models.get_model(name, weights=None)
     model.load_state_dict(state)
     if not isinstance(getattr(model, "features", None), nn.Sequential):
-        raise ValueError(f"lit: torchvision model {name!r} has no 'features' trunk; use e.g. mobilenet_v2, "
+        raise ConfigError(f"lit: torchvision model {name!r} has no 'features' trunk; use e.g. mobilenet_v2, "
                          "mobilenet_v3_large, efficientnet_b0 or timm:<name>")
     return model.features
 
@@ -215,7 +215,7 @@ class LiTTeacher(Teacher):
         for name, ref in expected.items():
             if name not in state or state[name].shape != ref.shape:
                 got = tuple(state[name].shape) if name in state else "missing"
-                raise ValueError(f"lit: projections {name}: expected shape {tuple(ref.shape)}, got {got}")
+                raise ConfigError(f"lit: projections {name}: expected shape {tuple(ref.shape)}, got {got}")
         with torch.no_grad():
             self.image_proj.weight.copy_(state["image_proj.weight"])
             self.text_proj.weight.copy_(state["text_proj.weight"])
@@ -233,11 +233,11 @@ class LiTTeacher(Teacher):
         own = self.state_dict()
         bad = [k for k in state if not k.startswith(("backbone.", "text_model.")) or k not in own]
         if bad:
-            raise ValueError(f"lit: tower weights {bad[:3]} do not exist in this teacher ({self.cfg.backbone} + "
+            raise ConfigError(f"lit: tower weights {bad[:3]} do not exist in this teacher ({self.cfg.backbone} + "
                              f"{self.cfg.text_model or 'all-MiniLM-L6-v2'}); was it fine-tuned from another backbone?")
         wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
         if wrong:
-            raise ValueError(f"lit: tower weights have other shapes than this teacher: {wrong[:3]}")
+            raise ConfigError(f"lit: tower weights have other shapes than this teacher: {wrong[:3]}")
         self.load_state_dict(state, strict=False)
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None,

@@ -48,9 +48,9 @@ class MLLMConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("last", "mean"):
-            raise ValueError(f"mllm: pooling must be 'last' or 'mean', not {self.pooling!r}")
+            raise ConfigError(f"mllm: pooling must be 'last' or 'mean', not {self.pooling!r}")
         if SENT not in self.text_prompt:
-            raise ValueError(f"mllm: text_prompt must contain {SENT!r}: {self.text_prompt!r}")
+            raise ConfigError(f"mllm: text_prompt must contain {SENT!r}: {self.text_prompt!r}")
 
     @classmethod
     def from_folder(cls, folder: Path) -> "MLLMConfig":
@@ -60,7 +60,7 @@ class MLLMConfig:
         data = json.loads(path.read_text())
         known = {f.name for f in fields(cls)}
         if set(data) - known:
-            raise ValueError(f"mllm: {path}: unknown keys {sorted(set(data) - known)}; known: {sorted(known)}")
+            raise ConfigError(f"mllm: {path}: unknown keys {sorted(set(data) - known)}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -87,7 +87,7 @@ class MLLMTeacher(Teacher):
         self.image_token = getattr(self.processor, "image_token", "<image>")
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
         if self.image_token not in self.cfg.image_prompt:
-            raise ValueError(f"mllm: image_prompt must contain the image token {self.image_token!r}: "
+            raise ConfigError(f"mllm: image_prompt must contain the image token {self.image_token!r}: "
                              f"{self.cfg.image_prompt!r}")
         text_cfg = self.model.config.get_text_config()
         self.embed_dim = self.image_token_dim = self.text_token_dim = int(text_cfg.hidden_size)

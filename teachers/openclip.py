@@ -29,6 +29,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer, text_globa
 from PIL import Image
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize, masked_mean
 from distill.core.registry import TEACHERS
 from teachers.base import PrunedTowers, Teacher, TextBatch
@@ -41,7 +42,7 @@ SCHEMAS = ("local-dir:", "hf-hub:")
 def parse_spec(rest: str) -> tuple[str, str | None]:
     """``<model>[:<pretrained>]`` -> (model, pretrained or None); ``local-dir:``/``hf-hub:`` kept."""
     if not rest:
-        raise ValueError("openclip spec needs a model: openclip:<model>[:<pretrained tag or checkpoint path>]")
+        raise ConfigError("openclip spec needs a model: openclip:<model>[:<pretrained tag or checkpoint path>]")
     prefix = next((s for s in SCHEMAS if rest.startswith(s)), "")
     name, _, pretrained = rest[len(prefix):].partition(":")
     return prefix + name, pretrained or None
@@ -54,10 +55,10 @@ def _register_config_json(path: Path) -> str:
     cfg = json.loads(path.read_text())
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(f"openclip: {path} is not an open_clip model config (missing {missing})")
+        raise ConfigError(f"openclip: {path} is not an open_clip model config (missing {missing})")
     open_clip.add_model_config(path)  # later additions win, so this file is what the stem resolves to
     if open_clip.get_model_config(path.stem) != cfg:
-        raise ValueError(f"openclip: could not register {path} under the name {path.stem!r}")
+        raise ConfigError(f"openclip: could not register {path} under the name {path.stem!r}")
     return path.stem
 
 
@@ -91,7 +92,7 @@ def _resolve_model(model: str) -> str:
     if model.endswith(".json"):
         return _register_config_json(Path(model).expanduser())
     if model.replace("/", "-") not in open_clip.list_models():
-        raise ValueError(f"openclip: unknown model {model!r}; use a built-in name (e.g. ViT-B-32), "
+        raise ConfigError(f"openclip: unknown model {model!r}; use a built-in name (e.g. ViT-B-32), "
                          "local-dir:<folder> or a model config .json path")
     return model
 

@@ -149,8 +149,9 @@ def test_quality_rows_are_reused_resumed_or_retrained(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_student, "train", fake_train)
     bench = q.Bench(q.parse_args(["--work", str(tmp_path)]))
-    config = bench.train_config("row", tmp_path / "cache", {"student": {"name": "pruned"}})
-    assert config["data"]["cache"] == str(tmp_path / "cache") and config["student"] == {"name": "pruned"}
+    pruned = {"name": "pruned", "teacher": "prunetoy:0", "image_layers": 1, "text_layers": 1}  # options checked
+    config = bench.train_config("row", tmp_path / "cache", {"student": pruned})
+    assert config["data"]["cache"] == str(tmp_path / "cache") and config["student"] == pruned
     assert bench.train("row", config) == tmp_path / "row" / "student" and len(calls) == 1
     assert json.loads((tmp_path / "row" / "summary.json").read_text())["steps"] == 1
     (tmp_path / "row" / "eval.json").write_text("{}")
@@ -160,7 +161,7 @@ def test_quality_rows_are_reused_resumed_or_retrained(tmp_path, monkeypatch):
     (tmp_path / "row" / "checkpoints").mkdir()
     bench.train("row", config)
     assert len(calls) == 2 and (tmp_path / "row" / "checkpoints").is_dir()
-    other = bench.train_config("row", tmp_path / "cache", {"student": {"name": "pruned"}}, {"train": {"lr": 1e-3}})
+    other = bench.train_config("row", tmp_path / "cache", {"student": pruned}, {"train": {"lr": 1e-3}})
     bench.train("row", other)
     assert len(calls) == 3 and not (tmp_path / "row" / "eval.json").exists()
     assert not (tmp_path / "row" / "checkpoints").exists()

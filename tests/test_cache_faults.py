@@ -22,6 +22,7 @@ from distill.pipeline.cache.main import main
 from distill.pipeline.cache.teacher import verify_cache
 from distill.core.data.factory import load_dataset
 from teachers import TEACHERS, create_teacher
+from tests.helpers.registry import registered
 from tests.helpers.caches import BASE, build, tree_bytes
 from tests.helpers.data import make_tiny_dataset
 from tests.helpers.paths import REPO
@@ -199,15 +200,23 @@ class BigToyTeacher(ToyTeacher):
         return f
 
 
-TEACHERS.register("nantoy")(NaNToyTeacher)
-TEACHERS.register("bigtoy")(BigToyTeacher)
+@pytest.fixture
+def nantoy():
+    with registered(TEACHERS, "nantoy", NaNToyTeacher):
+        yield
+
+
+@pytest.fixture
+def bigtoy():
+    with registered(TEACHERS, "bigtoy", BigToyTeacher):
+        yield
 
 
 def _with_teacher(spec):
     return [a if a != "toy:0" else spec for a in BASE]
 
 
-def test_nonfinite_output_refused_naming_array_shard_count(tiny_tsv, tmp_path):
+def test_nonfinite_output_refused_naming_array_shard_count(tiny_tsv, tmp_path, nantoy):
     from distill.core.errors import NonFiniteOutputError
 
     out = tmp_path / "c"
@@ -218,7 +227,7 @@ def test_nonfinite_output_refused_naming_array_shard_count(tiny_tsv, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
-def test_nonfinite_report_stores_counts_and_verify_fails_on_nan(tiny_tsv, tmp_path, capsys):
+def test_nonfinite_report_stores_counts_and_verify_fails_on_nan(tiny_tsv, tmp_path, capsys, nantoy):
     out = tmp_path / "c"
     NaNToyTeacher.calls = 0
     assert main([*_with_teacher("nantoy:0"), "--data", str(tiny_tsv), "--out", str(out), "--nonfinite", "report"]) == 0
@@ -244,7 +253,7 @@ def torch_isnan_rows(cache):
     return torch.nonzero(torch.isnan(cache.images(range(cache.num_images)).embed).any(1)).flatten().tolist()
 
 
-def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys):
+def test_fp16_overflow_refused_then_stored_wide(tiny_tsv, tmp_path, capsys, bigtoy):
     import torch
 
     from distill.core.errors import FP16OverflowError

@@ -113,8 +113,8 @@ def test_cuda_from_a_config_file_without_a_gpu_is_one_line(tmp_path, capsys, mon
     ("distill.cache_teacher", ["--teacher", "toy:0", "--plugin", "tests.helpers.toy_teachers", "--data", "{tmp}/x.tsv",
                                "--out", "{tmp}/c", "--verify", "-3"], "--verify must be"),
     ("distill.evaluate", ["--model", "{tmp}/missing"], "is neither an existing"),
-    ("students.export", ["--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/e"], "no student folder or checkpoint"),
-    ("teachers.train_lit", ["--data", "{tmp}/none", "--out", "{tmp}/t", "--device", "cpu"], "dataset not found"),
+    ("distill.export", ["--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/e"], "no student folder or checkpoint"),
+    ("distill.train_lit", ["--data", "{tmp}/none", "--out", "{tmp}/t", "--device", "cpu"], "dataset not found"),
     ("distill.quickstart", ["--steps", "0x"], "argument --steps: invalid int value"),
 ])
 def test_command_line_errors_are_one_line_with_exit_2(tmp_path, module, argv, expected):

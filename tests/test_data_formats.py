@@ -11,6 +11,7 @@ import pytest
 from distill.core.errors import BadSampleError, ConfigError, NoSplitsError, SplitError
 from distill.core.data.factory import load_dataset
 from tests.helpers.data import make_tiny_dataset
+from tests.helpers.registry import registered
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_flickr8k"
 
@@ -131,10 +132,8 @@ def test_formats_are_registered_readers_asked_in_a_fixed_order(data: Path):
     lines.write_text("images/img000.jpg\ta dog\nimages/img001.jpg\ta cat\n")
     with pytest.raises(ValueError, match=r"unsupported dataset format '\.lines'"):
         load_dataset(lines)
-    DATASET_FORMATS.register("test_lines")(LinesReader)
-    try:
+    with registered(DATASET_FORMATS, "test_lines", LinesReader):
         assert reader_classes()[-1] is LinesReader  # priority 100: asked after the built-in formats
         ds = load_dataset(lines)
         assert ds.images == ["images/img000.jpg", "images/img001.jpg"] and ds.captions == ["a dog", "a cat"]
-    finally:
-        DATASET_FORMATS._items.pop("test_lines")
+    assert "test_lines" not in DATASET_FORMATS.names()

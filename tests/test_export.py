@@ -1,5 +1,5 @@
 """Exporting students: open_clip ``local-dir:`` round trip, ONNX and Hugging Face ``CLIPModel``
-exports with parity checks on the bundled sample, and the ``students.export`` CLI."""
+exports with parity checks on the bundled sample, and the ``distill.export`` CLI."""
 from __future__ import annotations
 
 import json

@@ -33,6 +33,7 @@ from distill.pipeline.train.log import LOG_NAME, read_log
 from tests.helpers.caches import edit_manifest
 from tests.helpers.paths import REPO
 from tests.helpers.procs import unused_pid
+from tests.helpers.registry import registered
 from tests.helpers.training import BAD_IMAGES, die_at, poison_targets, train_args
 
 STEPS = 7
@@ -325,10 +326,13 @@ class NanValueLoss(DistillLoss):
         return value * float("nan") if batch.step in self.bad_steps else value
 
 
-LOSSES.register("test_nan_value")(NanValueLoss)
+@pytest.fixture
+def nan_value_loss():
+    with registered(LOSSES, "test_nan_value", NanValueLoss):
+        yield
 
 
-def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tmp_path):
+def test_step_with_a_nonfinite_loss_term_is_skipped_despite_zero_weight(tiny, tmp_path, nan_value_loss):
     tsv, cache = tiny
     out = tmp_path / "run"
     losses = "[{name: contrastive_distill, cfg: {queue_size: 16}}, {name: feature_l1}, {name: test_nan_value, cfg: {bad_steps: [1]}}]"

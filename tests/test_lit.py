@@ -1,4 +1,4 @@
-"""lit: teacher with the real offline MobileNetV2 + all-MiniLM-L6-v2 weights, and teachers.train_lit."""
+"""lit: teacher with the real offline MobileNetV2 + all-MiniLM-L6-v2 weights, and distill.train_lit."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ from distill.pipeline.lit.train import main as train_lit_main
 from distill.pipeline.lit.finetune import pick_captions, trainable_prefixes
 from distill.core.contrastive import clip_info_nce
 from distill.pipeline.cli import run_cli
-from distill.pipeline.lit.train import LiTResult, contrastive_loss, recall_at_1, train_lit, train_projections
+from distill.pipeline.lit.probe import contrastive_loss, recall_at_1, train_projections
+from distill.pipeline.lit.train import LiTResult, train_lit
 from tests.helpers.paths import FLICKR8K, REPO
 
 SAMPLE = REPO / "examples" / "sample_flickr8k"

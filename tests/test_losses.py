@@ -9,7 +9,8 @@ import torch
 
 from distill.core.features import ImageFeatures, TextFeatures
 from distill.core.features import TeacherTargets
-from distill.losses import LOSSES, DistillBatch, Dims, create_loss
+from distill.core.errors import ConfigError
+from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims, create_loss
 from distill.losses.projection import EmbedProjections
 from distill.losses.queue import TeacherQueue
 
@@ -54,10 +55,16 @@ def np_ce(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
 
 
-def test_registry_has_all_losses():
-    # other tests may register extra losses: check the built-in ones are all there
-    assert {"contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip",
-            "mac", "deep_mse"} <= set(LOSSES.names())
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_builds_from_its_defaults(name):
+    """Every loss (driven by the registry): its options are discoverable and all have defaults, it
+    builds from dims alone and refuses an unknown option naming it."""
+    known, required, _ = LOSSES.options(name)
+    assert not required, f"{name}: every option needs a default (a config may give none)"
+    loss = create_loss(name, dims(ds=4, dt=6, si=5, st=3, ti=7, tt=2))
+    assert isinstance(loss, DistillLoss) and loss.queue_size >= 0
+    with pytest.raises(ConfigError, match=f"^no_such_option: unknown option of loss '{name}'"):
+        create_loss(name, dims(), no_such_option=1)
 
 
 # ---------------------------------------------------------------- embedding-matching losses
@@ -617,8 +624,7 @@ def test_gather_over_two_ranks_equals_full_batch(tmp_path):
     assert results[0]["queue_ids"] == results[1]["queue_ids"] == [0, 1, 1, 2, -1, -1]
 
 
-@pytest.mark.parametrize("name", ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl",
-                                  "triplet", "student_clip", "mac", "deep_mse"])
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
     d = dims(ds=4, dt=6, si=5, st=3, ti=7, tt=2)
     s_img = torch.tensor(rand_unit(4, 4), dtype=torch.bfloat16, requires_grad=True)
@@ -629,6 +635,8 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
                    t_txt_feats={"tokens": t(RNG.normal(size=(4, 6, 2))),
                                 "mask": torch.arange(6) < torch.tensor([[6], [2], [3], [4]])})
     b.s_img.embed = s_img
+    tokens = [f.tokens.detach().requires_grad_(True) for f in (b.s_img, b.s_txt)]
+    b.s_img.tokens, b.s_txt.tokens = tokens
     queue = TeacherQueue(5, 6)
     queue.push(t(rand_unit(3, 6)), t(rand_unit(3, 6)), torch.tensor([0, 7, 8]))
     queue.commit()
@@ -637,8 +645,8 @@ def test_every_loss_fp32_finite_and_differentiable_under_autocast(name):
         out = create_loss(name, d)(EmbedProjections(4, 6).attach(b))
     assert out.dtype == torch.float32 and out.dim() == 0 and torch.isfinite(out)
     out.backward()
-    if name != "token":
-        assert s_img.grad is not None and torch.isfinite(s_img.grad).all()
+    grads = [x.grad for x in (s_img, *tokens) if x.grad is not None]  # embedding- or token-level losses
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 # ---------------------------------------------------------------- caption-mean target from the loader

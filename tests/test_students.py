@@ -88,11 +88,60 @@ def test_vit_presets_and_option_errors():
     assert ti.config()["vision_heads"] == 3 and "preset" not in ti.config()
     with pytest.raises(KeyError, match="unknown vit preset 'nope'"):
         create_student("vit", preset="nope")
-    with pytest.raises(ConfigError, match=r"unknown vit student option\(s\) \['widht'\]"):
+    with pytest.raises(ConfigError, match=r"^widht: unknown option of student 'vit'; known: preset, embed_dim"):
         create_student("vit", widht=3)
     with pytest.raises(ValueError, match="vision_width=30 is not divisible by vision_heads=4"):
         create_student("vit", **{**TINY_VIT, "vision_width": 30, "vision_heads": 4})
     assert set(VIT_PRESETS) >= {"vit-s16", "vit-ti16", "vit-ti16-128"}
+
+
+#: what each ViT size means (the DeiT/CLIP conventions): vision width and heads, and its text tower
+SIZES = {"ti": (192, 3, 256, 4), "s": (384, 6, 256, 4), "b": (768, 12, 512, 8)}
+
+
+def _arch_from_name(name: str) -> dict:
+    """The architecture a VIT_PRESETS name says: vit-<ti|s|b><patch>[-<px>][-d<layers>][-t<text width>]."""
+    import re
+
+    m = re.fullmatch(r"vit-(ti|s|b)(\d+)(?:-(\d+))?(?:-d(\d+))?(?:-t(\d+))?", name)
+    assert m, f"{name} does not follow vit-<ti|s|b><patch>[-<px>][-d<layers>][-t<text width>]"
+    size, patch, px, depth, text = m.groups()
+    width, heads, text_width, text_heads = SIZES[size]
+    out = {"vision_width": width, "vision_heads": heads, "patch_size": int(patch), "image_size": int(px or 224),
+           "vision_layers": int(depth or 12), "text_width": int(text or text_width)}
+    if not text:
+        out["text_heads"] = text_heads
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(VIT_PRESETS))
+def test_every_vit_architecture_is_what_its_name_says(name):
+    from dataclasses import asdict
+
+    from students.vit_dual import ViTDualStudent
+
+    arch = asdict(ViTDualStudent.resolve_config(name, {}))
+    expected = _arch_from_name(name)
+    assert {k: arch[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("preset,arch,numbers", [
+    # the numbers the cpu / gpu presets trained before they named an architecture: unchanged
+    ("cpu", "vit-ti16-128-d6", dict(embed_dim=256, image_size=128, patch_size=16, vision_width=192, vision_layers=6,
+                                    vision_heads=3, text_width=256, text_layers=4, text_heads=4, context_length=32)),
+    ("gpu", "vit-s16-t384", dict(embed_dim=256, image_size=224, patch_size=16, vision_width=384, vision_layers=12,
+                                 vision_heads=6, text_width=384, text_layers=6, text_heads=6, context_length=77)),
+])
+def test_config_presets_name_one_architecture(preset, arch, numbers):
+    from dataclasses import asdict
+
+    from distill.pipeline.train.config import load_preset
+    from students.vit_dual import ViTDualStudent
+
+    assert load_preset(preset)["student"] == {"name": "vit", "preset": arch}  # no widths repeated in the YAML
+    resolved = asdict(ViTDualStudent.resolve_config(arch, {}))
+    assert {k: resolved[k] for k in numbers} == numbers
+    assert resolved["mlp_ratio"] == 4.0 and resolved["vocab_size"] == 49408
 
 
 def test_vit_s16_default_param_count():

@@ -99,3 +99,28 @@ def test_guard_fails_unmarked_tests_that_start_subprocesses(pytester, subprocess
     assert "/nonexistent/program-for-the-guard-test" in subprocess_log.started
     subprocess_log.started.clear()
     assert hasattr(subprocess.Popen.__init__, "__wrapped__")  # the inner session restored this session's guard
+
+
+#: the one plugin module registered for the whole session (the toy teachers every test may use, and
+#: ``--plugin tests.helpers.toy_teachers`` of the subprocess tests)
+SESSION_PLUGINS = {"helpers/toy_teachers.py"}
+
+
+def test_plugins_are_registered_for_one_test_and_private_registry_state_is_not_read():
+    """A test-only registry entry is added with ``tests.helpers.registry.registered`` (or in a
+    fixture) and removed afterwards: no module-level ``X.register(...)`` call outside the session
+    plugin, and no test reads a registry's private ``_items``."""
+    offenders = {}
+    for path in sorted(TESTS.rglob("*.py")):
+        rel = str(path.relative_to(TESTS))
+        text = path.read_text(encoding="utf-8")
+        bad = ["_items"] if re.search(r"\._items\b", text) and path.name != "test_suite_rules.py" else []
+        for node in ast.parse(text).body:  # module level only
+            call = node.value if isinstance(node, ast.Expr) else None
+            while isinstance(call, ast.Call):
+                if isinstance(call.func, ast.Attribute) and call.func.attr == "register" and rel not in SESSION_PLUGINS:
+                    bad.append(f"line {node.lineno}: module-level register")
+                call = call.func if isinstance(call.func, ast.Call) else None
+        if bad:
+            offenders[rel] = bad
+    assert not offenders, offenders

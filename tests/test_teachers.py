@@ -26,8 +26,35 @@ def oc_teacher(oc_json):
     return create_teacher(f"openclip:{oc_json}")
 
 
-def test_registry_has_all_backends():
-    assert {"openclip", "hf", "lit", "mllm"} <= set(TEACHERS.names())
+#: the test running each built-in backend's contract on a real (tiny or offline) model
+CONTRACT_TESTS = {"openclip": ("test_teachers.py", "test_openclip_contract"),
+                  "hf": ("test_teachers.py", "test_hf_contract"),
+                  "mllm": ("test_mllm.py", "test_mllm_contract"),
+                  "lit": ("test_lit.py", "test_lit_default_features"),
+                  "ensemble": ("test_ensemble.py", "test_ensemble_embeddings_are_weighted_mean_of_member_similarities")}
+
+
+@pytest.mark.parametrize("name", TEACHERS.names())
+def test_every_registered_teacher_backend(name):
+    """Driven by the registry: every backend is a Teacher built by a ``from_spec`` classmethod whose
+    spec check accepts its name; a built-in one has a contract test on a real model (a new backend
+    without one fails here); the test doubles of tests/helpers build and embed to unit vectors."""
+    import inspect
+
+    from distill.core.registry import check_teacher_spec
+    from teachers import Teacher
+
+    cls = TEACHERS.get(name)
+    assert issubclass(cls, Teacher) and isinstance(inspect.getattr_static(cls, "from_spec"), classmethod)
+    check_teacher_spec(f"{name}:0" if name != "ensemble" else "ensemble:toy:0+toy:1")
+    if cls.__module__.startswith("tests."):
+        t = create_teacher(f"{name}:0")
+        f = t.encode_image(random_pixels(t, 2))
+        torch.testing.assert_close(f.embed.norm(dim=-1), torch.ones(2))
+        return
+    assert name in CONTRACT_TESTS, f"teacher backend {name!r} has no contract test (tests/helpers/teachers.check_contract)"
+    file, test = CONTRACT_TESTS[name]
+    assert f"def {test}(" in (Path(__file__).parent / file).read_text(encoding="utf-8"), (file, test)
 
 
 def test_openclip_contract(oc_teacher):

@@ -30,6 +30,7 @@ from distill.pipeline.train.data import GlobalBatchSampler
 from distill.pipeline.train.log import read_log
 from teachers import create_teacher
 from tests.helpers.data import make_tiny_dataset
+from tests.helpers.registry import registered
 from tests.helpers.training import TINY_STUDENT, train_args
 
 
@@ -173,10 +174,13 @@ class NanGradLoss(DistillLoss):
         return (x * 0.0).sum() + 1.0
 
 
-LOSSES.register("test_nan_grad")(NanGradLoss)
+@pytest.fixture
+def nan_grad_loss():
+    with registered(LOSSES, "test_nan_grad", NanGradLoss):
+        yield
 
 
-def test_nonfinite_gradient_skips_the_update(tiny, tmp_path):
+def test_nonfinite_gradient_skips_the_update(tiny, tmp_path, nan_grad_loss):
     tsv, cache = tiny
     out = tmp_path / "run"
     losses = "[{name: contrastive_distill, cfg: {queue_size: 16}}, {name: feature_l1}, {name: test_nan_grad, cfg: {bad_steps: [2]}}]"
@@ -235,14 +239,17 @@ def test_config_overrides_and_presets(tmp_path):
             parse_override(bad)
 
     cpu = resolve_config("cpu")
-    assert cpu["student"]["vision_width"] == 192 and cpu["student"]["image_size"] == 128
+    assert cpu["student"] == {"name": "vit", "preset": "vit-ti16-128-d6"}
     assert cpu["train"]["batch_size"] == 64 and [x["name"] for x in cpu["losses"]] == DEFAULT_LOSSES
-    gpu = resolve_config("gpu", overrides=["train.batch_size=128"])
-    assert gpu["student"]["vision_width"] == 384 and gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128
+    gpu = resolve_config("gpu", overrides=["train.batch_size=128", "student.vision_layers=8"])
+    assert gpu["student"] == {"name": "vit", "preset": "vit-s16-t384", "vision_layers": 8}
+    assert gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128
 
     pruned = resolve_config("cpu", flags={"student.name": "pruned"},
-                            overrides=["student.teacher=lit:DIR", "student.image_layers=10"])
-    assert pruned["student"] == {"name": "pruned", "teacher": "lit:DIR", "image_layers": 10}
+                            overrides=["student.teacher=lit:DIR", "student.image_layers=10", "student.text_layers=2"])
+    assert pruned["student"] == {"name": "pruned", "teacher": "lit:DIR", "image_layers": 10, "text_layers": 2}
+    with pytest.raises(ConfigError, match="^student.text_layers: required option of student 'pruned' is not given$"):
+        resolve_config("cpu", flags={"student.name": "pruned"}, overrides=["student.teacher=lit:DIR", "student.image_layers=10"])
 
     yml = tmp_path / "c.yaml"
     yml.write_text("train:\n  lr: 2.0e-4\n  steps: 7\nlosses: [cosine, {name: token, cfg: {text_match: attention}}]\n"

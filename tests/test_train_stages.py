@@ -31,7 +31,7 @@ TWO_STAGES = ("stages=[{name: align, steps: 3, losses: [cosine, feature_l1], bal
 def test_config_dict_round_trips_and_old_keys_become_stages(tmp_path):
     cfg = resolve_config("cpu", overrides=["train.warmup_stage.steps=5", "train.lr=1e-3"])
     config = TrainRunConfig.from_dict(cfg)
-    assert config.to_dict() == cfg and config.train.lr == 1e-3 and config.student.options["vision_width"] == 192
+    assert config.to_dict() == cfg and config.train.lr == 1e-3 and config.student.options["preset"] == "vit-ti16-128-d6"
     assert config.stages is None  # not configured: made from the old keys
     warm, main = config.effective_stages()
     assert warm == StageConfig(5, [LossSpec("coma_reconstruct")], BalancerSpec("fixed", {"weights": {}}), "warm-up stage")

@@ -1,11 +1,40 @@
-"""Helpers shared by the balancers: checking term names, reading loss values and summing only the
-finite terms (a NaN term times a zero weight would still be NaN)."""
+"""Helpers shared by the balancers: checking options and term names, reading loss values and summing
+only the finite terms (a NaN term times a zero weight would still be NaN)."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from distill.core.errors import ConfigError
+
+
+def option(key: str, value: Any, ok: Callable[[float], bool], need: str) -> float:
+    """``value`` of option ``key`` as a float; a :class:`ConfigError` naming ``balancer.cfg.<key>``
+    (the config key of a one-stage config; re-rooted for a stage) unless it is a real number with ``ok``."""
+    number = value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number) or not ok(float(number)):
+        raise ConfigError(f"balancer.cfg.{key} must be {need}, got {value!r}")
+    return float(number)
+
+
+def term_mapping(key: str, given: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Option ``key`` as a ``{term: value}`` mapping whose names are all configured loss terms."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"balancer.cfg.{key} must map loss names to numbers, got {given!r}")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigError(f"balancer.cfg.{key}: weights given for unknown terms {unknown}; terms are {list(names)}")
+    return dict(given)
 
 
 def check_names(losses: dict[str, Tensor], names: Sequence[str]) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values, weighted_total
+from distill.balance.common import loss_values, option, weighted_total
 
 
 @BALANCERS.register("dsmd")
@@ -41,8 +41,10 @@ class DSMDBalancer(Balancer):
     def __init__(self, names: list[str], temperature: float = 2.0, beta: float = 0.9,
                  min_weight: float = 0.0, max_weight: float = math.inf) -> None:
         super().__init__()
-        if temperature <= 0 or not 0 <= beta < 1 or min_weight > max_weight:
-            raise ValueError("dsmd balancer: need temperature > 0, 0 <= beta < 1, min_weight <= max_weight")
+        temperature = option("temperature", temperature, lambda v: 0 < v < math.inf, "a number > 0")
+        beta = option("beta", beta, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        min_weight = option("min_weight", min_weight, lambda v: v >= 0, "a number >= 0")
+        max_weight = option("max_weight", max_weight, lambda v: v >= min_weight, f"a number >= min_weight ({min_weight:g})")
         self.names = list(names)
         self.temperature, self.beta = temperature, beta
         self.min_weight, self.max_weight = min_weight, max_weight

@@ -2,6 +2,7 @@
 of the total for that step and reported with weight 0."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -9,19 +10,17 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values, weighted_total
+from distill.balance.common import loss_values, option, term_mapping, weighted_total
 
 
 @BALANCERS.register("fixed")
 class FixedBalancer(Balancer):
     def __init__(self, names: list[str], weights: dict[str, float] | None = None) -> None:
         super().__init__()
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(names))
-        if unknown:
-            raise ValueError(f"fixed balancer: weights given for unknown terms {unknown}; terms are {names}")
+        weights = {n: option(f"weights.{n}", w, math.isfinite, "a finite number")
+                   for n, w in term_mapping("weights", weights, names).items()}
         self.names = list(names)
-        self.weights = [float(weights.get(n, 1.0)) for n in self.names]
+        self.weights = [weights.get(n, 1.0) for n in self.names]
 
     def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
         _, valid = loss_values(losses, self.names, torch.device("cpu"))

@@ -21,6 +21,7 @@ updated. Cost: one extra backward per term, down to the shared parameters only.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -28,7 +29,8 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values, weighted_total
+from distill.balance.common import loss_values, option, weighted_total
+from distill.core.errors import ConfigError
 
 
 def grad_norm(loss: Tensor, params: Sequence[nn.Parameter], scale: float = 1.0) -> Tensor:
@@ -54,8 +56,14 @@ class GradNormBalancer(Balancer):
     def __init__(self, names: list[str], alpha: float = 1.5, lr: float = 0.025,
                  betas: tuple[float, float] = (0.9, 0.999), min_weight: float = 1e-3) -> None:
         super().__init__()
+        alpha = option("alpha", alpha, lambda v: 0 <= v < math.inf, "a number >= 0")
+        lr = option("lr", lr, lambda v: 0 < v < math.inf, "a number > 0")
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"balancer.cfg.betas must be two numbers in [0, 1), got {betas!r}")
+        betas = tuple(option("betas", b, lambda v: 0 <= v < 1, "two numbers in [0, 1)") for b in betas)
+        min_weight = option("min_weight", min_weight, lambda v: 0 <= v < 1, "a number in [0, 1)")
         self.names = list(names)
-        self.alpha, self.lr, self.betas, self.min_weight = alpha, lr, tuple(betas), min_weight
+        self.alpha, self.lr, self.betas, self.min_weight = alpha, lr, betas, min_weight
         k = len(self.names)
         self.register_buffer("weights", torch.ones(k, dtype=torch.float64))
         self.register_buffer("initial", torch.zeros(k, dtype=torch.float64))  # L_i(0); 0 = not yet seen
@@ -83,7 +91,7 @@ class GradNormBalancer(Balancer):
 
     def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
         if not shared_params:
-            raise ValueError("gradnorm balancer needs shared_params (e.g. student.shared_parameters())")
+            raise ConfigError("gradnorm balancer needs shared_params (e.g. student.shared_parameters())")
         values, valid = loss_values(losses, self.names, self.weights.device, torch.float64)
         k = len(self.names)
         host = torch.cat([valid.double(), torch.where(valid, self.weights, torch.zeros_like(self.weights))]).tolist()

@@ -4,6 +4,7 @@ optimizer (include the balancer's parameters); reported weights are ``exp(-s_i)`
 terms are left out of the total for that step and reported with weight 0."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -11,15 +12,16 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values
+from distill.balance.common import loss_values, option
 
 
 @BALANCERS.register("uncertainty")
 class UncertaintyBalancer(Balancer):
     def __init__(self, names: list[str], init: float = 0.0) -> None:
         super().__init__()
+        init = option("init", init, math.isfinite, "a finite number (the initial log-variance)")
         self.names = list(names)
-        self.log_vars = nn.Parameter(torch.full((len(self.names),), float(init)))
+        self.log_vars = nn.Parameter(torch.full((len(self.names),), init))
 
     def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
         _, valid = loss_values(losses, self.names, self.log_vars.device)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from distill.core.errors import CheckpointError, CheckpointCorruptError
+from distill.core.errors import CheckpointCorruptError, CheckpointError, StudentFileError
 
 STEP_RE = re.compile(r"step_(\d+)\.pt$")
 TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
@@ -201,21 +201,21 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
 
 def read_student_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(student config, student state dict) of a training checkpoint file, for rebuilding the
-    student alone: the checksum is verified when the file has one. Raises ``ValueError`` for a file
+    student alone: the checksum is verified when the file has one. Raises :class:`StudentFileError` (a ``ValueError``) for a file
     that is no readable checkpoint, holds no student or is corrupt."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+        raise StudentFileError(f"{path}: not a readable torch checkpoint ({e})") from e
     return student_state_from_checkpoint(state, path)
 
 
 def student_state_from_checkpoint(state: Any, source: str | Path = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``student_config``, ``student``) of a loaded checkpoint dict (``ValueError`` when it has
+    """(``student_config``, ``student``) of a loaded checkpoint dict (:class:`StudentFileError` when it has
     none, or when its stored checksum does not match)."""
     if not isinstance(state, dict) or "student_config" not in state or "student" not in state:
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{source}: expected a checkpoint with 'student_config' and 'student', found {keys}")
+        raise StudentFileError(f"{source}: expected a checkpoint with 'student_config' and 'student', found {keys}")
     if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != checksum(state):
-        raise ValueError(f"checkpoint {source} is corrupt: its content does not match its sha256 checksum")
+        raise StudentFileError(f"checkpoint {source} is corrupt: its content does not match its sha256 checksum")
     return state["student_config"], state["student"]

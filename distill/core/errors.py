@@ -21,7 +21,8 @@ standard base it had before the hierarchy existed (``ValueError``, ``KeyError``,
     │   ├── CacheVerifyError
     │   └── PixelCacheError
     ├── CheckpointError (RuntimeError)
-    │   └── CheckpointCorruptError, ResumeMismatchError, RunFolderError → RunLockedError
+    │   ├── CheckpointCorruptError, ResumeMismatchError, RunFolderError → RunLockedError
+    │   └── StudentFileError (also ValueError)   a saved student (folder or checkpoint) cannot be loaded
     └── ExportError (TypeError) → HFExportError
 """
 from __future__ import annotations
@@ -141,6 +142,11 @@ class RunFolderError(CheckpointError):
 
 class RunLockedError(RunFolderError):
     """Another live process is writing into the same run (or LiT/export) folder (``writer.lock``)."""
+
+
+class StudentFileError(CheckpointError, ValueError):
+    """A saved student (a student folder or a training checkpoint) is unreadable, holds no student or
+    is corrupt. Also a ``ValueError``, which these files raised before the hierarchy existed."""
 
 
 # -- export -----------------------------------------------------------------------------------------

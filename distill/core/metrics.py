@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.core.errors import ConfigError, DataError
+
 CPU_TILE = 1024  # default tile edge on CPU (a 4 MiB float32 tile stays in cache)
 CUDA_TILE = 4096
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -42,31 +44,31 @@ def _rows_per_chunk(width: int) -> int:
 
 def _check_embeddings(image_emb: Tensor, text_emb: Tensor) -> None:
     if image_emb.dim() != 2 or text_emb.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D, got image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)}")
+        raise DataError(f"embeddings must be 2-D, got image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)}")
     if image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"embedding dims differ: image {image_emb.shape[1]} vs text {text_emb.shape[1]}")
+        raise DataError(f"embedding dims differ: image {image_emb.shape[1]} vs text {text_emb.shape[1]}")
     if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
-        raise ValueError(f"need at least one image and one caption, got {image_emb.shape[0]} and {text_emb.shape[0]}")
+        raise DataError(f"need at least one image and one caption, got {image_emb.shape[0]} and {text_emb.shape[0]}")
     if image_emb.device != text_emb.device:
-        raise ValueError(f"embeddings on different devices: {image_emb.device} vs {text_emb.device}")
+        raise DataError(f"embeddings on different devices: {image_emb.device} vs {text_emb.device}")
     for name, e in (("image", image_emb), ("text", text_emb)):
         step = _rows_per_chunk(e.shape[1])  # blocks: isfinite of the whole matrix needs several copies of it
         if not all(bool(torch.isfinite(e[s:s + step]).all()) for s in range(0, e.shape[0], step)):
-            raise ValueError(f"{name} embeddings contain NaN or Inf")
+            raise DataError(f"{name} embeddings contain NaN or Inf")
 
 
 def _as_index(caption_image: Tensor | np.ndarray | Sequence[int], num_images: int, num_captions: int,
               device: torch.device) -> Tensor:
     idx = caption_image if isinstance(caption_image, Tensor) else torch.as_tensor(np.asarray(caption_image))
     if idx.dim() != 1 or idx.numel() != num_captions:
-        raise ValueError(f"caption_image must have shape [{num_captions}] (one image index per caption), "
+        raise DataError(f"caption_image must have shape [{num_captions}] (one image index per caption), "
                          f"got {tuple(idx.shape)}")
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError(f"caption_image must hold integer image indices, got {idx.dtype}")
+        raise DataError(f"caption_image must hold integer image indices, got {idx.dtype}")
     idx = idx.to(device=device, dtype=torch.long)
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= num_images:
-        raise ValueError(f"caption_image holds indices outside [0, {num_images}): min {lo}, max {hi}")
+        raise DataError(f"caption_image holds indices outside [0, {num_images}): min {lo}, max {hi}")
     return idx
 
 
@@ -191,7 +193,7 @@ def retrieval_ranks(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor |
     device = image_emb.device
     tile = chunk_size or (CUDA_TILE if device.type == "cuda" else CPU_TILE)
     if tile < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {tile}")
+        raise ConfigError(f"chunk_size must be >= 1, got {tile}")
     dtype = score_dtype or torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
     cap_img = _as_index(caption_image, n, m, device)
     img, txt = image_emb.to(dtype), text_emb.to(dtype)
@@ -223,7 +225,7 @@ def recall_from_ranks(i2t: Tensor, t2i: Tensor, ks: Sequence[int] = (1, 5, 10)) 
     """Recall@K (percent) for both directions plus ``rsum`` from :func:`retrieval_ranks` output
     (negative ranks mark images that are no query)."""
     if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+        raise ConfigError(f"ks must be positive integers, got {tuple(ks)}")
     i2t = i2t[i2t >= 0]
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
@@ -240,6 +242,6 @@ def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor
     every K in ``ks``, and ``rsum``. Embeddings should be L2-normalised (scores are dot products)
     and may live on any device; ``caption_image[j]`` is the image index of caption ``j``."""
     if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+        raise ConfigError(f"ks must be positive integers, got {tuple(ks)}")
     i2t, t2i = retrieval_ranks(image_emb, text_emb, caption_image, chunk_size, score_dtype)
     return recall_from_ranks(i2t, t2i, ks)

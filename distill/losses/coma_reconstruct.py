@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision
@@ -102,12 +103,12 @@ class ComaReconstructLoss(DistillLoss):
                  modalities: tuple[str, ...] | list[str] = MODALITIES) -> None:
         super().__init__()
         if metric not in METRICS:
-            raise ValueError(f"coma_reconstruct: metric must be one of {METRICS}, got {metric!r}")
+            raise ConfigError(f"coma_reconstruct: metric must be one of {METRICS}, got {metric!r}")
         unknown = sorted(set(modalities) - set(MODALITIES))
         if unknown or not modalities:
-            raise ValueError(f"coma_reconstruct: modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+            raise ConfigError(f"coma_reconstruct: modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
         if num_summary < 1 or width % heads:
-            raise ValueError(f"coma_reconstruct: need num_summary >= 1 and width divisible by heads, "
+            raise ConfigError(f"coma_reconstruct: need num_summary >= 1 and width divisible by heads, "
                              f"got {num_summary}, {width}, {heads}")
         self.metric = metric
         token_dims = {"image": (dims.student_image_token, dims.teacher_image_token),

@@ -9,6 +9,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from distill.core.errors import ConfigError
 from distill.core.dist import gather_with_grad, is_dist, rank
 
 
@@ -27,7 +28,7 @@ def in_teacher_space(batch: Any, loss: str) -> tuple[Tensor, Tensor]:
         return batch.s_img_proj.float(), batch.s_txt_proj.float()
     s_width, t_width = batch.s_img.embed.shape[-1], batch.teacher.image.embed.shape[-1]
     if s_width != t_width:
-        raise ValueError(f"{loss}: the student embedding ({s_width}) and the teacher's ({t_width}) differ in width "
+        raise ConfigError(f"{loss}: the student embedding ({s_width}) and the teacher's ({t_width}) differ in width "
                          "and the batch carries no projected embeddings; build the loss through "
                          "distill.distiller.Distiller (or attach EmbedProjections to the batch)")
     return batch.s_img.embed.float(), batch.s_txt.embed.float()

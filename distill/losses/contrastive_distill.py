@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from distill.core.errors import ConfigError
 from distill.core.contrastive import multi_positive_nce, positives_and_mask, same_image
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
@@ -46,11 +47,11 @@ class ContrastiveDistillLoss(DistillLoss):
         super().__init__()
         unknown = [t for t in terms if t not in TERMS]
         if unknown or not terms:
-            raise ValueError(f"contrastive_distill: unknown or empty terms {list(terms)}; choose from {TERMS}")
+            raise ConfigError(f"contrastive_distill: unknown or empty terms {list(terms)}; choose from {TERMS}")
         if queue_size < 0 or temperature <= 0:
-            raise ValueError("contrastive_distill: queue_size must be >= 0 and temperature > 0")
+            raise ConfigError("contrastive_distill: queue_size must be >= 0 and temperature > 0")
         if text_target not in TEXT_TARGETS:
-            raise ValueError(f"contrastive_distill: text_target must be one of {TEXT_TARGETS}, got {text_target!r}")
+            raise ConfigError(f"contrastive_distill: text_target must be one of {TEXT_TARGETS}, got {text_target!r}")
         self.terms = tuple(terms)
         self.temperature = temperature
         self.gather = gather

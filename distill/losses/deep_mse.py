@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
@@ -31,7 +32,7 @@ class DeepMSELoss(DistillLoss):
         self.intermediates = dict(intermediates or {})
         bad = [n for n in self.intermediates if not n.startswith(("image.", "text."))]
         if bad:
-            raise ValueError(f"deep_mse: intermediate names must start with 'image.' or 'text.', got {bad}")
+            raise ConfigError(f"deep_mse: intermediate names must start with 'image.' or 'text.', got {bad}")
         self.heads = nn.ModuleDict({_module_key(n): nn.Linear(dims.student_embed, width, bias=False)
                                     for n, width in self.intermediates.items()})
         self.intermediate_weight = intermediate_weight

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distill.core.errors import ConfigError
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.core.contrastive import same_image
@@ -30,9 +31,9 @@ class MACLoss(DistillLoss):
                  schedule: str = "exponential") -> None:
         super().__init__()
         if min(tau_intra_start, tau_intra_end, tau_inter) <= 0 or not 0 <= decay_until <= 1:
-            raise ValueError("mac: temperatures must be > 0 and decay_until in [0, 1]")
+            raise ConfigError("mac: temperatures must be > 0 and decay_until in [0, 1]")
         if schedule not in SCHEDULES:
-            raise ValueError(f"mac: schedule must be one of {SCHEDULES}, got {schedule!r}")
+            raise ConfigError(f"mac: schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.tau_intra_start, self.tau_intra_end = tau_intra_start, tau_intra_end
         self.decay_until, self.tau_inter, self.gather, self.schedule = decay_until, tau_inter, gather, schedule
 

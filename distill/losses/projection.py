@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.losses.base import DistillBatch
 
 MODES = ("auto", "linear")
@@ -42,7 +43,7 @@ class EmbedProjections(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, mode: str = "auto") -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"embedding projection mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"embedding projection mode must be one of {MODES}, got {mode!r}")
         self.image = EmbedProjection(student_dim, teacher_dim, mode == "linear")
         self.text = EmbedProjection(student_dim, teacher_dim, mode == "linear")
 

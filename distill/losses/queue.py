@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
+
 
 class QueueView(NamedTuple):
     """The queue as loss inputs: [K, Dt] teacher image / caption embeddings, [K] image ids, [K] bool
@@ -33,7 +35,7 @@ class TeacherQueue(nn.Module):
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         if size < 1:
-            raise ValueError(f"teacher queue: size must be >= 1, got {size}")
+            raise ConfigError(f"teacher queue: size must be >= 1, got {size}")
         self.register_buffer("img", torch.zeros(size, dim))
         self.register_buffer("txt", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))

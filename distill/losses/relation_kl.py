@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distill.core.errors import ConfigError
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision, in_teacher_space
@@ -58,7 +59,7 @@ class RelationKLLoss(DistillLoss):
                  queue_size: int = DEFAULT_QUEUE, tau_squared: bool = True) -> None:
         super().__init__()
         if any(v is not None and v <= 0 for v in (temperature, tau_t, tau_s)) or queue_size < 0:
-            raise ValueError("relation_kl: temperatures must be > 0 and queue_size >= 0")
+            raise ConfigError("relation_kl: temperatures must be > 0 and queue_size >= 0")
         self.temperature, self.tau_t, self.tau_s, self.intra = temperature, tau_t, tau_s, intra
         self.use_queue, self.tau_squared = bool(queue), tau_squared
         self.queue_size = queue_size if queue else 0

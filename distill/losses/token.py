@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.registry import LOSSES
 from distill.losses.base import DistillBatch, DistillLoss, Dims
 from distill.losses.common import full_precision
@@ -69,7 +70,7 @@ class TokenLoss(DistillLoss):
     def __init__(self, dims: Dims, text_match: str = "auto") -> None:
         super().__init__()
         if text_match not in TEXT_MATCH:
-            raise ValueError(f"token: text_match must be one of {TEXT_MATCH}, got {text_match!r}")
+            raise ConfigError(f"token: text_match must be one of {TEXT_MATCH}, got {text_match!r}")
         self.text_match = text_match
         self.img_proj = nn.Linear(dims.student_image_token, dims.teacher_image_token, bias=False)
         self.txt_proj = nn.Linear(dims.student_text_token, dims.teacher_text_token, bias=False)
@@ -94,7 +95,7 @@ class TokenLoss(DistillLoss):
             return attention_match(self.img_proj(s_tokens), None, t_tokens, None)
         b, n, c = s_tokens.shape
         if s_grid[0] * s_grid[1] != n or t_grid[0] * t_grid[1] != t_tokens.shape[1]:
-            raise ValueError(f"token: grids {s_grid} (student) / {t_grid} (teacher) do not match token "
+            raise ConfigError(f"token: grids {s_grid} (student) / {t_grid} (teacher) do not match token "
                              f"counts {n} / {t_tokens.shape[1]}")
         grid = s_tokens.transpose(1, 2).reshape(b, c, *s_grid)
         pooled = adaptive_avg_pool2d(grid, t_grid).flatten(2).transpose(1, 2)
@@ -131,5 +132,5 @@ class TokenLoss(DistillLoss):
             trim = lambda m: None if m is None else m[:, :n]  # noqa: E731
             return student[:, :n], trim(s_mask), teacher[:, :n], trim(t_mask)
         if self.text_match == "position":
-            raise ValueError(f"token: text_match='position' but the text tokens cannot be matched by position: {reason}")
+            raise ConfigError(f"token: text_match='position' but the text tokens cannot be matched by position: {reason}")
         return None

@@ -2,10 +2,11 @@
 
 ``cli_main(main)`` in a module's ``__main__`` block (``sys.exit(run_cli(main))``): the project's typed errors
 (every :class:`~distill.core.errors.DistillError`: ``ConfigError``, the ``CacheError`` family,
-``BadSampleError``, ``CheckpointError``, ``ExportError``, ...), other ``ValueError``\\s,
-missing/unreadable files and bad arguments print ONE line ``error: ...`` on stderr and exit 2;
-Ctrl-C prints one line ``interrupted; <what to do>`` (the command module's ``INTERRUPTED_HINT``)
-and exits 130; ``--debug`` anywhere on the command line shows the full traceback instead. A command's
+``BadSampleError``, ``CheckpointError``, ``ExportError``, ...), missing/unreadable files and bad
+arguments print ONE line ``error: ...`` on stderr and exit 2; Ctrl-C prints one line
+``interrupted; <what to do>`` (the command module's ``INTERRUPTED_HINT``) and exits 130; ``--debug``
+anywhere on the command line shows the full traceback instead. Any other exception is a bug: one
+``internal error:`` line says so and its traceback follows. A command's
 ``main(argv)`` returns its exit code and raises typed errors; the work itself is a library function
 returning a typed result (``evaluate(...) -> EvalResult``, ``export_student(...) -> ExportResult``,
 ``train(config) -> TrainResult``, ``run_cache(settings, job) -> CacheResult``,
@@ -22,15 +23,17 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from distill.core.registry import load_plugins
-from distill.core.errors import DistillError
+from distill.core.errors import ConfigError, DistillError
 
 #: Exit status of every reported (expected) error: bad input, bad arguments, bad files.
 EXIT_ERROR = 2
 #: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
 
-#: Errors that are the user's input, not a bug: reported as one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (DistillError, ValueError, FileNotFoundError, PermissionError,
+#: Errors that are the user's input, not a bug: reported as one line. The project's typed hierarchy
+#: and missing/unreadable files; anything else (a plain ``ValueError`` included) is a bug and keeps its
+#: traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (DistillError, FileNotFoundError, PermissionError,
                                                  IsADirectoryError, NotADirectoryError)
 
 NO_GPU = "CUDA requested but no GPU is available"
@@ -75,12 +78,12 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:
-    """Raise ``ValueError`` ("CUDA requested but no GPU is available") for a CUDA device without a GPU."""
+    """Raise :class:`ConfigError` ("CUDA requested but no GPU is available") for a CUDA device without a GPU."""
     if device and device.strip().lower().startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"{flag} {device}: {NO_GPU}")
+            raise ConfigError(f"{flag} {device}: {NO_GPU}")
 
 
 def error_line(e: BaseException) -> str:
@@ -138,6 +141,11 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None)
             traceback.print_exc()
         print(interrupted_line(main, argv), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception as e:  # not a user error: a bug; the traceback follows
+        _close_progress_bars()
+        print(f"internal error: {type(e).__name__} is a bug in mmdistill or a plugin, not a problem with the "
+              "input; the traceback follows", file=sys.stderr, flush=True)
+        raise
     if not isinstance(code, int) or isinstance(code, bool):
         raise TypeError(f"{getattr(main, '__module__', '?')}.main returned {code!r}, not an exit code")
     return code

@@ -33,3 +33,19 @@ def write_jpeg(path: Path, seed: int) -> None:
     arr[:20] = arr[:20] // 4 + (seed * 20) % 200
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, quality=90)
+
+
+def make_tiny_flickr8k(root: Path, n_train: int = 8, n_test: int = 4, caps_per_image: int = 2) -> Path:
+    """A Flickr8k-layout folder (``images/``, ``captions.tsv`` with caption ids, ``splits/train.txt``
+    and ``splits/test.txt``) of random JPEGs; returns the folder."""
+    names = [f"img{i:03d}.jpg" for i in range(n_train + n_test)]
+    lines = ["image\tcaption_id\tcaption"]
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        write_jpeg(root / "images" / name, i)
+        lines += [f"{name}\t{k}\t{' '.join(rng.choice(WORDS, size=4))} {i} {k}" for k in range(caps_per_image)]
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "splits" / "train.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (root / "splits" / "test.txt").write_text("\n".join(names[n_train:]) + "\n")
+    return root

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from distill.core.cache.schema import (FIELD_SUFFIX, IMAGE, TEXT, VIEW_TOKENS, array_spec, field_array, inter_array,
                                        scale_array, stored_in_fp16)
-from distill.core.errors import FP16OverflowError, NonFiniteOutputError
+from distill.core.errors import ConfigError, FP16OverflowError, NonFiniteOutputError
 from distill.core.features import ImageFeatures, TextFeatures
 
 Arrays = dict[str, np.ndarray]
@@ -52,22 +52,22 @@ def parse_token_mode(spec: str, allow_grid: bool = True) -> TokenMode:
     kinds = ("full", "grid", "topk", "none") if allow_grid else ("full", "topk", "none")
     kind, sep, arg = spec.partition(":")
     if kind not in kinds or bool(sep) != (kind in ("grid", "topk")):
-        raise ValueError(f"token storage {spec!r} must be one of {'|'.join(k + (':<n>' if k in ('grid', 'topk') else '') for k in kinds)}")
+        raise ConfigError(f"token storage {spec!r} must be one of {'|'.join(k + (':<n>' if k in ('grid', 'topk') else '') for k in kinds)}")
     if not sep:
         return TokenMode(kind)
     try:
         k = int(arg)
     except ValueError:
-        raise ValueError(f"token storage {spec!r}: {arg!r} is not an integer") from None
+        raise ConfigError(f"token storage {spec!r}: {arg!r} is not an integer") from None
     if k < 1:
-        raise ValueError(f"token storage {spec!r}: the size must be >= 1")
+        raise ConfigError(f"token storage {spec!r}: the size must be >= 1")
     return TokenMode(kind, k)
 
 
 def pool_grid(tokens: Tensor, grid: tuple[int, int] | None, g: int) -> Tensor:
     """Adaptive-average-pool [B, h*w, C] tokens laid out on an (h, w) grid to [B, g*g, C]."""
     if grid is None:
-        raise ValueError("grid pooling needs a teacher whose image tokens form a spatial grid (ImageFeatures.grid)")
+        raise ConfigError("grid pooling needs a teacher whose image tokens form a spatial grid (ImageFeatures.grid)")
     h, w = grid
     b, n, c = tokens.shape
     if h * w != n:
@@ -83,7 +83,7 @@ def topk_tokens(tokens: Tensor, k: int, mask: Tensor | None = None) -> tuple[Ten
     are broken by position so the result is deterministic. ``k`` must be <= the token count.
     """
     if k > tokens.shape[1]:
-        raise ValueError(f"top-k of {k} tokens requested but only {tokens.shape[1]} are available")
+        raise ConfigError(f"top-k of {k} tokens requested but only {tokens.shape[1]} are available")
     norms = tokens.float().norm(dim=-1)
     if mask is not None:
         norms = norms.masked_fill(~mask.bool(), -1.0)
@@ -165,7 +165,7 @@ def stored_image_tokens(f: ImageFeatures, mode: TokenMode) -> ImageFeatures:
     if mode.kind == "none":
         return replace(f, tokens=None, grid=None, token_index=None)
     if f.tokens is None:
-        raise ValueError("the teacher returns no image tokens; use --image-tokens none")
+        raise ConfigError("the teacher returns no image tokens; use --image-tokens none")
     tokens = f.tokens.float()
     if mode.kind == "full":
         return replace(f, tokens=tokens)
@@ -182,7 +182,7 @@ def stored_text_tokens(f: TextFeatures, mode: TokenMode) -> TextFeatures:
     if mode.kind == "none":
         return replace(f, tokens=None, mask=None, token_index=None)
     if f.tokens is None:
-        raise ValueError("the teacher returns no text tokens; use --text-tokens none")
+        raise ConfigError("the teacher returns no text tokens; use --text-tokens none")
     tokens = f.tokens.float()
     mask = f.mask.bool() if f.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
     if mode.kind != "topk":
@@ -241,9 +241,9 @@ class ShardOutputs:
 
     def __init__(self, shard: str, nonfinite: str = "error", overflow: str = "error") -> None:
         if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"--nonfinite must be one of {NONFINITE_MODES}, not {nonfinite!r}")
+            raise ConfigError(f"--nonfinite must be one of {NONFINITE_MODES}, not {nonfinite!r}")
         if overflow not in OVERFLOW_MODES:
-            raise ValueError(f"--overflow must be one of {OVERFLOW_MODES}, not {overflow!r}")
+            raise ConfigError(f"--overflow must be one of {OVERFLOW_MODES}, not {overflow!r}")
         self.shard, self.nonfinite, self.overflow = shard, nonfinite, overflow
         self.parts: dict[str, list[np.ndarray]] = {}
         self.counts: dict[str, dict[str, Any]] = {}

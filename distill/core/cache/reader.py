@@ -21,7 +21,7 @@ from distill.core.cache.schema import (DEFAULT_VERIFY, IMAGE, JPEG, JPEG_INDEX, 
                                        field_array, inter_array, is_image_array, layer_tower, read_manifest, scale_array,
                                        tower_arrays)
 from distill.core.cache.verify import check_file
-from distill.core.errors import CacheError, CacheCorruptError, CacheMismatchError, StaleCacheError
+from distill.core.errors import CacheCorruptError, CacheError, CacheMismatchError, ConfigError, StaleCacheError
 from distill.core.features import ImageFeatures, TeacherTargets, TextFeatures
 
 #: sha256 runs at ~2 GB/s and an epoch decodes each image (~0.7 ms CPU): hashing up to 64 kB per
@@ -71,7 +71,7 @@ class TeacherCache:
 
     def __init__(self, path: str | Path, verify: str = DEFAULT_VERIFY) -> None:
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
+            raise ConfigError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         self.path = Path(path)
         self.verify = verify
         self.manifest = read_manifest(self.path, checksum=verify != "none")
@@ -258,7 +258,7 @@ class TeacherCache:
         full tokens (an error for views >= 1 they were not stored for), ``"auto"`` for the tokens of
         every view: the full ones unless the cache was written with ``--view-tokens grid|none``."""
         if tokens not in ("auto", "full"):
-            raise ValueError(f"tokens must be auto or full, not {tokens!r}")
+            raise ConfigError(f"tokens must be auto or full, not {tokens!r}")
         if self.storage["image_tokens"] == "none":
             return None
         stored = self.storage.get("view_tokens", "same")

@@ -26,7 +26,7 @@ from PIL import Image, ImageFile
 
 from distill.core.data.image_checks import check_png_complete, to_rgb
 
-from distill.core.errors import BadSampleError, NoSplitsError, SplitError
+from distill.core.errors import BadSampleError, ConfigError, DataError, NoSplitsError, SplitError
 
 SPLIT_ALIASES = {"val": {"val", "dev"}, "dev": {"val", "dev"}, "train": {"train", "restval"}, "test": {"test"}}
 
@@ -74,7 +74,7 @@ class ImageTextDataset:
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
         if len(self.caption_image) and np.any(np.diff(self.caption_image) < 0):
-            raise ValueError("captions must be grouped by image")
+            raise DataError("captions must be grouped by image")
         if not self.image_sources:
             self.image_sources = [f"{self.name}:image {i}" for i in range(len(self.images))]
 
@@ -214,7 +214,7 @@ def assemble(root: Path, rows: Iterable[Row], name: str, split: str, on_bad: str
     A loader yields a :class:`BadSampleError` instead of a row for a malformed record, so that
     ``on_bad="skip"`` skips it like any other bad row."""
     if on_bad not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad!r}")
+        raise ConfigError(f"on_bad_sample must be 'error' or 'skip', not {on_bad!r}")
     order: dict[str, int] = {}
     sources: list[str] = []
     per_image: list[list[str]] = []

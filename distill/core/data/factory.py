@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.core.errors import DataError
 from distill.core.data.dataset import ImageTextDataset
 from distill.core.data.formats.base import DataSource, DatasetReader
 from distill.core.registry import DATASET_FORMATS
@@ -39,10 +40,10 @@ def find_format(source: DataSource) -> type[DatasetReader]:
     suffix = source.suffix
     claimed = [c.label for c in classes if suffix in c.suffixes]
     if claimed:
-        raise ValueError(f"{path}: the file is neither {' nor '.join(claimed)}" if len(claimed) > 1
+        raise DataError(f"{path}: the file is neither {' nor '.join(claimed)}" if len(claimed) > 1
                          else f"{path}: the file is not {claimed[0]}")
     known = ", ".join(s for c in classes for s in c.suffixes)
-    raise ValueError(f"{path}: unsupported dataset format {suffix!r} (use {known} or a dataset folder)")
+    raise DataError(f"{path}: unsupported dataset format {suffix!r} (use {known} or a dataset folder)")
 
 
 def create_reader(path: str | Path, split: str | None = None, images_root: str | Path | None = None,

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distill.core.errors import DataError
+
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -34,13 +36,13 @@ def check_png_complete(path: Path) -> None:
     """Raise ``ValueError`` unless the PNG's zlib stream is complete and inflates to the full image."""
     data = Path(path).read_bytes()
     if not data.startswith(_PNG_SIG):
-        raise ValueError("not a PNG file")
+        raise DataError("not a PNG file")
     pos, expected, inflater, produced, ended = 8, None, zlib.decompressobj(), 0, False
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         body = data[pos + 8:pos + 8 + length]
         if len(body) < length:
-            raise ValueError(f"truncated PNG: chunk {kind!r} is cut off")
+            raise DataError(f"truncated PNG: chunk {kind!r} is cut off")
         if kind == b"IHDR":
             width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body[:13])
             expected = _png_raw_size(width, height, depth, colour, interlace)
@@ -54,7 +56,7 @@ def check_png_complete(path: Path) -> None:
             break
         pos += 12 + length
     if not inflater.eof or (expected is not None and produced < expected):
-        raise ValueError(f"truncated PNG: pixel data ends after {produced} of {expected} bytes"
+        raise DataError(f"truncated PNG: pixel data ends after {produced} of {expected} bytes"
                          + ("" if ended else " (no IEND chunk)"))
 
 
@@ -63,6 +65,6 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _SIXTEEN_BIT:
         a = np.asarray(im)
         if im.mode == "I" and (a.min() < 0 or a.max() > 65535):
-            raise ValueError(f"32-bit integer image with values {a.min()}..{a.max()} is not supported")
+            raise DataError(f"32-bit integer image with values {a.min()}..{a.max()} is not supported")
         return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")
     return im.convert("RGB")

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from distill.core.errors import ConfigError
 from distill.core.data.augment import IDENTITY, apply_view, sample_view_params
 
 #: ``view_params_mix`` row of a plain (non-mixup) view: lam 1, identity partner crop.
@@ -29,7 +30,7 @@ def sample_mix_params(rng: np.random.Generator, index: int, num_images: int, cou
     resized crop + flip like the extra views, and ``lam ~ Beta(alpha, alpha)`` folded to ``>= 0.5``
     so that image ``index`` dominates its own mixup views."""
     if alpha <= 0:
-        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+        raise ConfigError(f"mixup alpha must be > 0, got {alpha}")
     partner = np.empty(count, dtype=np.int64)
     mix = np.empty((count, 6), dtype=np.float32)
     for m in range(count):

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
-from distill.core.errors import PixelCacheError
+from distill.core.errors import ConfigError, PixelCacheError
 
 PIXEL_FORMATS = ("raw", "jpeg")
 PIXEL_MODES = ("auto", "cache", "decode")
@@ -38,11 +38,11 @@ class PixelSettings:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"--pixels must be a positive size, got {self.size}")
+            raise ConfigError(f"--pixels must be a positive size, got {self.size}")
         if self.format not in PIXEL_FORMATS:
-            raise ValueError(f"--pixel-format must be one of {'|'.join(PIXEL_FORMATS)}, not {self.format!r}")
+            raise ConfigError(f"--pixel-format must be one of {'|'.join(PIXEL_FORMATS)}, not {self.format!r}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"--pixel-quality must be in 1..100, got {self.quality}")
+            raise ConfigError(f"--pixel-quality must be in 1..100, got {self.quality}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"size": self.size, "format": self.format}

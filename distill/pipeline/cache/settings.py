@@ -188,5 +188,5 @@ def resolve_view_tokens(spec: str | None, image_tokens: TokenMode, total_views: 
         return spec
     mode = parse_token_mode(spec)
     if mode.kind != "grid":
-        raise ValueError(f"--view-tokens {spec!r} must be same | none | grid:<g>")
+        raise ConfigError(f"--view-tokens {spec!r} must be same | none | grid:<g>")
     return str(mode)

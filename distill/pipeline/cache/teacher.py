@@ -76,13 +76,13 @@ def probe_teacher(teacher: Teacher, settings: CacheSettings) -> None:
         if mode.kind != "none":
             image = teacher.encode_image(pixels)
             if image.tokens is None:
-                raise ValueError(f"teacher {teacher.spec} returns no image tokens; use --image-tokens none")
+                raise ConfigError(f"teacher {teacher.spec} returns no image tokens; use --image-tokens none")
             if mode.kind == "grid" and image.grid and mode.k > min(image.grid):
                 raise ConfigError(f"--image-tokens grid:{mode.k} is larger than the teacher's {image.grid[0]}x"
                                   f"{image.grid[1]} token grid; pooling cannot add tokens. Use grid:<g> with "
                                   f"g <= {min(image.grid)} or full")
         if settings.text_tokens.kind != "none" and teacher.encode_text(text).tokens is None:
-            raise ValueError(f"teacher {teacher.spec} returns no text tokens; use --text-tokens none")
+            raise ConfigError(f"teacher {teacher.spec} returns no text tokens; use --text-tokens none")
 
 
 def verify_cache(out: Path, teacher: Teacher, ds: ImageTextDataset, n: int, seed: int = 0,

@@ -9,7 +9,7 @@
 * ``hf`` (``vit`` students): a ``transformers.CLIPModel`` folder, see :mod:`distill.pipeline.export.hf`;
 * ``safetensors``: :func:`students.save_student` (reload with :func:`students.load_student`).
 
-CLI: ``python -m students.export --checkpoint CKPT_OR_DIR --out DIR [--format open_clip|onnx|hf|safetensors]``;
+CLI: ``python -m distill.export --checkpoint CKPT_OR_DIR --out DIR [--format open_clip|onnx|hf|safetensors]``;
 ``onnx`` and ``hf`` exports are checked against PyTorch on two random images and two captions.
 Library: :func:`export_student` (a checkpoint/folder or a loaded student -> :class:`ExportResult`);
 a format the student's architecture cannot express raises :class:`~distill.core.errors.ExportError`.
@@ -77,8 +77,8 @@ def export_student(student: Student | str | Path, out_dir: str | Path, fmt: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m students.export``: export and report; returns the exit code."""
-    ap = ArgumentParser(prog="python -m students.export", description=__doc__.split("\n\n")[0])
+    """``python -m distill.export``: export and report; returns the exit code."""
+    ap = ArgumentParser(prog="python -m distill.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or save_student folder")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--format", choices=FORMATS, default="open_clip",

@@ -1,4 +1,4 @@
-"""Contrastive fine-tuning of a LiT teacher's towers (``python -m teachers.train_lit --mode finetune``).
+"""Contrastive fine-tuning of a LiT teacher's towers (``python -m distill.train_lit --mode finetune``).
 
 The last ``image_blocks`` backbone blocks, the last ``text_layers`` text-encoder layers, both
 projections and the logit scale are trained with a (multi-positive) symmetric InfoNCE on augmented
@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from distill.core.errors import ConfigError
 from distill.core.data.dataset import ImageTextDataset
 from distill.core.towers import trim_padding
 from teachers.lit import LiTTeacher
-from distill.pipeline.lit.train import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
+from distill.pipeline.lit.probe import MAX_LOG_SCALE, contrastive_loss, precompute_features, recall_at_1
 
 CAPTION_MODES = ("one", "all")
 
@@ -36,11 +37,11 @@ def trainable_prefixes(teacher: LiTTeacher, image_blocks: int, text_layers: int)
     ``text_layers`` text-encoder layers (the parts fine-tuning trains and saves)."""
     blocks, layers = teacher._blocks(), len(teacher.text_model.encoder.layer)
     if image_blocks and not blocks:
-        raise ValueError(f"lit: backbone {teacher.cfg.backbone!r} has no block list; use --trainable-image-blocks 0")
+        raise ConfigError(f"lit: backbone {teacher.cfg.backbone!r} has no block list; use --trainable-image-blocks 0")
     if not 0 <= image_blocks <= len(blocks):
-        raise ValueError(f"--trainable-image-blocks {image_blocks}: the image tower has {len(blocks)} blocks (0..{len(blocks)})")
+        raise ConfigError(f"--trainable-image-blocks {image_blocks}: the image tower has {len(blocks)} blocks (0..{len(blocks)})")
     if not 0 <= text_layers <= layers:
-        raise ValueError(f"--trainable-text-layers {text_layers}: the text tower has {layers} layers (0..{layers})")
+        raise ConfigError(f"--trainable-text-layers {text_layers}: the text tower has {layers} layers (0..{layers})")
     return ([f"backbone.{i}." for i in range(len(blocks) - image_blocks, len(blocks))]
             + [f"text_model.encoder.layer.{i}." for i in range(layers - text_layers, layers)])
 
@@ -96,9 +97,9 @@ def finetune_towers(teacher: LiTTeacher, train: ImageTextDataset, *, epochs: int
     """Fine-tune ``teacher`` in place (frozen again afterwards); returns losses, val R@1 per
     validated epoch (percent) and the trained ``state_dict`` prefixes."""
     if captions not in CAPTION_MODES:
-        raise ValueError(f"captions must be one of {CAPTION_MODES}, not {captions!r}")
+        raise ConfigError(f"captions must be one of {CAPTION_MODES}, not {captions!r}")
     if train.num_images < 2 or batch_size < 2:
-        raise ValueError(f"fine-tuning needs >= 2 images and --batch-size >= 2 (got {train.num_images}, {batch_size})")
+        raise ConfigError(f"fine-tuning needs >= 2 images and --batch-size >= 2 (got {train.num_images}, {batch_size})")
     prefixes = trainable_prefixes(teacher, image_blocks, text_layers)
     teacher.to(device)
     head = [teacher.image_proj.weight, teacher.text_proj.weight, teacher.log_logit_scale]

@@ -1,4 +1,4 @@
-"""Train a LiT teacher: ``python -m teachers.train_lit --data D --out DIR [--mode probe|finetune]``.
+"""Train a LiT teacher: ``python -m distill.train_lit --data D --out DIR [--mode probe|finetune]``.
 
 ``--mode probe`` (default): the image backbone and text encoder stay frozen, so their pooled features are computed once
 (batched, with a samples/s progress bar) and the two linear projections plus the logit scale are
@@ -19,122 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from distill.pipeline.cli import ArgumentParser, cli_main
 from distill.pipeline.settings import Setting, check_out_folder, check_settings
-from distill.core.data.dataset import ImageTextDataset, TransformedImages
+from distill.core.data.dataset import ImageTextDataset
 from distill.core.data.factory import load_dataset
-from distill.core.contrastive import clip_info_nce
-from distill.core.errors import BadSampleError
+from distill.core.errors import BadSampleError, ConfigError
 from distill.core.lock import output_lock
-from distill.core.metrics import retrieval_metrics
-from distill.core.towers import trim_padding
+from distill.pipeline.lit.finetune import finetune_towers, validate
+from distill.pipeline.lit.probe import precompute_features, recall_at_1, train_projections
 from teachers.lit import LiTConfig, LiTTeacher
-
-MAX_LOG_SCALE = math.log(100.0)
-
-
-@torch.no_grad()
-def precompute_features(teacher: LiTTeacher, data: ImageTextDataset, batch_size: int = 64, workers: int = 0,
-                        device: str = "cpu", desc: str = "") -> tuple[Tensor, Tensor]:
-    """Pooled frozen-tower features: (images [N, Ci], captions [M, Ct]) as float32 on CPU."""
-    loader = DataLoader(TransformedImages(data, teacher.image_transform()), batch_size=batch_size, num_workers=workers)
-    images = []
-    with tqdm(total=data.num_images, desc=f"{desc} image features", unit="img", dynamic_ncols=True) as bar:
-        for pixels in loader:
-            fmap, _ = teacher.image_backbone(pixels.to(device))
-            images.append(fmap.mean(dim=(2, 3)).float().cpu())
-            bar.update(len(pixels))
-    texts = []
-    with tqdm(total=data.num_captions, desc=f"{desc} text features", unit="cap", dynamic_ncols=True) as bar:
-        for start in range(0, data.num_captions, batch_size):
-            chunk = data.captions[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in trim_padding(teacher.tokenize(chunk)).items()}
-            texts.append(teacher.text_encoder(batch)[1].float().cpu())
-            bar.update(len(chunk))
-    return torch.cat(images), torch.cat(texts)
-
-
-def contrastive_loss(img: Tensor, txt: Tensor, owner: Tensor, log_scale: Tensor) -> Tensor:
-    """LiT's symmetric InfoNCE with several captions per image: ``txt[j]`` belongs to
-    ``img[owner[j]]``; :func:`distill.core.contrastive.clip_info_nce` on the L2-normalised
-    embeddings at scale ``exp(log_scale)``.
-
-    Text->image is a plain cross-entropy; image->text averages the cross-entropy over each image's
-    positives (SupCon-style, ``average_positives``), so with one caption per image
-    (``owner = arange``) this is the usual symmetric InfoNCE.
-    """
-    ids = torch.arange(len(img), device=img.device)
-    return clip_info_nce(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), log_scale.exp(), ids, owner,
-                         average_positives=True)
-
-
-def recall_at_1(teacher: LiTTeacher, img_feats: Tensor, txt_feats: Tensor, caption_image: np.ndarray) -> dict[str, float]:
-    """Image->text and text->image Recall@1 in percent of the projected features (multi-caption
-    protocol, :func:`distill.core.metrics.retrieval_metrics`)."""
-    with torch.no_grad():
-        img = F.normalize(teacher.image_proj(img_feats), dim=-1)
-        txt = F.normalize(teacher.text_proj(txt_feats), dim=-1)
-    m = retrieval_metrics(img, txt, caption_image, ks=(1,))
-    i2t, t2i = m["i2t_R@1"], m["t2i_R@1"]
-    return {"i2t_r1": i2t, "t2i_r1": t2i, "mean_r1": (i2t + t2i) / 2}
-
-
-def sample_pairs(caption_offsets: np.ndarray, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A shuffled image order and one random caption index per image."""
-    n = len(caption_offsets) - 1
-    order = torch.randperm(n, generator=gen)
-    counts = torch.as_tensor(np.diff(caption_offsets))
-    pick = (torch.rand(n, generator=gen) * counts).long().clamp_max(counts - 1)
-    caps = torch.as_tensor(caption_offsets[:-1]) + pick
-    return order, caps[order]
-
-
-def train_projections(teacher: LiTTeacher, img_feats: Tensor, txt_feats: Tensor, offsets: np.ndarray, epochs: int,
-                      batch_size: int, lr: float, seed: int, weight_decay: float = 1e-4) -> list[float]:
-    """Train ``image_proj``, ``text_proj`` and the logit scale in place; returns the mean loss per epoch."""
-    params = [teacher.image_proj.weight, teacher.text_proj.weight, teacher.log_logit_scale]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    with tqdm(range(epochs), desc="train projections", unit="epoch", dynamic_ncols=True) as bar:
-        for _ in bar:
-            order, caps = sample_pairs(offsets, gen)
-            total, count = 0.0, 0
-            for start in range(0, len(order), batch_size):
-                ii, tt = order[start:start + batch_size], caps[start:start + batch_size]
-                if len(ii) < 2:
-                    continue
-                loss = contrastive_loss(teacher.image_proj(img_feats[ii]), teacher.text_proj(txt_feats[tt]),
-                                        torch.arange(len(ii), device=img_feats.device), teacher.log_logit_scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    teacher.log_logit_scale.clamp_(0.0, MAX_LOG_SCALE)
-                total, count = total + loss.item() * len(ii), count + len(ii)
-            losses.append(total / max(count, 1))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    for p in params:
-        p.requires_grad_(False)
-    return losses
-
 
 @dataclass(frozen=True)
 class LiTResult:
@@ -223,7 +125,7 @@ def train_lit(data: str, out: str, split: str = "train", val_split: str | None =
     """
     params = dict(locals())
     if mode not in ("probe", "finetune"):
-        raise ValueError(f"mode must be 'probe' or 'finetune', not {mode!r}")
+        raise ConfigError(f"mode must be 'probe' or 'finetune', not {mode!r}")
     check_settings(dict(params), LIT_RULES, by_flag=True)
     check_out_folder(out)
     with output_lock(out):
@@ -275,15 +177,11 @@ def _train_lit(data: str, out: str, split: str, val_split: str | None, epochs: i
         else:
             report["probe"] = {"epochs": probe_epochs, **probe}
             if val is not None:  # the starting point of the fine-tuning, for comparison
-                from distill.pipeline.lit.finetune import validate
-
                 r = report["probe"]["val_r1"] = validate(teacher.to(device), val, feature_batch_size, workers, device)
                 teacher.cpu()
                 print(f"probe {val_split} R@1: i2t {r['i2t_r1']:.2f}% t2i {r['t2i_r1']:.2f}% mean {r['mean_r1']:.2f}%",
                       file=sys.stderr)
     if mode == "finetune":
-        from distill.pipeline.lit.finetune import finetune_towers
-
         ft = finetune_towers(teacher, train, epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr=backbone_lr,
                              image_blocks=trainable_image_blocks, text_layers=trainable_text_layers, captions=captions,
                              augment=augment, seed=seed, device=device, workers=workers, val=val,
@@ -351,7 +249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m teachers.train_lit``: train, print the summary as JSON; returns the exit code."""
+    """``python -m distill.train_lit``: train, print the summary as JSON; returns the exit code."""
     args = parse_args(argv)
     try:
         result = train_lit(args.data, args.out, args.split, args.val_split, args.epochs, args.batch_size, args.lr,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -26,6 +27,7 @@ import yaml
 from distill.core.cache.schema import DEFAULT_VERIFY, VERIFY_MODES
 from distill.core.data.pixels import PIXEL_MODES
 from distill.core.errors import ConfigError
+from distill.pipeline.train.options import check_config_options
 from distill.pipeline.settings import Setting, check_settings, check_value, is_int, is_num, looks_like_float
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -279,9 +281,9 @@ DEFAULTS: dict[str, Any] = TrainRunConfig().to_dict()
 
 
 # -- config layers --------------------------------------------------------------------------------
-def presets() -> list[str]:
-    """Names of the built-in presets."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def presets(pattern: str | None = None) -> list[str]:
+    """Sorted names of the built-in presets (``pattern``: an fnmatch filter)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if pattern is None or fnmatchcase(p.stem, pattern))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -378,7 +380,8 @@ def save_config(cfg: dict[str, Any], path: str | Path) -> None:
 
 # -- validation -----------------------------------------------------------------------------------
 def validate(cfg: dict[str, Any]) -> None:
-    """Reject unknown keys, bad values and malformed loss/balancer/stage entries early; normalises
+    """Reject unknown keys, bad values, malformed loss/balancer/stage entries and unknown or bad
+    options of the student, losses and balancers early (before any data is opened); normalises
     ``cfg`` in place (values coerced, bare loss names expanded, stage defaults filled in)."""
     for key in cfg:
         if key not in DEFAULTS:
@@ -398,6 +401,7 @@ def validate(cfg: dict[str, Any]) -> None:
         _check_warmup_stage(cfg["train"])
     if cfg["stages"] is not None:
         _check_stages(cfg)
+    check_config_options(cfg)  # the options of the student, losses and balancers (options.py)
 
 
 def _check_losses(losses: Any, where: str) -> None:

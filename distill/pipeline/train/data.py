@@ -99,7 +99,7 @@ def resolve_pixel_source(mode: str, cache: TeacherCache) -> str:
     from distill.core.errors import PixelCacheError
 
     if mode not in PIXEL_MODES:
-        raise ValueError(f"data.pixels must be one of {'|'.join(PIXEL_MODES)}, not {mode!r}")
+        raise ConfigError(f"data.pixels must be one of {'|'.join(PIXEL_MODES)}, not {mode!r}")
     if mode == "decode" or (mode == "auto" and cache.pixel_format is None):
         return "decode"
     if cache.pixel_format is None:
@@ -120,9 +120,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, num_samples: int, global_batch: int, seed: int, rank: int = 0, world: int = 1,
                  shuffle: bool = True) -> None:
         if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}")
+            raise ConfigError(f"global batch {global_batch} is not divisible by the world size {world}")
         if num_samples < global_batch:
-            raise ValueError(f"the training set has {num_samples} images, fewer than one batch of {global_batch}")
+            raise ConfigError(f"the training set has {num_samples} images, fewer than one batch of {global_batch}")
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.epoch, self.start = 0, 0

@@ -174,7 +174,7 @@ def load_webdataset(spec: str | Path, split: str | None = None, images_root: str
                     on_bad_sample: str = "error", check_decode: bool = False) -> WebDatasetImages:
     """Index the shards of ``spec`` into a :class:`WebDatasetImages` (see the module docstring)."""
     if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
+        raise ConfigError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
     if images_root is not None:
         raise ConfigError(f"{spec}: --images-root does not apply to webdataset shards (images are inside the tars)")
     check_split(split, None, spec)
