@@ -11,6 +11,7 @@ folder; built on first use) and trains each row with the toolkit's ``train(confi
               | cd_cos_tok (+ token) | all7 (the paper's seven terms) | default (the library's
               default loss set, whatever it is)
     balancer  fixed | dynamic | dynamic_ra (dynamic, reference after the transient: ref_after 200) |
+              dynamic_grad (dynamic_ra with gradient-norm references: scale grad) |
               dsmd | uncertainty | gradnorm | default (the library's default)
     views     v1 (the clean view only) | v4 (+ 3 random crops) | v6 (+ 2 mixup views: every cached view)
     budget    full (the CPU profile: vit 800 steps of batch 64, pruned 600 of batch 32) | half |
@@ -64,6 +65,7 @@ BALANCERS: dict[str, dict[str, Any] | None] = {
     "fixed": {"name": "fixed", "cfg": {}},
     "dynamic": {"name": "dynamic", "cfg": {}},
     "dynamic_ra": {"name": "dynamic", "cfg": {"ref_after": 200}},
+    "dynamic_grad": {"name": "dynamic", "cfg": {"scale": "grad", "ref_after": 200}},
     "dsmd": {"name": "dsmd", "cfg": {}},
     "uncertainty": {"name": "uncertainty", "cfg": {}},
     "gradnorm": {"name": "gradnorm", "cfg": {}},
@@ -75,16 +77,15 @@ STUDENTS = ("vit", "pruned")
 
 #: The screening plan: half budget, seed 0, in the order they run (most informative first).
 SCREEN = [
-    "vit.clip_only.fixed.v6", "vit.default.default.v6", "vit.cd_cos.fixed.v6",
-    "pruned.clip_only.fixed.v6", "pruned.default.default.v6", "pruned.cd_cos.fixed.v6",
-    "vit.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic.v6",
-    "pruned.all7.fixed.v6", "pruned.cd.fixed.v6", "vit.cd.fixed.v6",
+    "vit.clip_only.fixed.v6", "vit.default.default.v6", "vit.cd_cos.fixed.v6", "vit.cd_cos.dynamic_grad.v6",
+    "pruned.clip_only.fixed.v6", "pruned.default.default.v6", "pruned.cd_cos.fixed.v6", "pruned.cd_cos.dynamic_grad.v6",
+    "vit.all7.dynamic_grad.v6", "pruned.all7.dynamic_grad.v6", "pruned.all7.fixed.v6", "pruned.cd.fixed.v6",
     "pruned.cd_cos_l1.fixed.v6", "pruned.cd_cos_rel.fixed.v6", "pruned.cd_cos_tok.fixed.v6",
-    "pruned.cd_cos.fixed.v1", "pruned.cd_cos.fixed.v4",
+    "pruned.cd_cos.fixed.v1", "pruned.cd_cos.fixed.v4", "pruned.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic.v6",
     "pruned.cd_cos.dsmd.v6", "pruned.cd_cos.uncertainty.v6", "pruned.cd_cos.gradnorm.v6",
-    "vit.all7.fixed.v6", "vit.cd_cos.dynamic.v6", "vit.cd_cos_rel.fixed.v6", "vit.cd_cos_tok.fixed.v6",
-    "vit.cd_cos_l1.fixed.v6", "vit.cd_cos.fixed.v1", "vit.cd_cos.fixed.v4",
-    "vit.cd_cos.dsmd.v6", "vit.cd_cos.uncertainty.v6", "vit.cd_cos.gradnorm.v6",
+    "vit.cd.fixed.v6", "vit.cd_cos.dynamic_ra.v6", "vit.all7.fixed.v6", "vit.cd_cos.dynamic.v6",
+    "vit.cd_cos_rel.fixed.v6", "vit.cd_cos_tok.fixed.v6", "vit.cd_cos_l1.fixed.v6", "vit.cd_cos.fixed.v1",
+    "vit.cd_cos.fixed.v4", "vit.cd_cos.dsmd.v6", "vit.cd_cos.uncertainty.v6", "vit.cd_cos.gradnorm.v6",
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distill.balance import BALANCERS, create_balancer
-from distill.core.errors import CheckpointError
+from distill.core.errors import CheckpointError, ConfigError
 
 
 def L(**values: float) -> dict[str, torch.Tensor]:
@@ -322,6 +322,26 @@ def test_dynamic_ref_after_tracks_the_transient_then_freezes_the_reference_windo
     assert bal.references().tolist() == pytest.approx([6.0, 1.0])  # frozen
 
 
+def test_dynamic_grad_scale_equalises_the_terms_gradients_on_the_shared_parameters():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    bal = create_balancer("dynamic", ["margin", "xent"], scale="grad", ref_steps=1)
+    assert bal.uses_loss_scale  # measured on the GradScaler-scaled loss, like GradNorm
+
+    def losses():  # a small loss with a large gradient, a large one with a small gradient
+        return {"margin": 0.2 + (w * torch.tensor([3.0, 0.0, 0.0])).sum() - 3.0,
+                "xent": 9.0 + (w * torch.tensor([0.0, 0.1, 0.0])).sum() + 0.2}
+
+    bal(losses(), [w])  # reference: the first gradient norms, 3.0 and 0.1
+    assert bal.references().tolist() == pytest.approx([3.0, 0.1])
+    total, weights = bal(losses(), [w])
+    total.backward()
+    # each term's gradient is its weight times one reference norm: equal shares, not 15:1
+    assert weights == pytest.approx({"margin": 1.0, "xent": 1.0})
+    assert w.grad.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    with pytest.raises(ConfigError, match="shared parameters"):
+        create_balancer("dynamic", ["a"], scale="grad")({"a": torch.tensor(1.0, requires_grad=True)})
+
+
 def test_dynamic_resumes_a_state_written_before_ref_after():
     bal = create_balancer("dynamic", ["a", "b"], ref_steps=3)
     for a in (4.0, 2.0):
@@ -376,6 +396,7 @@ def test_dynamic_refuses_a_dsmd_state_with_a_clear_error():
     ({"ref_steps": 0}, "ref_steps"),
     ({"ref_steps": 2.5}, "ref_steps"),
     ({"ref_after": -1}, "ref_after"),
+    ({"scale": "loss"}, "scale"),
     ({"min_weight": 0.1}, "min_weight"),
 ])
 def test_dynamic_bad_config_names_the_key(cfg, key):

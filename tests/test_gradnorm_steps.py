@@ -45,7 +45,7 @@ def test_weights_do_not_depend_on_the_loss_scale():
 
 def test_norms_are_measured_on_the_scaled_loss():
     """fp16 gradients of 1e-8 underflow to 0 unscaled; measured at scale 2**15 they come back."""
-    from distill.balance.gradnorm import grad_norm
+    from distill.balance.common import grad_norm
 
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
     loss = ((p * 1e-4) * 1e-4).sum().float()

@@ -1,4 +1,4 @@
-"""Helpers shared by the balancers: checking options and term names, reading loss values and summing
+"""Helpers shared by the balancers: checking options and term names, reading loss values, gradient norms and summing
 only the finite terms (a NaN term times a zero weight would still be NaN)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from distill.core.errors import ConfigError
 
@@ -61,3 +61,16 @@ def weighted_total(losses: dict[str, Tensor], names: Sequence[str], weights: Seq
         ref = next(iter(losses.values()))
         return torch.zeros((), device=ref.device, requires_grad=True)
     return torch.stack([t.reshape(()) for t in terms]).sum()
+
+
+def grad_norm(loss: Tensor, params: Sequence[nn.Parameter], scale: float = 1.0) -> Tensor:
+    """L2 norm of d loss / d params as a float64 scalar tensor (0 where the loss does not depend on
+    them), measured on ``loss * scale`` and divided by ``scale`` (no host sync)."""
+    if not loss.requires_grad:
+        return torch.zeros((), dtype=torch.float64, device=loss.device)
+    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, list(params), retain_graph=True,
+                                allow_unused=True)
+    squares = [g.double().pow(2).sum() for g in grads if g is not None]
+    if not squares:
+        return torch.zeros((), dtype=torch.float64, device=loss.device)
+    return torch.stack(squares).sum().sqrt() / scale

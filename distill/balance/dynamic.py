@@ -13,6 +13,15 @@ micro-batch), without gradient through the weights:
   heading to zero also fades out of the total. A reference that followed the loss would keep
   ``L_i / ref_i ~ 1`` and give a vanishing loss an ever larger multiplier (the failure of the
   ``1 / L_i`` weighting kept as ``dsmd``).
+* **scale** (``scale``): what the reference measures. ``value`` (default): the loss value, as
+  above. ``grad``: the norm of the term's gradient on the student's shared parameters (the last
+  layer of each tower, :meth:`Student.shared_parameters`), measured every call with one small extra
+  backward per term, down to those parameters only; the reference window and the provisional mean
+  work the same way on these norms. A loss value is a poor proxy for a term's pull on the student: a
+  margin loss at 0.2 can have the largest gradient of all, a cross-entropy over a queue grows with
+  the number of columns while its gradient does not. With ``grad`` each term's gradient on the
+  shared layer is about ``w_i`` times its reference norm's worth, i.e. the weights set the terms'
+  shares of the gradient directly.
 * **descent rate** ``r_i = exp(fast_i - slow_i)``: the ratio of a fast and a slow geometric EMA of
   ``L_i`` (bias-corrected EMAs of ``log L_i`` with ``beta_fast`` 0.9, about 10 steps, and
   ``beta_slow`` 0.99, about 100 steps). The ratio is the same on ``L_i / ref_i``, since ``ref_i`` is a
@@ -49,11 +58,12 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values, weighted_total
+from distill.balance.common import grad_norm, loss_values, weighted_total
 from distill.core.errors import CheckpointError, ConfigError
 
 DEFAULT_FLOORS = {"contrastive_distill": 0.5, "student_clip": 0.5}
-OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "ref_after", "cap", "floors", "priors")
+OPTIONS = ("temperature", "beta_fast", "beta_slow", "ref_steps", "ref_after", "scale", "cap", "floors", "priors")
+SCALES = ("value", "grad")
 
 
 def _number(key: str, value: Any, allow_inf: bool = False) -> float:
@@ -102,7 +112,7 @@ def fit_to_budget(raw: Sequence[float], lo: Sequence[float], hi: Sequence[float]
 @BALANCERS.register("dynamic")
 class DynamicBalancer(Balancer):
     def __init__(self, names: list[str], temperature: float = 0.5, beta_fast: float = 0.9, beta_slow: float = 0.99,
-                 ref_steps: int = 20, ref_after: int = 0, cap: float = 3.0, floors: Mapping[str, float] | None = None,
+                 ref_steps: int = 20, ref_after: int = 0, scale: str = "value", cap: float = 3.0, floors: Mapping[str, float] | None = None,
                  priors: Mapping[str, float] | None = None, **unknown: Any) -> None:
         if unknown:
             raise ConfigError(f"balancer.cfg.{sorted(unknown)[0]}: unknown option of the dynamic balancer; "
@@ -124,6 +134,11 @@ class DynamicBalancer(Balancer):
         if isinstance(ref_after, bool) or not isinstance(ref_after, int) or ref_after < 0:
             raise ConfigError(f"balancer.cfg.ref_after must be an integer >= 0, got {ref_after!r}")
         self.ref_after = ref_after
+        if scale not in SCALES:
+            raise ConfigError(f"balancer.cfg.scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        self.scale = scale
+        self.uses_loss_scale = scale == "grad"  # gradient norms are measured on the GradScaler-scaled loss
+        self._loss_scale = 1.0
         self.cap = _number("cap", cap, allow_inf=True)
         if self.cap < 1:
             raise ConfigError(f"balancer.cfg.cap must be >= 1 (the mean weight is 1), got {cap!r}")
@@ -180,13 +195,17 @@ class DynamicBalancer(Balancer):
             out[i] = w
         return out
 
+    def begin_step(self, loss_scale: float = 1.0) -> None:
+        self._loss_scale = float(loss_scale)
+
     @torch.no_grad()
-    def _update(self, values: Tensor, valid: Tensor) -> None:
-        """Fold this step's valid values into the state (invalid terms untouched)."""
+    def _update(self, values: Tensor, valid: Tensor, scales: Tensor) -> None:
+        """Fold this step's valid values (and the ``scales`` the references measure: the values
+        themselves or gradient norms) into the state (invalid terms untouched)."""
         zero = torch.zeros_like(values)
         window = (self.count >= self.ref_after) & (self.count < self.ref_after + self.ref_steps)
-        self.ref_sum += torch.where(valid & window, values, zero)
-        self.all_sum += torch.where(valid, values, zero)
+        self.ref_sum += torch.where(valid & window, scales, zero)
+        self.all_sum += torch.where(valid, scales, zero)
         self.count += valid.double()
         logs = torch.where(valid, values, torch.ones_like(values)).log()
         self.fast.copy_(torch.where(valid, self.beta_fast * self.fast + (1 - self.beta_fast) * logs, self.fast))
@@ -195,7 +214,17 @@ class DynamicBalancer(Balancer):
     def forward(self, losses: dict[str, Tensor], shared_params: Sequence[nn.Parameter] = ()) -> tuple[Tensor, dict[str, float]]:
         values, finite = loss_values(losses, self.names, self.count.device, torch.float64)
         valid = finite & (values > 0)
-        self._update(torch.where(valid, values, torch.zeros_like(values)), valid)
+        scales = values
+        if self.scale == "grad":
+            if not shared_params:
+                raise ConfigError("balancer.cfg.scale=grad needs the student's shared parameters "
+                                  "(Student.shared_parameters); use scale=value")
+            norms = torch.stack([grad_norm(losses[n], shared_params, self._loss_scale).to(values.device)
+                                 for n in self.names])
+            valid = valid & torch.isfinite(norms) & (norms > 0)
+            scales = norms
+        values = torch.where(valid, values, torch.zeros_like(values))
+        self._update(values, valid, torch.where(valid, scales, torch.zeros_like(scales)))
         weights = self.weights_from_state(valid)
         scale = [w / r for w, r in zip(weights, self.references().tolist())]
         return weighted_total(losses, self.names, scale, valid.tolist()), dict(zip(self.names, weights))

@@ -29,21 +29,8 @@ from torch import Tensor, nn
 
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
-from distill.balance.common import loss_values, option, weighted_total
+from distill.balance.common import grad_norm, loss_values, option, weighted_total
 from distill.core.errors import ConfigError
-
-
-def grad_norm(loss: Tensor, params: Sequence[nn.Parameter], scale: float = 1.0) -> Tensor:
-    """L2 norm of d loss / d params as a float64 scalar tensor (0 where the loss does not depend on
-    them), measured on ``loss * scale`` and divided by ``scale`` (no host sync)."""
-    if not loss.requires_grad:
-        return torch.zeros((), dtype=torch.float64, device=loss.device)
-    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, list(params), retain_graph=True,
-                                allow_unused=True)
-    squares = [g.double().pow(2).sum() for g in grads if g is not None]
-    if not squares:
-        return torch.zeros((), dtype=torch.float64, device=loss.device)
-    return torch.stack(squares).sum().sqrt() / scale
 
 
 @BALANCERS.register("gradnorm")
