@@ -48,3 +48,14 @@ def test_max_views_limits_the_views_a_run_samples(tiny):
     assert DistillTrainSet(ds, cache, lambda im: im, 0, max_views=1).num_views == 1
     with pytest.raises(ConfigError, match="data.max_views=3 but the cache"):
         DistillTrainSet(ds, cache, lambda im: im, 0, max_views=3)
+
+
+def test_a_training_step_with_gradient_norm_references(tiny, tmp_path):
+    from tests.helpers.training import first_step
+
+    run, fields = first_step(tiny, tmp_path, "balancer.cfg.scale=grad", "train.grad_share_every=1")
+    balancer = run.distiller.stage_at(0).balancer
+    assert balancer.scale == "grad" and (balancer.references() != 1).all()  # gradient norms, measured
+    assert torch.isfinite(torch.as_tensor(float(fields["total"])))
+    shares = [float(v) for k, v in fields.items() if k.startswith("grad_share/")]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-4)
