@@ -235,7 +235,7 @@ class Bench:
         from distill.pipeline.train import main as train_student
 
         run, stamp = self.work / row, self.work / row / "config.json"
-        same = stamp.is_file() and json.loads(stamp.read_text()) == config
+        same = stamp.is_file() and canonical_config(json.loads(stamp.read_text())) == canonical_config(config)
         if same and (run / "student" / "student.json").is_file():
             return run / "student"
         if run.exists() and not same:
@@ -343,6 +343,24 @@ class Bench:
         n = max(1, self.args.steps // 5)
         return {"stages": [{"name": "CoMa warm-up", "steps": n, "losses": [{"name": "coma_reconstruct", "cfg": {}}],
                             "balancer": {"name": "fixed", "cfg": {}}}, {}]}
+
+
+def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a ``vit`` student written out as its full architecture, so that a preset name
+    (``preset: vit-ti16-128-d6``) and the same numbers written field by field compare equal."""
+    from dataclasses import asdict
+
+    from students.vit_dual import VIT_PRESETS, ViTDualConfig
+
+    student = dict(config.get("student") or {})
+    if student.get("name") != "vit":
+        return config
+    name, preset = student.pop("name"), student.pop("preset", None)
+    try:
+        arch = asdict(ViTDualConfig(**{**VIT_PRESETS.get(preset or "vit-s16", {}), **student}))
+    except (TypeError, ValueError):  # not a valid architecture: compare as written
+        return config
+    return {**config, "student": {"name": name, **arch}}
 
 
 # ---------------------------------------------------------------------------------------- report

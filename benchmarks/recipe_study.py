@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, environment, script_main  # noqa: E402
-from benchmarks.quality_flickr8k import Bench, parse_args as quality_args, train_speed  # noqa: E402
+from benchmarks.quality_flickr8k import Bench, canonical_config, parse_args as quality_args, train_speed  # noqa: E402
 
 SEVEN = ["contrastive_distill", "feature_l1", "cosine", "token", "relation_kl", "triplet", "student_clip"]
 TERMS: dict[str, list[str] | None] = {
@@ -208,8 +208,9 @@ class Study:
 
 
 def recipe_key(config: dict[str, Any]) -> str:
-    """sha256 of what a row's training config decides (student, budget, stages, views, seed), paths
-    and devices left out."""
+    """sha256 of what a row's training config decides (student architecture, budget, stages, views,
+    seed), paths and devices left out."""
+    config = canonical_config(config)
     keep = {k: v for k, v in config.items() if k not in ("out", "data", "device", "plugins")}
     keep["views"] = {k: config.get("data", {}).get(k) for k in ("use_views", "max_views")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
