@@ -10,8 +10,9 @@ folder; built on first use) and trains each row with the toolkit's ``train(confi
               student_clip) | cd_cos (+ cosine) | cd_cos_l1 (+ feature_l1) | cd_cos_rel (+ relation_kl)
               | cd_cos_tok (+ token) | all7 (the paper's seven terms) | default (the library's
               default loss set, whatever it is)
-    balancer  fixed | dynamic | dynamic_ra (dynamic, reference after the transient: ref_after 200) |
-              dynamic_grad (dynamic_ra with gradient-norm references: scale grad) |
+    balancer  fixed | dynamic (loss-value references: scale value) | dynamic_ra (dynamic, reference
+              after the transient: ref_after 200) | dynamic_grad (dynamic_ra with gradient-norm
+              references: scale grad) |
               dsmd | uncertainty | gradnorm | default (the library's default)
     views     v1 (the clean view only) | v4 (+ 3 random crops) | v6 (+ 2 mixup views: every cached view)
     budget    full (the CPU profile: vit 800 steps of batch 64, pruned 600 of batch 32) | half |
@@ -63,8 +64,8 @@ TERMS: dict[str, list[str] | None] = {
 }
 BALANCERS: dict[str, dict[str, Any] | None] = {
     "fixed": {"name": "fixed", "cfg": {}},
-    "dynamic": {"name": "dynamic", "cfg": {}},
-    "dynamic_ra": {"name": "dynamic", "cfg": {"ref_after": 200}},
+    "dynamic": {"name": "dynamic", "cfg": {"scale": "value", "ref_after": 0}},
+    "dynamic_ra": {"name": "dynamic", "cfg": {"scale": "value", "ref_after": 200}},
     "dynamic_grad": {"name": "dynamic", "cfg": {"scale": "grad", "ref_after": 200}},
     "dsmd": {"name": "dsmd", "cfg": {}},
     "uncertainty": {"name": "uncertainty", "cfg": {}},
@@ -77,8 +78,9 @@ STUDENTS = ("vit", "pruned")
 
 #: The screening plan: half budget, seed 0, in the order they run (most informative first).
 SCREEN = [
-    "vit.clip_only.fixed.v6", "vit.default.default.v6", "vit.cd_cos.fixed.v6", "vit.cd_cos.dynamic_grad.v6",
-    "pruned.clip_only.fixed.v6", "pruned.default.default.v6", "pruned.cd_cos.fixed.v6", "pruned.cd_cos.dynamic_grad.v6",
+    "vit.clip_only.fixed.v6", "vit.all7.dynamic.v6", "vit.cd_cos.fixed.v6", "vit.cd_cos.dynamic_grad.v6",
+    "pruned.clip_only.fixed.v6", "pruned.all7.dynamic.v6", "pruned.cd_cos.fixed.v6", "pruned.cd_cos.dynamic_grad.v6",
+    "vit.default.default.v6", "pruned.default.default.v6",
     "vit.all7.dynamic_grad.v6", "pruned.all7.dynamic_grad.v6", "pruned.all7.fixed.v6", "pruned.cd.fixed.v6",
     "pruned.cd_cos_l1.fixed.v6", "pruned.cd_cos_rel.fixed.v6", "pruned.cd_cos_tok.fixed.v6",
     "pruned.cd_cos.fixed.v1", "pruned.cd_cos.fixed.v4", "pruned.cd_cos.dynamic_ra.v6", "pruned.cd_cos.dynamic.v6",
@@ -167,6 +169,11 @@ class Study:
         layers = self.layers(spec)
         key = recipe_key(b.train_config(name, b.cache(), *layers, preset=preset, seed=spec["seed"]))
         if self.results.get(row, {}).get("config_key") == key:
+            return self.results[row]
+        same = next((r for r in self.results.values() if r.get("config_key") == key), None)
+        if same is not None:  # another name for a config already measured (e.g. the default recipe)
+            self.results[row] = {**same, "row": row, "spec": spec, "same_as": same["row"]}
+            self.write()
             return self.results[row]
         start = time.perf_counter()
         result = b.student_row(name, *layers, preset=preset, seed=spec["seed"])

@@ -68,7 +68,7 @@ def test_list_functions_are_the_sorted_registry_names(kind, registry):
 
 
 def test_list_presets_and_the_create_functions():
-    assert distill.list_presets() == ["cpu", "gpu", "puma"] and distill.list_presets("g*") == ["gpu"]
+    assert distill.list_presets() == ["cpu", "gpu", "multiscale", "puma"] and distill.list_presets("g*") == ["gpu"]
     assert "student_clip" in distill.list_losses("*clip*")
     student = distill.create_student("vit", **TINY_STUDENT)
     assert student.embed_dim == TINY_STUDENT["embed_dim"]

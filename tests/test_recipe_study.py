@@ -30,7 +30,8 @@ def test_row_layers_set_terms_balancer_views_and_budget(tmp_path):
     assert vit["student"] == {"name": "vit"} and "init_projections" not in vit["train"]
     assert layer["train"]["steps"] == study.full_steps("vit")[0] // 2
     assert [x["name"] for x in layer["losses"]] == ["contrastive_distill", "cosine", "student_clip"]
-    assert layer["balancer"] == {"name": "dynamic", "cfg": {"ref_after": 200}} and layer["data"] == {"max_views": 1}
+    assert layer["balancer"] == {"name": "dynamic", "cfg": {"scale": "value", "ref_after": 200}}
+    assert layer["data"] == {"max_views": 1}
     (_, default) = study.layers(r.parse_row("vit.default.default.v6.full.s0"))
     assert set(default) == {"train"}  # the library's defaults: no losses, balancer or views given
 

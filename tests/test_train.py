@@ -22,7 +22,8 @@ from distill.core.data.augment import apply_view
 from distill.core.cache.reader import TeacherCache
 from distill.core.checkpoint import load_checkpoint
 from distill.core.errors import CheckpointError, ConfigError, DatasetMismatchError
-from distill.pipeline.train.config import DEFAULT_LOSSES, load_config_file, parse_override, resolve_config
+from distill.pipeline.train.config import (DEFAULT_BALANCER, DEFAULT_LOSSES, MULTISCALE_LOSSES, load_config_file,
+                                           parse_override, resolve_config)
 from distill.core.data.factory import load_dataset
 from distill.core.dist import init_distributed
 from distill.losses import LOSSES, DistillBatch, DistillLoss, Dims
@@ -38,7 +39,9 @@ from tests.helpers.training import TINY_STUDENT, train_args
 def test_short_run_learns_and_writes_outputs(tiny, tmp_path):
     tsv, cache = tiny
     out = tmp_path / "run"
-    summary = ts.train_from_argv(train_args(cache, tsv, out, 15))
+    # loss-value references: the total is then comparable across steps (with gradient-norm
+    # references, the default, it is a sum of gradient-normalised terms whose references still move)
+    summary = ts.train_from_argv(train_args(cache, tsv, out, 15, "--set", "balancer.cfg.scale=value"))
     recs = read_log(out)
     assert [r["step"] for r in recs] == list(range(1, 16))
     first = np.mean([r["total"] for r in recs[:3]])
@@ -184,8 +187,10 @@ def test_nonfinite_gradient_skips_the_update(tiny, tmp_path, nan_grad_loss):
     tsv, cache = tiny
     out = tmp_path / "run"
     losses = "[{name: contrastive_distill, cfg: {queue_size: 16}}, {name: feature_l1}, {name: test_nan_grad, cfg: {bad_steps: [2]}}]"
+    # loss-value references: with scale=grad the balancer itself drops a term whose gradient norm is
+    # not finite (weight 0), and this test is about the trainer's skip
     ts.main(train_args(cache, tsv, out, 5, "--set", f"losses={losses}", "--set", "train.checkpoint_every=1",
-                       "--set", "train.keep_checkpoints=0"))
+                       "--set", "train.keep_checkpoints=0", "--set", "balancer.cfg.scale=value"))
     recs = read_log(out)
     assert [r["skipped_nonfinite"] for r in recs] == [0, 0, 1, 1, 1]
     assert all(np.isfinite(r["total"]) for r in recs)
@@ -241,6 +246,14 @@ def test_config_overrides_and_presets(tmp_path):
     cpu = resolve_config("cpu")
     assert cpu["student"] == {"name": "vit", "preset": "vit-ti16-128-d6"}
     assert cpu["train"]["batch_size"] == 64 and [x["name"] for x in cpu["losses"]] == DEFAULT_LOSSES
+    assert cpu["balancer"] == DEFAULT_BALANCER == {"name": "dynamic", "cfg": {"scale": "grad", "ref_after": 200}}
+    # another balancer takes other options: a layer naming one replaces the section, not merges into it
+    assert resolve_config("cpu", overrides=["balancer.name=fixed"])["balancer"] == {"name": "fixed", "cfg": {}}
+    assert resolve_config("cpu", layers=[{"balancer": {"name": "dynamic", "cfg": {"scale": "value"}}}])["balancer"] \
+        == {"name": "dynamic", "cfg": {"scale": "value", "ref_after": 200}}
+    paper = resolve_config("multiscale")  # the paper's seven terms, loss-value references
+    assert [x["name"] for x in paper["losses"]] == MULTISCALE_LOSSES
+    assert paper["balancer"] == {"name": "dynamic", "cfg": {"scale": "value", "ref_after": 0}}
     gpu = resolve_config("gpu", overrides=["train.batch_size=128", "student.vision_layers=8"])
     assert gpu["student"] == {"name": "vit", "preset": "vit-s16-t384", "vision_layers": 8}
     assert gpu["train"]["precision"] == "bf16" and gpu["train"]["batch_size"] == 128

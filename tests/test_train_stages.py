@@ -17,7 +17,7 @@ from distill.pipeline.cli import run_cli
 from distill.pipeline.recipes import pruned_student_recipe
 from distill.pipeline.train import loop as tl
 from distill.pipeline.train import main as ts
-from distill.pipeline.train.config import (BalancerSpec, LossSpec, StageConfig, TrainRunConfig, resolve_config,
+from distill.pipeline.train.config import (DEFAULT_BALANCER, BalancerSpec, LossSpec, StageConfig, TrainRunConfig, resolve_config,
                                            save_config)
 from distill.pipeline.train.log import read_log
 from tests.helpers.training import assert_same_training_state, die_at, train_args
@@ -36,7 +36,7 @@ def test_config_dict_round_trips_and_old_keys_become_stages(tmp_path):
     warm, main = config.effective_stages()
     assert warm == StageConfig(5, [LossSpec("coma_reconstruct")], BalancerSpec("fixed", {"weights": {}}), "warm-up stage")
     assert main.steps is None and [x.name for x in main.losses] == [x["name"] for x in cfg["losses"]]
-    assert main.balancer == BalancerSpec("dynamic")
+    assert main.balancer == BalancerSpec.from_dict(DEFAULT_BALANCER)
     assert [s.steps for s in TrainRunConfig().effective_stages()] == [None]  # one stage by default
 
     staged = resolve_config(overrides=[TWO_STAGES, "losses=[cosine]"])
