@@ -63,30 +63,26 @@ SEEDED = ["pruned_distilled", "pruned_no_teacher", "vit_distilled", "vit_no_teac
 ABLATIONS = ["abl_global_only", "abl_fixed", "abl_dsmd", "abl_one_view"]
 EXTRA_ROWS = ["puma", "coma", "pmf", "mwa", "teacher_ensemble", "tokens_int8", "tokens_grid2"]
 
+#: What the two CPU profiles share: teachers, cache, learning rates, student layers.
+_CPU: dict[str, Any] = {
+    "seeds": "0,1", "workers": 2, "image_size": 160,
+    "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
+    "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
+    "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
+    "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512,
+    "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
+}
+
 #: Every default of a profile; ``None`` in argparse means "take the profile's value".
 PROFILES: dict[str, dict[str, Any]] = {
     # The CPU profile, where the students learn: pruned rows 600 steps of batch 32 (3.2 epochs),
     # ViT-Ti rows 800 steps of batch 64 (8.5 epochs); the ablations live in recipe_study.py.
-    "cpu": {
-        "rows": "main", "steps": 600, "batch_size": 32, "vit_steps": 800, "vit_batch_size": 64, "seeds": "0,1",
-        "workers": 2, "image_size": 160,
-        "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
-        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
-        "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
-        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512, "vit_init_projections": 0,
-        "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
-    },
+    "cpu": {**_CPU, "rows": "main", "steps": 600, "batch_size": 32, "vit_steps": 800, "vit_batch_size": 64,
+            "vit_init_projections": 0},
     # The former CPU profile (150 steps of batch 32, 0.8 epoch): the ViT rows stay near chance; kept
     # for tests and quick checks of the whole pipeline.
-    "smoke": {
-        "rows": "core", "steps": 150, "batch_size": 32, "vit_steps": None, "vit_batch_size": None, "seeds": "0,1",
-        "workers": 2, "image_size": 160,
-        "probe_epochs": 30, "teacher_epochs": 1, "teacher_batch_size": 64, "teacher_lr": 1e-3,
-        "teacher_backbone_lr": 1e-4, "teacher_image_blocks": 4, "teacher_text_layers": 2,
-        "views": 4, "mixup_views": 2, "pixels": 160, "cache_batch_size": 64,
-        "pruned_lr": 5e-4, "vit_lr": 1e-3, "tuned_lr": 1e-3, "init_projections": 512, "vit_init_projections": 512,
-        "trainable_image_blocks": 4, "text_layers": 3, "vit_preset": "cpu", "eval_batch_size": 128,
-    },
+    "smoke": {**_CPU, "rows": "core", "steps": 150, "batch_size": 32, "vit_steps": None, "vit_batch_size": None,
+              "vit_init_projections": 512},
     "gpu": {
         "rows": "core", "steps": 600, "batch_size": 256, "vit_steps": None, "vit_batch_size": None, "seeds": "0,1",
         "workers": 12, "image_size": 160,
