@@ -255,7 +255,9 @@ def test_view_tokens_options(data, tmp_path):
 def test_train_student_picks_pixels_and_trains_on_mixup_views(data, tmp_path, capsys):
     tsv = data["tsv"]
     out = tmp_path / "run"
-    summary = ts.train_from_argv(train_args(data["raw"], tsv, out, 4))
+    # the token term reads the cache's pooled view tokens (it is not in the default loss set)
+    summary = ts.train_from_argv(train_args(data["raw"], tsv, out, 4, "--set",
+                                            "losses=[contrastive_distill, token, student_clip]"))
     assert "student pixels read from the cache (raw, 32 px)" in capsys.readouterr().out
     recs = read_log(out)
     assert summary.steps == 4 and summary.skipped_nonfinite == 0 and len(recs) == 4

@@ -21,7 +21,8 @@ micro-batch), without gradient through the weights:
   margin loss at 0.2 can have the largest gradient of all, a cross-entropy over a queue grows with
   the number of columns while its gradient does not. With ``grad`` each term's gradient on the
   shared layer is about ``w_i`` times its reference norm's worth, i.e. the weights set the terms'
-  shares of the gradient directly.
+  shares of the gradient directly. Under torchrun the norms are averaged over the ranks (each rank
+  measures its samples' part), so every rank keeps the same references and weights.
 * **descent rate** ``r_i = exp(fast_i - slow_i)``: the ratio of a fast and a slow geometric EMA of
   ``L_i`` (bias-corrected EMAs of ``log L_i`` with ``beta_fast`` 0.9, about 10 steps, and
   ``beta_slow`` 0.99, about 100 steps). The ratio is the same on ``L_i / ref_i``, since ``ref_i`` is a
@@ -59,6 +60,7 @@ from torch import Tensor, nn
 from distill.core.registry import BALANCERS
 from distill.balance.base import Balancer
 from distill.balance.common import grad_norm, loss_values, weighted_total
+from distill.core.dist import all_reduce_mean
 from distill.core.errors import CheckpointError, ConfigError
 
 DEFAULT_FLOORS = {"contrastive_distill": 0.5, "student_clip": 0.5}
@@ -221,6 +223,9 @@ class DynamicBalancer(Balancer):
                                   "(Student.shared_parameters); use scale=value")
             norms = torch.stack([grad_norm(losses[n], shared_params, self._loss_scale).to(values.device)
                                  for n in self.names])
+            # under torchrun each rank sees its part of the gradient: the mean over ranks keeps the
+            # references, hence the weights and the total, the same on every rank
+            norms = all_reduce_mean(norms)
             valid = valid & torch.isfinite(norms) & (norms > 0)
             scales = norms
         values = torch.where(valid, values, torch.zeros_like(values))
