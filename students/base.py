@@ -7,7 +7,9 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 from torch import Tensor, nn
 
+from distill.core.errors import ConfigError
 from distill.core.features import ImageFeatures, TextFeatures
+from distill.core.registry import check_teacher_spec
 
 TextBatch = dict[str, Tensor]
 
@@ -76,3 +78,12 @@ class Student(nn.Module, ABC):
 
     def forward(self, pixels: Tensor, text: TextBatch) -> tuple[ImageFeatures, TextFeatures]:
         return self.encode_image(pixels), self.encode_text(text)
+
+
+def check_teacher_option(options: dict[str, Any]) -> None:
+    """The ``teacher`` option of a student built from a teacher names a registered backend (a
+    :class:`ConfigError` at ``teacher``), checked before anything is built."""
+    try:
+        check_teacher_spec(options.get("teacher"))
+    except ConfigError as e:
+        raise type(e)(f"teacher: {e}") from e

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from distill.core.features import ImageFeatures, TextFeatures, l2_normalize
 from distill.core.profile import count_flops
 from distill.core.errors import ConfigError
-from distill.core.registry import STUDENTS, check_teacher_spec, create_teacher
-from students.base import Student, TextBatch
+from distill.core.registry import STUDENTS, create_teacher
+from students.base import Student, TextBatch, check_teacher_option
 
 
 @STUDENTS.register("pruned")
@@ -34,10 +34,7 @@ class PrunedStudent(Student):
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         """The teacher spec names a registered backend (checked before anything is built)."""
-        try:
-            check_teacher_spec(options.get("teacher"))
-        except ConfigError as e:
-            raise type(e)(f"teacher: {e}") from e
+        check_teacher_option(options)
 
     def __init__(self, teacher: str, image_layers: int, text_layers: int, embed_dim: int = 256,
                  frozen_image_layers: int = 0, freeze_text_embeddings: bool = False) -> None:

@@ -17,9 +17,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from distill.core.errors import ConfigError
-from distill.core.registry import TEACHERS, check_teacher_spec, create_teacher
+from distill.core.registry import TEACHERS, create_teacher
 from distill.core.towers import pool_text, tokenize_padded
-from students.base import Student, TextBatch
+from students.base import Student, TextBatch, check_teacher_option
 
 
 class TunedStudent(Student):
@@ -30,10 +30,7 @@ class TunedStudent(Student):
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         """The teacher spec names a registered backend (checked before anything is built)."""
-        try:
-            check_teacher_spec(options.get("teacher"))
-        except ConfigError as e:
-            raise type(e)(f"teacher: {e}") from e
+        check_teacher_option(options)
 
     def __init__(self, teacher: str) -> None:
         super().__init__()
