@@ -76,6 +76,13 @@ def _number(key: str, value: Any, allow_inf: bool = False) -> float:
     return float(value)
 
 
+def _count(key: str, value: Any, minimum: int) -> int:
+    """``value`` as a count; a ConfigError naming ``balancer.cfg.<key>`` unless it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"balancer.cfg.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def _per_term(key: str, given: Any, names: Sequence[str]) -> dict[str, float]:
     """A ``{term: number}`` mapping whose names are all configured loss terms."""
     if given is None:
@@ -130,12 +137,8 @@ class DynamicBalancer(Balancer):
             raise ConfigError(f"balancer.cfg.beta_fast must be in [0, 1), got {beta_fast!r}")
         if not self.beta_fast < self.beta_slow < 1:
             raise ConfigError(f"balancer.cfg.beta_slow must be in (beta_fast, 1) = ({beta_fast}, 1), got {beta_slow!r}")
-        if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 1:
-            raise ConfigError(f"balancer.cfg.ref_steps must be an integer >= 1, got {ref_steps!r}")
-        self.ref_steps = ref_steps
-        if isinstance(ref_after, bool) or not isinstance(ref_after, int) or ref_after < 0:
-            raise ConfigError(f"balancer.cfg.ref_after must be an integer >= 0, got {ref_after!r}")
-        self.ref_after = ref_after
+        self.ref_steps = _count("ref_steps", ref_steps, 1)
+        self.ref_after = _count("ref_after", ref_after, 0)
         if scale not in SCALES:
             raise ConfigError(f"balancer.cfg.scale must be one of {', '.join(SCALES)}, got {scale!r}")
         self.scale = scale

@@ -59,7 +59,7 @@ class DistillTrainSet(Dataset):
         self.cache = cache
         if max_views is not None and max_views > cache.num_views:
             raise ConfigError(f"data.max_views={max_views} but the cache {cache.path} holds {cache.num_views} views")
-        self.num_views = 1 if not use_views else min(cache.num_views, max_views or cache.num_views)
+        self.num_views = (max_views or cache.num_views) if use_views else 1
         self.transform = transform
         self.seed = seed
         #: "decode" (PIL workers) or the cache's pixel format ("raw"/"jpeg": the collate reads bytes)
